@@ -1,0 +1,40 @@
+# bayes-kfoc: `make demo` runs the digits study, `make test` runs ruff, mypy and pytest.
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+PIP     = $(PY) -m pip
+STAMP   = $(VENV)/.installed
+# CI sets PYTEST_ARGS to choose a subset, e.g. PYTEST_ARGS="-m 'not slow'".
+PYTEST_ARGS ?=
+
+.PHONY: venv install demo test lint typecheck pytest bench clean
+
+venv: $(STAMP)
+
+# torch first, pinned to the local CPU wheel, then the project with a constraint that keeps it.
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+install: venv
+
+demo: venv
+	$(PY) -m evaluation study --dataset digits --model mlp --methods map,temp,diag,kfac,kfoc --seeds 3 --out reports/digits --overwrite
+
+lint: venv
+	$(VENV)/bin/ruff check bayes_kfoc evaluation datasets tests
+	$(VENV)/bin/ruff format --check bayes_kfoc evaluation datasets tests
+
+typecheck: venv
+	$(VENV)/bin/mypy bayes_kfoc
+
+pytest: venv
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test: lint typecheck pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache reports

@@ -1,0 +1,20 @@
+"""bayes-kfoc: calibrated post-hoc uncertainty for PyTorch classifiers.
+
+Curvature (:func:`fit_curvature`) is the **summed** Fisher of the softmax likelihood, one block per
+module, in ``parameters_to_vector`` order. K-FOC blocks are the Frobenius-optimal ``G ⊗ A``.
+"""
+
+from ._version import __version__
+from .blocks import CurvatureBlock, DenseBlock, DiagBlock, KronBlock
+from .curvature import ConvergenceWarning, Curvature, fit_curvature
+
+__all__ = [
+    "ConvergenceWarning",
+    "Curvature",
+    "CurvatureBlock",
+    "DenseBlock",
+    "DiagBlock",
+    "KronBlock",
+    "__version__",
+    "fit_curvature",
+]

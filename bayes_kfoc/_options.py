@@ -1,0 +1,68 @@
+"""String enums for user-facing options, validated with a message that lists the valid values."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import TypeVar
+
+E = TypeVar("E", bound="StrEnum")
+
+
+class StrEnum(str, Enum):
+    """A string enum whose ``parse`` names every valid value when it rejects one."""
+
+    @classmethod
+    def parse(cls: type[E], value: str | E, what: str) -> E:
+        if isinstance(value, cls):
+            return value
+        try:
+            return cls(value)
+        except ValueError:
+            valid = ", ".join(repr(m.value) for m in cls)
+            raise ValueError(
+                f"{what}: unknown value {value!r}; valid values are {valid}."
+            ) from None
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+class Structure(StrEnum):
+    """Curvature structure of a block.
+
+    - ``kfoc``: Frobenius-optimal Kronecker factors ``G ⊗ A`` (Van Loan–Pitsianis).
+    - ``kfac``: K-FAC factors ``(Σ B_n) ⊗ (1/N Σ ā ā^T)``.
+    - ``diag``: the exact diagonal of the Fisher.
+    - ``full``: the dense per-module block (small modules and references only).
+    """
+
+    KFOC = "kfoc"
+    KFAC = "kfac"
+    DIAG = "diag"
+    FULL = "full"
+
+
+class FisherType(StrEnum):
+    """Which Fisher is approximated (see ``MATH.md``, "Fisher directions").
+
+    - ``exact``: the type-2 Fisher, every class weighted by its probability (``V = C``).
+    - ``mc``: ``mc_samples`` labels drawn from the model's predictive (``V = mc_samples``).
+    - ``empirical``: the observed labels (``V = 1``).
+    """
+
+    EXACT = "exact"
+    MC = "mc"
+    EMPIRICAL = "empirical"
+
+
+class Mode(StrEnum):
+    """How K-FOC's power iteration sees the data.
+
+    - ``auto``: ``cached`` when the estimated statistics fit ``memory_budget``, else ``streaming``.
+    - ``cached``: per-layer statistics are kept on the model's device.
+    - ``streaming``: each power iteration re-runs forward and backward over the loader.
+    """
+
+    AUTO = "auto"
+    CACHED = "cached"
+    STREAMING = "streaming"

@@ -1,0 +1,146 @@
+"""A Kronecker-factored curvature block ``G ⊗ A`` for Linear and Conv2d weights.
+
+Conventions (see ``MATH.md``):
+
+- The layer computes ``z = W̄ ā`` with ``W̄ = [W b]`` (``d_out x n``, ``n = d_in + 1`` with a bias)
+  and ``ā = [a; 1]``. For Conv2d, ``d_in = C_in·k_h·k_w`` in ``F.unfold`` order, which matches
+  ``weight.flatten(1)``.
+- In the **row-major** vec of ``W̄`` the block is ``G ⊗ A``: the output factor ``G``
+  (``d_out x d_out``) comes first, the input factor ``A`` (``n x n``) second, and the bias is the
+  last homogeneous coordinate of ``A``. (The papers' column-major order writes the same block
+  ``A ⊗ G``.)
+- ``to_dense``, ``matvec`` and ``matpow`` use ``parameters_to_vector`` order: all of
+  ``W.flatten()``, then ``b``.
+- The block is whatever scale the factors carry; :func:`bayes_kfoc.fit_curvature` returns the
+  **summed** Fisher.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ._base import CurvatureBlock, as_damping, clamp_psd
+
+
+def vec_to_mat(v: Tensor, d_out: int, d_in: int, bias: bool) -> Tensor:
+    """``[..., P]`` in ``parameters_to_vector`` order to ``W̄`` of shape ``[..., d_out, n]``."""
+    w = v[..., : d_out * d_in].reshape(*v.shape[:-1], d_out, d_in)
+    if not bias:
+        return w
+    return torch.cat([w, v[..., d_out * d_in :].unsqueeze(-1)], dim=-1)
+
+
+def mat_to_vec(x: Tensor, bias: bool) -> Tensor:
+    """``W̄`` of shape ``[..., d_out, n]`` to ``[..., P]`` in ``parameters_to_vector`` order."""
+    if not bias:
+        return x.flatten(-2)
+    return torch.cat([x[..., :-1].flatten(-2), x[..., -1]], dim=-1)
+
+
+class KronBlock(CurvatureBlock):
+    """``B = G ⊗ A`` in the row-major vec of ``W̄``; see the module docstring for conventions.
+
+    Args:
+        name: the module's name in the model.
+        param_shapes: ``{"weight": ..., "bias": ...}`` (bias optional), as in ``named_parameters``.
+        A: input factor, ``[n, n]`` symmetric PSD, bias as the last coordinate.
+        G: output factor, ``[d_out, d_out]`` symmetric PSD.
+    """
+
+    structure = "kron"
+
+    def __init__(self, name: str, param_shapes: dict[str, torch.Size], A: Tensor, G: Tensor):
+        super().__init__(name, param_shapes)
+        if "weight" not in param_shapes:
+            raise ValueError(f"{name}: a Kronecker block needs a 'weight' parameter.")
+        wshape = torch.Size(param_shapes["weight"])
+        self.bias = "bias" in param_shapes
+        self.d_out = int(wshape[0])
+        self.d_in = int(math.prod(wshape[1:]))
+        n = self.d_in + int(self.bias)
+        if A.shape != (n, n) or G.shape != (self.d_out, self.d_out):
+            raise ValueError(
+                f"{name}: factors must be A [{n}, {n}] and G [{self.d_out}, {self.d_out}], "
+                f"got A {tuple(A.shape)} and G {tuple(G.shape)}."
+            )
+        if A.device != G.device or A.dtype != G.dtype:
+            raise ValueError(
+                f"{name}: factors must share device and dtype, got A on {A.device}/{A.dtype} and "
+                f"G on {G.device}/{G.dtype}."
+            )
+        self.A = 0.5 * (A + A.T)
+        self.G = 0.5 * (G + G.T)
+        self._eig: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.A.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.A.dtype
+
+    def eigh(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(λ_A, Q_A, λ_G, Q_G)``: eigen-decompositions of both factors (PSD-clamped), cached."""
+        if self._eig is None:
+            la, qa = torch.linalg.eigh(self.A)
+            lg, qg = torch.linalg.eigh(self.G)
+            self._eig = (clamp_psd(la, f"{self.name}.A"), qa, clamp_psd(lg, f"{self.name}.G"), qg)
+        return self._eig
+
+    def _perm(self) -> Tensor:
+        n = self.d_in + int(self.bias)
+        idx = torch.arange(self.d_out * n, device=self.device).reshape(self.d_out, n)
+        return mat_to_vec(idx, self.bias)
+
+    def to_mat(self, v: Tensor) -> Tensor:
+        return vec_to_mat(v, self.d_out, self.d_in, self.bias)
+
+    def to_vec(self, x: Tensor) -> Tensor:
+        return mat_to_vec(x, self.bias)
+
+    def to_dense(self) -> Tensor:
+        perm = self._perm()
+        return torch.kron(self.G, self.A)[perm][:, perm]
+
+    def matvec(self, v: Tensor) -> Tensor:
+        return self.to_vec(self.G @ self.to_mat(v) @ self.A)
+
+    def frobenius_norm(self) -> Tensor:
+        return torch.linalg.matrix_norm(self.A) * torch.linalg.matrix_norm(self.G)
+
+    def trace(self) -> Tensor:
+        return torch.trace(self.A) * torch.trace(self.G)
+
+    def diagonal(self) -> Tensor:
+        return self.to_vec(torch.outer(torch.diagonal(self.G), torch.diagonal(self.A)))
+
+    def eigenvalues(self) -> Tensor:
+        la, _, lg, _ = self.eigh()
+        return torch.outer(lg, la).flatten()
+
+    def damped_eigenvalues(self, damping: float | Tensor = 0.0) -> Tensor:
+        """``S = λ_G λ_A^T + δ`` of shape ``[d_out, n]``, the spectrum in the joint eigenbasis."""
+        la, _, lg, _ = self.eigh()
+        return torch.outer(lg, la) + as_damping(damping, la)
+
+    def matpow(self, v: Tensor, power: float, damping: float | Tensor = 0.0) -> Tensor:
+        """``(G ⊗ A + δI)^p v = vec(Q_G [(Q_G^T X Q_A) ⊙ S^p] Q_A^T)``; no Kronecker product."""
+        _, qa, _, qg = self.eigh()
+        s = self.damped_eigenvalues(damping)
+        x = qg.T @ self.to_mat(v) @ qa
+        return self.to_vec(qg @ (x * s.pow(power)) @ qa.T)
+
+    def _to(self, device: torch.device | None, dtype: torch.dtype | None) -> KronBlock:
+        return KronBlock(
+            self.name,
+            self.param_shapes,
+            self.A.to(device=device, dtype=dtype),
+            self.G.to(device=device, dtype=dtype),
+        )
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"A": self.A, "G": self.G}

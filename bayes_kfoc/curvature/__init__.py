@@ -1,0 +1,7 @@
+"""The curvature engine: statistics collection, K-FOC power iteration, K-FAC, diagonal, dense."""
+
+from ._kfoc import ConvergenceWarning
+from ._result import Curvature
+from .fit import fit_curvature
+
+__all__ = ["ConvergenceWarning", "Curvature", "fit_curvature"]

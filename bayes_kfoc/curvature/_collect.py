@@ -1,0 +1,254 @@
+"""Forward/backward over one batch with module hooks: inputs and output directions per module."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .._options import FisherType
+from ._directions import logit_directions
+from ._generic import per_sample_param_grads
+from ._modules import CONV2D, GENERIC, LINEAR, Target, owners
+from ._stats import GradStats, KronStats
+
+Stats = KronStats | GradStats
+
+
+def unpack_batch(batch: Any, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Validate a loader batch ``(x, y)`` and move it to the model's device."""
+    if not isinstance(batch, list | tuple) or len(batch) != 2:
+        raise TypeError(
+            "fit_curvature: the loader must yield (inputs, targets) pairs; got "
+            f"{type(batch).__name__}"
+            + (f" of length {len(batch)}" if hasattr(batch, "__len__") else "")
+            + ". Wrap the dataset so it returns (x, y)."
+        )
+    x, y = batch
+    if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+        raise TypeError("fit_curvature: inputs and targets must be tensors.")
+    if x.is_floating_point() and x.dtype != dtype:
+        raise TypeError(
+            f"fit_curvature: inputs are {x.dtype} but the model's parameters are {dtype}; cast "
+            f"the data (x.to({dtype})) or the model (model.to({x.dtype}))."
+        )
+    if y.is_floating_point() or y.is_complex():
+        raise TypeError(
+            f"fit_curvature: targets are {y.dtype}, which looks like regression; a classification "
+            "likelihood needs integer class labels (torch.long)."
+        )
+    if y.ndim != 1 or y.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"fit_curvature: targets must have shape [N] matching inputs [N, ...]; got targets "
+            f"{tuple(y.shape)} and inputs {tuple(x.shape)}."
+        )
+    x = x.to(device, non_blocking=True)
+    y = y.to(device, non_blocking=True)
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        raise FloatingPointError("fit_curvature: the inputs contain NaN or Inf.")
+    return x, y
+
+
+def probe(model: nn.Module, x: Tensor) -> tuple[list[str], dict[str, int], Tensor]:
+    """One forward pass without gradients: call order and call counts of parameter owners."""
+    order: list[str] = []
+    counts: dict[str, int] = {}
+    handles = []
+    for name, module in owners(model).items():
+
+        def hook(mod: nn.Module, args: Any, out: Any, name: str = name) -> None:
+            counts[name] = counts.get(name, 0) + 1
+            if name not in order:
+                order.append(name)
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            out = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    if not isinstance(out, Tensor):
+        raise TypeError(
+            f"fit_curvature: the model returns {type(out).__name__}; it must return a logits "
+            "tensor of shape [N, C]."
+        )
+    return order, counts, out
+
+
+def _conv_unfold(module: nn.Conv2d, x: Tensor) -> Tensor:
+    if x.ndim != 4:
+        raise ValueError(
+            f"fit_curvature: Conv2d input must be batched [N, C, H, W], got {tuple(x.shape)}."
+        )
+    pad = list(module._reversed_padding_repeated_twice)
+    if any(pad):
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        x = F.pad(x, pad, mode=mode)
+    cols = F.unfold(x, module.kernel_size, dilation=module.dilation, stride=module.stride)
+    return cols.transpose(1, 2)  # [N, T, C_in·kh·kw]
+
+
+class Collector:
+    """Registers forward hooks on the target modules and turns one batch into statistics.
+
+    The output of each target is captured for ``torch.autograd.grad``; if a later in-place
+    operation (e.g. ``ReLU(inplace=True)``) modifies it, the batch is re-run with the outputs
+    cloned, so the directions are always taken at the module's true output.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        targets: Sequence[Target],
+        fisher: FisherType,
+        mc_samples: int,
+    ):
+        self.model = model
+        self.targets = list(targets)
+        self.fisher = fisher
+        self.mc_samples = mc_samples
+        self.clone_outputs = False
+        self.batched_grads = True
+        self._active: set[str] = set()
+        self._cap: dict[str, dict[str, Any]] = {}
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> Collector:
+        for t in self.targets:
+            self._handles.append(
+                t.module.register_forward_hook(self._make_hook(t), with_kwargs=True)
+            )
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _make_hook(self, t: Target) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+            if t.name not in self._active:
+                return None
+            if t.name in self._cap:
+                raise RuntimeError(
+                    f"fit_curvature: module {t.name!r} is called more than once per forward pass "
+                    "(weight sharing); this is not supported. Exclude it with exclude=[...]."
+                )
+            if not isinstance(out, Tensor):
+                raise TypeError(f"fit_curvature: module {t.name!r} must return a tensor.")
+            cap: dict[str, Any] = {"z": out, "version": out._version}
+            x = args[0] if args else kwargs.get("input")
+            if t.kind == LINEAR:
+                if not isinstance(x, Tensor) or x.ndim < 2:
+                    raise ValueError(
+                        f"fit_curvature: Linear module {t.name!r} needs batched inputs [N, ..., "
+                        "d_in]."
+                    )
+                a = x.detach().reshape(x.shape[0], -1, x.shape[-1])
+                cap["a"] = a
+            elif t.kind == CONV2D:
+                assert isinstance(module, nn.Conv2d) and isinstance(x, Tensor)
+                cap["a"] = _conv_unfold(module, x.detach())
+            else:
+                cap["args"] = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
+                cap["kwargs"] = kwargs
+            self._cap[t.name] = cap
+            return out.clone() if self.clone_outputs else None
+
+        return hook
+
+    def _forward(self, x: Tensor, names: set[str]) -> Tensor:
+        self._cap = {}
+        self._active = names
+        try:
+            with torch.enable_grad():
+                logits = self.model(x)
+        finally:
+            self._active = set()
+        return logits
+
+    def batch(
+        self,
+        x: Tensor,
+        y: Tensor,
+        generator: torch.Generator | None,
+        names: set[str] | None = None,
+    ) -> tuple[dict[str, Stats], Tensor]:
+        """Statistics of the targets in ``names`` (default: all) for one batch, and the logits."""
+        names = {t.name for t in self.targets} if names is None else names
+        logits = self._forward(x, names)
+        if not self.clone_outputs and any(
+            c["z"]._version != c["version"] for c in self._cap.values()
+        ):
+            self.clone_outputs = True  # an in-place op modified a captured output: redo cloned
+            logits = self._forward(x, names)
+        if not isinstance(logits, Tensor) or logits.ndim != 2:
+            shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+            raise ValueError(
+                f"fit_curvature: the model must return logits of shape [N, C]; got {shape}."
+            )
+        if not bool(torch.isfinite(logits).all()):
+            raise FloatingPointError("fit_curvature: the model's outputs (logits) contain NaN/Inf.")
+        num_classes = logits.shape[1]
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+            raise ValueError(
+                f"fit_curvature: targets must lie in [0, {num_classes}); got values in "
+                f"[{int(y.min())}, {int(y.max())}]."
+            )
+        cot = logit_directions(logits, y, self.fisher, self.mc_samples, generator)
+        active = [t for t in self.targets if t.name in names]
+        grads = self._output_grads(logits, [self._cap[t.name]["z"] for t in active], cot)
+        out: dict[str, Stats] = {}
+        for t, g in zip(active, grads, strict=True):
+            cap = self._cap[t.name]
+            if g is None:
+                g = torch.zeros((cot.shape[0], *cap["z"].shape), dtype=cot.dtype, device=cot.device)
+            if not bool(torch.isfinite(g).all()):
+                raise FloatingPointError(
+                    f"fit_curvature: the backpropagated directions at module {t.name!r} contain "
+                    "NaN/Inf."
+                )
+            out[t.name] = self._stats(t, cap, g.detach())
+        self._cap = {}
+        return out, logits.detach()
+
+    def _output_grads(self, logits: Tensor, zs: list[Tensor], cot: Tensor) -> list[Tensor | None]:
+        if self.batched_grads:
+            try:
+                return list(
+                    torch.autograd.grad(
+                        logits, zs, cot, retain_graph=True, allow_unused=True, is_grads_batched=True
+                    )
+                )
+            except RuntimeError:
+                self.batched_grads = False  # some op lacks a vmap rule: loop over directions
+        per_v = [
+            torch.autograd.grad(logits, zs, cot[v], retain_graph=True, allow_unused=True)
+            for v in range(cot.shape[0])
+        ]
+        return [
+            None if per_v[0][i] is None else torch.stack([g[i] for g in per_v])
+            for i in range(len(zs))
+        ]
+
+    def _stats(self, t: Target, cap: dict[str, Any], g: Tensor) -> Stats:
+        v, n = g.shape[0], g.shape[1]
+        if t.kind == GENERIC:
+            return GradStats(
+                per_sample_param_grads(
+                    t.module, t.local_names, cap["args"], cap["kwargs"], g, t.name
+                )
+            )
+        a: Tensor = cap["a"]
+        bias = "bias" in t.param_shapes
+        if bias:
+            a = torch.cat([a, a.new_ones((*a.shape[:-1], 1))], dim=-1)
+        if t.kind == CONV2D:
+            d = g.reshape(v, n, g.shape[2], -1).transpose(2, 3)  # [V, N, T, C_out]
+        else:
+            d = g.reshape(v, n, -1, g.shape[-1])
+        return KronStats(a, d, bias)

@@ -1,0 +1,52 @@
+"""Fisher directions at the logits: the rows of a square root of each per-point Fisher.
+
+With ``p = softmax(f)`` and ``V`` directions per point, ``B = Σ_v δ_v δ_v^T`` at the logits is
+(see ``MATH.md``, "Fisher directions"):
+
+- ``exact``: ``δ_c = √p_c (e_c − p)``, ``V = C``, so ``Σ_c δ_c δ_c^T = diag(p) − p p^T``;
+- ``mc``: ``δ_s = (e_{ŷ_s} − p) / √S`` with ``ŷ_s ~ p``, ``V = S = mc_samples`` (averaged, not
+  summed, over the samples);
+- ``empirical``: ``δ = e_y − p`` for the observed label, ``V = 1``.
+
+``δ`` is the gradient of ``log p`` (up to sign, which the outer product removes).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .._options import FisherType
+
+
+def logit_directions(
+    logits: Tensor,
+    targets: Tensor,
+    fisher: FisherType,
+    mc_samples: int = 1,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Directions ``[V, N, C]`` at the logits for the chosen Fisher type (``logits`` detached)."""
+    logits = logits.detach()
+    probs = torch.softmax(logits, dim=-1)
+    c = probs.shape[1]
+    if fisher is FisherType.EXACT:
+        eye = torch.eye(c, dtype=probs.dtype, device=probs.device)
+        # [C, N, C]: row c of point n is √p_c (e_c − p).
+        return probs.T.sqrt().unsqueeze(-1) * (eye.unsqueeze(1) - probs.unsqueeze(0))
+    if fisher is FisherType.MC:
+        samples = torch.multinomial(probs, mc_samples, replacement=True, generator=generator)
+        onehot = torch.nn.functional.one_hot(samples.T, c).to(probs.dtype)  # [S, N, C]
+        return (onehot - probs.unsqueeze(0)) / math.sqrt(mc_samples)
+    onehot = torch.nn.functional.one_hot(targets, c).to(probs.dtype)
+    return (onehot - probs).unsqueeze(0)
+
+
+def num_directions(fisher: FisherType, num_classes: int, mc_samples: int) -> int:
+    if fisher is FisherType.EXACT:
+        return num_classes
+    if fisher is FisherType.MC:
+        return mc_samples
+    return 1

@@ -1,0 +1,63 @@
+"""Per-point, per-direction parameter gradients of an arbitrary module, via ``torch.func``.
+
+Used for modules outside Linear/Conv2d (BatchNorm, LayerNorm, Embedding, grouped convolutions,
+custom modules): their diagonal (or dense) Fisher block needs ``∂⟨δ_{n,v}, out_n⟩/∂θ`` per point
+``n`` and direction ``v``. The module is re-run on single points with ``functional_call`` and
+``vmap``, which is exact when the module treats points independently (every module in eval mode).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vjp, vmap
+
+
+def per_sample_param_grads(
+    module: nn.Module,
+    names: list[str],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    cotangents: Tensor,
+    module_name: str,
+) -> Tensor:
+    """``[V, N, P]`` gradients of ``⟨cotangent, module(x_n)⟩`` w.r.t. the module's own parameters.
+
+    ``cotangents`` is ``[V, N, *out]``; ``P`` follows ``names`` (``named_parameters`` order).
+    """
+    num = cotangents.shape[1]
+    params = {k: getattr(module, k).detach() for k in names}
+    in_dims = tuple(
+        0 if isinstance(x, Tensor) and x.ndim > 0 and x.shape[0] == num else None for x in args
+    )
+
+    def forward_one(p: dict[str, Tensor], *xs: Any) -> Tensor:
+        batched = tuple(x.unsqueeze(0) if d == 0 else x for x, d in zip(xs, in_dims, strict=True))
+        out = functional_call(module, p, batched, kwargs)
+        if not isinstance(out, Tensor):
+            raise TypeError(
+                f"fit_curvature: module {module_name!r} returns {type(out).__name__}, not a "
+                "tensor; only single-tensor outputs are supported. Exclude it with exclude=[...]."
+            )
+        return out.squeeze(0)
+
+    def grad_one(xs: tuple[Any, ...], cot: Tensor) -> dict[str, Tensor]:
+        pullback = vjp(lambda p: forward_one(p, *xs), params)[1]
+        grads: dict[str, Tensor] = pullback(cot)[0]
+        return grads
+
+    over_v = vmap(grad_one, in_dims=(None, 0))
+    over_n = vmap(over_v, in_dims=(in_dims, 1), out_dims=1)
+    try:
+        with torch.no_grad():  # torch.func still differentiates; nothing else records a graph
+            grads = over_n(args, cotangents)
+    except RuntimeError as err:
+        raise RuntimeError(
+            f"fit_curvature: per-point gradients of module {module_name!r} "
+            f"({type(module).__name__}) failed under torch.func.vmap: {err}. The module must treat "
+            "points independently (eval mode); otherwise exclude it with exclude=[...]."
+        ) from err
+    v = cotangents.shape[0]
+    return torch.cat([grads[k].reshape(v, num, -1) for k in names], dim=-1).detach()

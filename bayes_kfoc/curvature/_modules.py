@@ -1,0 +1,159 @@
+"""Which modules carry curvature, and with which kind of statistics."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+LINEAR = "linear"  # nn.Linear: Kronecker-capable (rank-one per point, or shared dims)
+CONV2D = "conv2d"  # nn.Conv2d with groups=1: Kronecker-capable via the unfold
+GENERIC = "generic"  # anything else with trainable parameters: diagonal or dense only
+
+
+@dataclass
+class Target:
+    """A module with trainable parameters of its own, and how its curvature is computed."""
+
+    name: str
+    module: nn.Module
+    kind: str
+    param_shapes: dict[str, torch.Size]
+    note: str = ""
+    local_names: list[str] = field(default_factory=list)
+
+    @property
+    def kron_capable(self) -> bool:
+        return self.kind in (LINEAR, CONV2D)
+
+
+def own_trainable(module: nn.Module) -> dict[str, nn.Parameter]:
+    return {k: p for k, p in module.named_parameters(recurse=False) if p.requires_grad}
+
+
+def classify(module: nn.Module) -> tuple[str, str]:
+    """The statistics kind of a module, and a note when a Kronecker-like layer falls back."""
+    params = own_trainable(module)
+    frozen_any = any(not p.requires_grad for p in module.parameters(recurse=False))
+    if isinstance(module, nn.Linear | nn.Conv2d) and frozen_any:
+        return GENERIC, "part of its parameters are frozen: per-parameter (diagonal/dense) block"
+    if isinstance(module, nn.Linear) and set(params) <= {"weight", "bias"}:
+        return LINEAR, ""
+    if isinstance(module, nn.Conv2d) and set(params) <= {"weight", "bias"}:
+        if module.groups != 1:
+            return GENERIC, f"Conv2d with groups={module.groups}: diagonal block, not Kronecker"
+        return CONV2D, ""
+    return GENERIC, ""
+
+
+def owners(model: nn.Module) -> dict[str, nn.Module]:
+    """Modules that own trainable parameters directly, by name; tied parameters raise."""
+    seen: dict[int, str] = {}
+    out: dict[str, nn.Module] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        params = own_trainable(module)
+        for pname, p in params.items():
+            full = f"{name}.{pname}" if name else pname
+            if id(p) in seen and seen[id(p)] != full:
+                raise ValueError(
+                    f"fit_curvature: parameter {full!r} is the same tensor as {seen[id(p)]!r} "
+                    "(tied weights); tied parameters are not supported. Untie them, or exclude "
+                    "one of the owning modules."
+                )
+            seen[id(p)] = full
+        if params and name not in out:
+            out[name] = module
+    return out
+
+
+def _expand(
+    names: Iterable[str], model: nn.Module, owned: dict[str, nn.Module], what: str
+) -> list[str]:
+    all_modules = dict(model.named_modules())
+    result: list[str] = []
+    for n in names:
+        if n not in all_modules:
+            close = ", ".join(sorted(owned)[:20])
+            raise ValueError(
+                f"fit_curvature: {what} names module {n!r}, which does not exist in "
+                f"{type(model).__name__}. Modules with trainable parameters: {close}."
+            )
+        prefix = f"{n}." if n else ""
+        hits = [o for o in owned if o == n or o.startswith(prefix)]
+        if not hits:
+            raise ValueError(
+                f"fit_curvature: {what} names module {n!r}, which has no trainable parameters."
+            )
+        result.extend(h for h in hits if h not in result)
+    return result
+
+
+def select(
+    model: nn.Module,
+    modules: str | Sequence[str],
+    exclude: Sequence[str],
+    call_order: Sequence[str],
+) -> tuple[list[Target], dict[str, str]]:
+    """Resolve ``modules`` / ``exclude`` into targets (in call order) and a reason per skip.
+
+    ``call_order`` lists the parameter-owning modules in the order of the first forward pass.
+    """
+    owned = owners(model)
+    if not owned:
+        raise ValueError(
+            f"fit_curvature: {type(model).__name__} has no trainable parameters; nothing to fit."
+        )
+    called = set(call_order)
+    skipped: dict[str, str] = {}
+    if isinstance(modules, str):
+        if modules == "all":
+            chosen = list(owned)
+        elif modules == "last_layer":
+            if not call_order:
+                raise ValueError("fit_curvature: no module with trainable parameters was called.")
+            kron = [c for c in call_order if classify(owned[c])[0] in (LINEAR, CONV2D)]
+            chosen = [(kron or list(call_order))[-1]]
+        else:
+            raise ValueError(
+                f"fit_curvature: unknown modules={modules!r}; valid values are 'all', "
+                "'last_layer', or a list of module names."
+            )
+        for o in owned:
+            if o not in chosen:
+                skipped[o] = f"not selected (modules={modules!r})"
+    else:
+        chosen = _expand(list(modules), model, owned, "modules")
+        for o in owned:
+            if o not in chosen:
+                skipped[o] = "not selected (modules list)"
+    for o in _expand(list(exclude), model, owned, "exclude") if exclude else []:
+        if o in chosen:
+            chosen.remove(o)
+        skipped[o] = "excluded by the user"
+    if not chosen:
+        raise ValueError("fit_curvature: every module was excluded; nothing to fit.")
+    missing = [c for c in chosen if c not in called]
+    if missing:
+        raise ValueError(
+            f"fit_curvature: module(s) {missing} own trainable parameters but were not called in "
+            "the forward pass, so their Fisher is zero. Exclude them with exclude=[...]."
+        )
+    order = [c for c in call_order if c in chosen]
+    targets = []
+    for name in order:
+        module = owned[name]
+        kind, note = classify(module)
+        params = own_trainable(module)
+        targets.append(
+            Target(
+                name=name,
+                module=module,
+                kind=kind,
+                note=note,
+                param_shapes={k: p.shape for k, p in params.items()},
+                local_names=list(params),
+            )
+        )
+    return targets, skipped

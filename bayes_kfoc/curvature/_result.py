@@ -1,0 +1,74 @@
+"""The result of :func:`bayes_kfoc.fit_curvature`: one block per module, plus coverage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..blocks import CurvatureBlock
+
+
+@dataclass
+class Curvature:
+    """Curvature blocks of a model, keyed by module name (in forward-call order).
+
+    Attributes:
+        blocks: ``{module_name: block}``; each block is the **summed** Fisher of that module's
+            own parameters, in ``parameters_to_vector(module.parameters())`` order.
+        structure: ``"kfoc"``, ``"kfac"``, ``"diag"`` or ``"full"``.
+        fisher: ``"exact"``, ``"mc"`` or ``"empirical"``.
+        num_data: number of data points summed over (all ranks).
+        mode: ``"cached"`` or ``"streaming"`` (how K-FOC saw the data); ``"single-pass"`` else.
+        coverage: ``{parameter_name: how it is covered}`` for every trainable parameter of the
+            model, so that nothing is silently dropped.
+    """
+
+    blocks: dict[str, CurvatureBlock]
+    structure: str
+    fisher: str
+    num_data: int
+    mode: str
+    coverage: dict[str, str] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> CurvatureBlock:
+        return self.blocks[name]
+
+    @property
+    def num_params(self) -> int:
+        return sum(b.num_params for b in self.blocks.values())
+
+    def param_names(self) -> list[str]:
+        """Full parameter names covered by the blocks, in block order."""
+        return [f"{k}.{p}" if k else p for k, b in self.blocks.items() for p in b.param_shapes]
+
+    def to_dense(self) -> Tensor:
+        """Block-diagonal ``[P, P]`` over all blocks, in :meth:`param_names` order."""
+        return torch.block_diag(*[b.to_dense() for b in self.blocks.values()])
+
+    def convergence(self) -> dict[str, dict[str, Any]]:
+        """Per-block power-iteration info (K-FOC only): iterations, residual, σ₁, converged."""
+        return {k: dict(b.info) for k, b in self.blocks.items() if b.info}
+
+    def report(self) -> str:
+        """A plain-text table: every trainable parameter and how it is covered."""
+        width = max((len(k) for k in self.coverage), default=10)
+        lines = [f"{'parameter':<{width}}  coverage", f"{'-' * width}  --------"]
+        lines += [f"{k:<{width}}  {v}" for k, v in self.coverage.items()]
+        return "\n".join(lines)
+
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> Curvature:
+        return Curvature(
+            {k: b.to(device, dtype) for k, b in self.blocks.items()},
+            self.structure,
+            self.fisher,
+            self.num_data,
+            self.mode,
+            dict(self.coverage),
+            dict(self.info),
+        )

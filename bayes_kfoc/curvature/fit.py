@@ -1,0 +1,426 @@
+"""``fit_curvature``: K-FOC, K-FAC, diagonal or dense Fisher blocks of a trained classifier."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .._options import FisherType, Mode, Structure
+from ..blocks import CurvatureBlock, DenseBlock, DiagBlock, KronBlock
+from ._checks import (
+    check_determinism as _check_determinism,
+)
+from ._checks import (
+    check_train_mode,
+    default_memory_budget,
+    human_bytes,
+    snapshot_buffers,
+)
+from ._collect import Collector, Stats, probe, unpack_batch
+from ._kfoc import power_iteration, power_iteration_jacobi
+from ._modules import Target, select
+from ._reduce import Reducer
+from ._result import Curvature
+from ._stats import KronStats
+
+
+def _dataset_size(loader: Iterable[Any]) -> int | None:
+    ds = getattr(loader, "dataset", None)
+    try:
+        return len(ds) if ds is not None else None
+    except TypeError:
+        return None
+
+
+def _len(loader: Iterable[Any]) -> int | None:
+    try:
+        return len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def _finite(name: str, tensors: dict[str, Tensor]) -> None:
+    for k, t in tensors.items():
+        if not bool(torch.isfinite(t).all()):
+            raise FloatingPointError(
+                f"fit_curvature: the curvature of module {name!r} ({k}) contains NaN/Inf; check "
+                "the model's weights and inputs, or fit in float64."
+            )
+
+
+class _Fitter:
+    """One fit: holds the options and runs the passes over the loader."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loader: Iterable[Any],
+        structure: Structure,
+        fisher: FisherType,
+        mc_samples: int,
+        base_seed: int,
+        progress: bool,
+        reducer: Reducer,
+    ):
+        self.model = model
+        self.loader = loader
+        self.structure = structure
+        self.fisher = fisher
+        self.mc_samples = mc_samples
+        self.base_seed = base_seed
+        self.progress = progress
+        self.reducer = reducer
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.skipped: dict[str, str] = {}
+
+    def generator(self) -> torch.Generator:
+        """The same MC labels in every pass: a fresh generator from one base seed."""
+        g = torch.Generator(device=self.device)
+        g.manual_seed(self.base_seed)
+        return g
+
+    def batches(self, desc: str, first: Any = None) -> Iterator[tuple[Tensor, Tensor]]:
+        it: Iterable[Any] = self.loader
+        if first is not None:
+            rest = iter(self.loader)
+            next(rest)
+            it = itertools.chain([first], rest)
+        bar = tqdm(it, desc=desc, total=_len(self.loader), disable=not self.progress, leave=False)
+        for batch in bar:
+            x, y = unpack_batch(batch, self.device, self.dtype)
+            if x.shape[0] == 0:
+                continue
+            yield x, y
+
+
+def prepare(
+    model: nn.Module,
+    loader: Iterable[Any],
+    structure: Structure,
+    fisher: str,
+    modules: str | Sequence[str],
+    exclude: Sequence[str],
+    mc_samples: int,
+    seed: int | None,
+    generator: torch.Generator | None,
+    progress: bool,
+    check_determinism: bool,
+    distributed: bool | None,
+) -> tuple[_Fitter, list[Target], Any]:
+    """Validate the options, model and first batch; resolve the target modules."""
+    f = FisherType.parse(fisher, "fit_curvature: fisher")
+    if not isinstance(mc_samples, int) or mc_samples < 1:
+        raise ValueError(f"fit_curvature: mc_samples must be a positive integer, got {mc_samples}.")
+    if not any(True for _ in model.parameters()):
+        raise ValueError(f"fit_curvature: {type(model).__name__} has no parameters.")
+    check_train_mode(model)
+    reducer = Reducer.detect(distributed)
+    if generator is not None:
+        base_seed = int(torch.randint(2**62, (1,), generator=generator).item())
+    elif seed is not None:
+        base_seed = int(seed)
+    else:
+        base_seed = int(torch.randint(2**62, (1,)).item())
+    fitter = _Fitter(model, loader, structure, f, mc_samples, base_seed, progress, reducer)
+
+    first = next(iter(loader), None)
+    if first is None:
+        raise ValueError(
+            "fit_curvature: the loader yielded no batches; pass a loader over the training data."
+        )
+    x0, _ = unpack_batch(first, fitter.device, fitter.dtype)
+    buffers = snapshot_buffers(model)
+    order, counts, out0 = probe(model, x0)
+    targets, _skipped = select(model, modules, exclude, order)
+    fitter.skipped = _skipped
+    shared = [t.name for t in targets if counts.get(t.name, 0) > 1]
+    if shared:
+        raise RuntimeError(
+            f"fit_curvature: module(s) {shared} are called more than once per forward pass "
+            "(weight sharing), which is not supported; exclude them with exclude=[...]."
+        )
+    if check_determinism:
+        _check_determinism(model, x0, out0, buffers)
+    return fitter, targets, first
+
+
+def fit_curvature(
+    model: nn.Module,
+    loader: Iterable[Any],
+    structure: str = "kfoc",
+    fisher: str = "exact",
+    modules: str | Sequence[str] = "all",
+    *,
+    exclude: Sequence[str] = (),
+    mc_samples: int = 1,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    mode: str = "auto",
+    memory_budget: int | None = None,
+    tol: float = 1e-6,
+    max_iter: int = 100,
+    progress: bool = True,
+    check_determinism: bool = True,
+    distributed: bool | None = None,
+) -> Curvature:
+    """Fit curvature blocks of a classifier's **summed** Fisher over every batch of ``loader``.
+
+    Each module that owns trainable parameters gets one block, in
+    ``parameters_to_vector(module.parameters())`` order (weight row-major, then bias):
+
+    - ``structure="kfoc"``: ``G ⊗ A``, the Frobenius-optimal Kronecker approximation of the exact
+      summed block over the whole data set (Schnaus, Lee & Triebel, 2021), by power iteration on
+      the Van Loan–Pitsianis rearrangement, warm-started from K-FAC. Linear layers never form
+      per-point gradients; Conv2d uses the per-point gradient matrices ``M_n`` or the unfold,
+      whichever is cheaper.
+    - ``"kfac"``: ``(Σ_n B_n) ⊗ (1/N Σ_n ā ā^T)`` for Linear; the KFC "expand" form
+      ``(Σ_{n,t} δδ^T) ⊗ (1/(N·T) Σ_{n,t} ā ā^T)`` for Conv2d.
+    - ``"diag"``: the exact diagonal; ``"full"``: the exact dense block (small modules only).
+
+    Modules other than Linear / Conv2d(groups=1) (BatchNorm, LayerNorm, Embedding, ...) get their
+    exact diagonal under ``kfoc``/``kfac``. ``Curvature.coverage`` says how each parameter is
+    covered. In the Kronecker factors ``A`` is the input side (bias last), ``G`` the output side.
+
+    Args:
+        model: a classifier returning logits ``[N, C]``, in eval mode.
+        loader: an iterable of ``(x, y)`` batches (re-iterable for ``mode="streaming"``).
+        structure: ``"kfoc"``, ``"kfac"``, ``"diag"`` or ``"full"``.
+        fisher: ``"exact"`` (type-2), ``"mc"`` (``mc_samples`` sampled labels, averaged) or
+            ``"empirical"`` (observed labels).
+        modules: ``"all"``, ``"last_layer"`` (the last Linear/Conv2d called, else the last
+            parameter-owning module called) or a list of module names
+            (containers expand to their parameter-owning submodules).
+        exclude: module names to leave out (reported in ``coverage``).
+        mc_samples: labels sampled per point for ``fisher="mc"``.
+        seed, generator: make ``fisher="mc"`` reproducible.
+        mode: ``"auto"``, ``"cached"`` or ``"streaming"`` (K-FOC only).
+        memory_budget: bytes allowed for cached statistics (default: half the free CUDA memory or
+            a quarter of the available host memory).
+        tol: stop when the relative change of both factors falls below ``tol`` (floored at
+            50 ulp of the dtype).
+        max_iter: most power iterations; a run that stops there warns with its residual.
+        progress: show tqdm progress bars.
+        check_determinism: re-run the first batch and raise if outputs or buffers change.
+        distributed: all-reduce every sum over data across ``torch.distributed`` ranks (each rank
+            iterating over its own shard); ``None`` detects an initialised group.
+
+    Returns:
+        A :class:`Curvature` with ``blocks[module_name]``.
+
+    .. warning:: The Fisher is **summed** over data points, not averaged: a loss with mean
+       reduction corresponds to ``1/N`` times these blocks.
+    """
+    s = Structure.parse(structure, "fit_curvature: structure")
+    m = Mode.parse(mode, "fit_curvature: mode")
+    if not tol > 0:
+        raise ValueError(f"fit_curvature: tol must be positive, got {tol}.")
+    if not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"fit_curvature: max_iter must be a positive integer, got {max_iter}.")
+    fitter, targets, first = prepare(
+        model,
+        loader,
+        s,
+        fisher,
+        modules,
+        exclude,
+        mc_samples,
+        seed,
+        generator,
+        progress,
+        check_determinism,
+        distributed,
+    )
+    f = fitter.fisher
+    budget = default_memory_budget(fitter.device) if memory_budget is None else memory_budget
+    with Collector(model, targets, f, mc_samples) as collector:
+        blocks, used_mode, info = _fit(fitter, collector, targets, first, m, budget, tol, max_iter)
+    coverage = _coverage(model, blocks, targets, fitter.skipped)
+    return Curvature(blocks, s.value, f.value, info.pop("num_data"), used_mode, coverage, info)
+
+
+def _fit(
+    fitter: _Fitter,
+    collector: Collector,
+    targets: list[Target],
+    first: Any,
+    mode: Mode,
+    budget: int,
+    tol: float,
+    max_iter: int,
+) -> tuple[dict[str, CurvatureBlock], str, dict[str, Any]]:
+    s = fitter.structure
+    red = fitter.reducer
+    kron = {t.name for t in targets if t.kron_capable and s in (Structure.KFOC, Structure.KFAC)}
+    want_cache = s is Structure.KFOC and mode is not Mode.STREAMING and kron
+    cache: dict[str, list[KronStats]] | None = {k: [] for k in kron} if want_cache else None
+    cache_bytes = 0
+    estimate: int | None = None
+    sums: dict[str, list[Any]] = {}
+    num_data = 0
+    gen = fitter.generator()
+    for i, (x, y) in enumerate(fitter.batches("curvature", first)):
+        stats, _ = collector.batch(x, y, gen)
+        num_data += x.shape[0]
+        for t in targets:
+            st: Stats = stats[t.name]
+            if t.name in kron:
+                assert isinstance(st, KronStats)
+                a_sum, g_sum, count = st.kfac_sums()
+                _accumulate(sums, t.name, [a_sum, g_sum, count])
+                if cache is not None:
+                    cache[t.name].append(st.compact())
+                    cache_bytes += cache[t.name][-1].nbytes
+            elif s is Structure.FULL:
+                g = st.grads()
+                _accumulate(sums, t.name, [g.T @ g])
+            else:
+                _accumulate(sums, t.name, [st.diag()])
+        if cache is not None and i == 0:
+            size = _dataset_size(fitter.loader)
+            if size is not None:
+                estimate = int(cache_bytes / x.shape[0] * size)
+        if cache is not None and max(cache_bytes, estimate or 0) > budget:
+            need = human_bytes(max(cache_bytes, estimate or 0))
+            if mode is Mode.CACHED:
+                raise MemoryError(
+                    f"fit_curvature: mode='cached' needs about {need} of statistics, over the "
+                    f"memory_budget of {human_bytes(budget)}; use mode='auto' or 'streaming', or "
+                    "raise memory_budget."
+                )
+            cache = None  # auto: fall back to streaming
+    if num_data == 0:
+        raise ValueError("fit_curvature: the loader yielded only empty batches.")
+    num_data = red.sum_int(num_data, fitter.device)
+    for k, vals in sums.items():
+        sums[k] = [
+            red.sum(v) if isinstance(v, Tensor) else red.sum_int(v, fitter.device) for v in vals
+        ]
+
+    blocks: dict[str, CurvatureBlock] = {}
+    info: dict[str, Any] = {"num_data": num_data, "base_seed": fitter.base_seed}
+    if estimate is not None or cache_bytes:
+        info["cache_bytes_estimate"] = max(cache_bytes, estimate or 0)
+    used_mode = "single-pass"
+    factors: dict[str, tuple[Tensor, Tensor]] = {}
+    for t in targets:
+        if t.name in kron:
+            a_sum, g_sum, count = sums[t.name]
+            factors[t.name] = (a_sum / count, g_sum)
+    results: dict[str, tuple[Tensor, Tensor, dict[str, Any]]] = {}
+    if s is Structure.KFOC and kron:
+        if cache is not None:
+            used_mode = "cached"
+            for name in [t.name for t in targets if t.name in kron]:
+                results[name] = _kfoc_cached(
+                    name, cache[name], factors[name][1], red, tol, max_iter
+                )
+        else:
+            used_mode = "streaming"
+            results = _kfoc_streaming(fitter, collector, sorted(kron), factors, tol, max_iter)
+    for t in targets:
+        block: CurvatureBlock
+        if t.name in kron:
+            if s is Structure.KFOC:
+                A, G, it_info = results[t.name]
+            else:
+                (A, G), it_info = factors[t.name], {}
+            _finite(t.name, {"A": A, "G": G})
+            block = KronBlock(t.name, t.param_shapes, A, G)
+            block.info = it_info
+        elif s is Structure.FULL:
+            _finite(t.name, {"dense": sums[t.name][0]})
+            block = DenseBlock(t.name, t.param_shapes, sums[t.name][0])
+        else:
+            _finite(t.name, {"diag": sums[t.name][0]})
+            block = DiagBlock(t.name, t.param_shapes, sums[t.name][0])
+        blocks[t.name] = block
+    return blocks, used_mode, info
+
+
+def _accumulate(sums: dict[str, list[Any]], name: str, vals: list[Any]) -> None:
+    if name not in sums:
+        sums[name] = list(vals)
+    else:
+        for i, v in enumerate(vals):
+            sums[name][i] = sums[name][i] + v
+
+
+def _kfoc_cached(
+    name: str, stats: list[KronStats], G0: Tensor, red: Reducer, tol: float, max_iter: int
+) -> tuple[Tensor, Tensor, dict[str, Any]]:
+    def a_update(G: Tensor) -> Tensor:
+        return red.sum(sum((st.a_update(G) for st in stats[1:]), stats[0].a_update(G)))
+
+    def g_update(A: Tensor) -> Tensor:
+        return red.sum(sum((st.g_update(A) for st in stats[1:]), stats[0].g_update(A)))
+
+    A, G, info = power_iteration(name, a_update, g_update, G0, tol, max_iter)
+    info["mode"] = "cached"
+    return A, G, info
+
+
+def _kfoc_streaming(
+    fitter: _Fitter,
+    collector: Collector,
+    names: list[str],
+    factors: dict[str, tuple[Tensor, Tensor]],
+    tol: float,
+    max_iter: int,
+) -> dict[str, tuple[Tensor, Tensor, dict[str, Any]]]:
+    def updates(state: dict[str, tuple[Tensor, Tensor]]) -> dict[str, tuple[Tensor, Tensor]]:
+        acc: dict[str, list[Any]] = {}
+        gen = fitter.generator()
+        for x, y in fitter.batches("K-FOC pass"):
+            stats, _ = collector.batch(x, y, gen, names=set(state))
+            for k, (A, G) in state.items():
+                st = stats[k]
+                assert isinstance(st, KronStats)
+                _accumulate(acc, k, [st.a_update(G), st.g_update(A)])
+        return {k: (fitter.reducer.sum(v[0]), fitter.reducer.sum(v[1])) for k, v in acc.items()}
+
+    bar = tqdm(total=max_iter, desc="K-FOC iterations", disable=not fitter.progress, leave=False)
+
+    def tick(it: int, done: int) -> None:
+        bar.update(1)
+        bar.set_postfix(converged=f"{done}/{len(names)}")
+
+    try:
+        out = power_iteration_jacobi(names, updates, factors, tol, max_iter, tick)
+    finally:
+        bar.close()
+    for v in out.values():
+        v[2]["mode"] = "streaming"
+    return out
+
+
+def _coverage(
+    model: nn.Module,
+    blocks: dict[str, CurvatureBlock],
+    targets: list[Target],
+    skipped: dict[str, str],
+) -> dict[str, str]:
+    notes = {t.name: t.note for t in targets}
+    owner_of: dict[str, str] = {}
+    for mname, module in model.named_modules():
+        for pname, _ in module.named_parameters(recurse=False):
+            owner_of.setdefault(f"{mname}.{pname}" if mname else pname, mname)
+    out: dict[str, str] = {}
+    for full, p in model.named_parameters():
+        owner = owner_of[full]
+        if not p.requires_grad:
+            out[full] = "frozen (requires_grad=False): not part of the curvature"
+        elif owner in blocks:
+            kind = {"kron": "Kronecker", "diag": "diagonal", "full": "dense"}[
+                blocks[owner].structure
+            ]
+            extra = f"; {notes[owner]}" if notes.get(owner) else ""
+            out[full] = f"{kind} block {owner!r}{extra}"
+        else:
+            out[full] = skipped.get(owner, "not covered")
+    return out

@@ -1,0 +1,91 @@
+"""Brute-force dense references built with ``torch.func`` (tests only, float64)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, jacrev, vmap
+
+from bayes_kfoc._options import FisherType
+from bayes_kfoc.curvature._directions import logit_directions
+
+
+def per_point_jacobians(model: nn.Module, x: Tensor) -> dict[str, Tensor]:
+    """``{param_name: [N, C, *shape]}``: Jacobians of the logits per point."""
+    params = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
+
+    def f(p: dict[str, Tensor], xi: Tensor) -> Tensor:
+        return functional_call(model, p, (xi.unsqueeze(0),)).squeeze(0)
+
+    return vmap(jacrev(f), in_dims=(None, 0))(params, x)
+
+
+def dense_fisher(
+    model: nn.Module,
+    batches: list[tuple[Tensor, Tensor]],
+    fisher: str,
+    mc_samples: int = 1,
+    seed: int = 0,
+) -> tuple[Tensor, list[str]]:
+    """The exact summed Fisher over all parameters (``named_parameters`` order) and the names.
+
+    For ``mc`` the labels are drawn batch by batch from one generator seeded with ``seed``,
+    exactly as ``fit_curvature`` draws them.
+    """
+    ftype = FisherType(fisher)
+    names = [k for k, p in model.named_parameters() if p.requires_grad]
+    gen = torch.Generator().manual_seed(seed)
+    total = None
+    for x, y in batches:
+        with torch.no_grad():
+            logits = model(x)
+        cot = logit_directions(logits, y, ftype, mc_samples, gen)  # [V, N, C]
+        jac = per_point_jacobians(model, x)
+        j = torch.cat(
+            [jac[k].reshape(x.shape[0], logits.shape[1], -1) for k in names], dim=2
+        )  # [N, C, P]
+        g = torch.einsum("vnc,ncp->vnp", cot, j).reshape(-1, j.shape[-1])
+        f = g.T @ g
+        total = f if total is None else total + f
+    assert total is not None
+    return total, names
+
+
+def module_slice(model: nn.Module, names: list[str], module_name: str) -> slice:
+    """The index range of one module's own parameters inside the dense Fisher."""
+    prefix = f"{module_name}." if module_name else ""
+    sizes = {k: p.numel() for k, p in model.named_parameters() if k in names}
+    start, stop, pos = None, None, 0
+    for k in names:
+        own = k.startswith(prefix) and "." not in k[len(prefix) :]
+        if own and start is None:
+            start = pos
+        pos += sizes[k]
+        if own:
+            stop = pos
+    assert start is not None and stop is not None
+    return slice(start, stop)
+
+
+def kron_order(block_dense: Tensor, d_out: int, n: int, bias: bool) -> Tensor:
+    """Permute a dense block from ``parameters_to_vector`` order to the row-major vec of W̄."""
+    idx = torch.arange(d_out * n).reshape(d_out, n)
+    perm = torch.cat([idx[:, :-1].flatten(), idx[:, -1]]) if bias else idx.flatten()
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel())
+    return block_dense[inv][:, inv]
+
+
+def top1_kron(block_kron: Tensor, d_out: int, n: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Best ``G ⊗ A`` (row-major, output factor first) by a dense top-1 SVD of the rearrangement."""
+    r = block_kron.reshape(d_out, n, d_out, n).permute(0, 2, 1, 3).reshape(d_out**2, n**2)
+    u, s, vh = torch.linalg.svd(r)
+    G = u[:, 0].reshape(d_out, d_out) * s[0].sqrt()
+    A = vh[0].reshape(n, n) * s[0].sqrt()
+    if torch.trace(A) < 0:
+        A, G = -A, -G
+    return torch.kron(G, A), G, A
+
+
+def rel_err(a: Tensor, b: Tensor) -> float:
+    return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))

@@ -1,0 +1,201 @@
+"""Bad input gets a clear error that names the problem and the fix; nothing is skipped silently."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from cases import CASES
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from bayes_kfoc import ConvergenceWarning, fit_curvature
+
+
+def _mlp() -> tuple[nn.Module, DataLoader]:
+    model, x, y = CASES[0].make()
+    return model, DataLoader(TensorDataset(x, y), batch_size=4)
+
+
+def test_empty_loader() -> None:
+    model, _ = _mlp()
+    empty = DataLoader(
+        TensorDataset(torch.zeros(0, 4, dtype=torch.float64), torch.zeros(0, dtype=torch.long)),
+        batch_size=4,
+    )
+    with pytest.raises(ValueError, match="no batches"):
+        fit_curvature(model, empty, progress=False)
+
+
+@pytest.mark.parametrize("layer", [nn.Dropout(0.5), nn.BatchNorm1d(5)])
+def test_train_mode_with_dropout_or_batchnorm(layer: nn.Module) -> None:
+    model = nn.Sequential(nn.Linear(4, 5), layer, nn.Linear(5, 3)).double().train()
+    _, loader = _mlp()
+    with pytest.raises(RuntimeError, match=r"model\.eval\(\)"):
+        fit_curvature(model, loader, progress=False)
+
+
+class Noisy(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return x + 0.1 * torch.randn_like(x)
+
+
+class Counter(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.calls += 1
+        return x
+
+
+def test_determinism_check_catches_random_forward_and_restores_buffers() -> None:
+    _, loader = _mlp()
+    noisy = nn.Sequential(nn.Linear(4, 5), Noisy(), nn.Linear(5, 3)).double().eval()
+    with pytest.raises(RuntimeError, match="differ"):
+        fit_curvature(noisy, loader, progress=False)
+    counting = nn.Sequential(nn.Linear(4, 5), Counter(), nn.Linear(5, 3)).double().eval()
+    with pytest.raises(RuntimeError, match="buffers.*restored"):
+        fit_curvature(counting, loader, progress=False)
+    assert counting[1].calls.item() == 0
+
+
+def test_targets_out_of_range_and_regression_targets() -> None:
+    model, x, y = CASES[0].make()
+    bad = DataLoader(TensorDataset(x, torch.full_like(y, 3)), batch_size=4)
+    with pytest.raises(ValueError, match=r"\[0, 3\)"):
+        fit_curvature(model, bad, progress=False)
+    reg = DataLoader(TensorDataset(x, torch.randn(len(x), dtype=torch.float64)), batch_size=4)
+    with pytest.raises(TypeError, match="regression"):
+        fit_curvature(model, reg, progress=False)
+
+
+def test_non_finite_inputs_outputs_and_statistics() -> None:
+    model, x, y = CASES[0].make()
+    xn = x.clone()
+    xn[5, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="inputs"):
+        fit_curvature(model, DataLoader(TensorDataset(xn, y), batch_size=4), progress=False)
+    with torch.no_grad():
+        model[2].weight[0, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match="logits"):
+        fit_curvature(model, DataLoader(TensorDataset(x, y), batch_size=4), progress=False)
+
+    class Sqrt(nn.Module):
+        def forward(self, h: Tensor) -> Tensor:
+            return h.abs().sqrt()
+
+    net = nn.Sequential(nn.Linear(4, 2), Sqrt(), nn.Linear(2, 3)).double().eval()
+    with torch.no_grad():
+        net[0].weight.zero_()
+        net[0].bias.zero_()
+    with pytest.raises(FloatingPointError, match="module '0'"):
+        fit_curvature(net, DataLoader(TensorDataset(x, y), batch_size=4), progress=False)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "pattern"),
+    [
+        ({"structure": "kfc"}, "'kfoc', 'kfac', 'diag', 'full'"),
+        ({"fisher": "ggn"}, "'exact', 'mc', 'empirical'"),
+        ({"mode": "lazy"}, "'auto', 'cached', 'streaming'"),
+        ({"modules": "first_layer"}, "'all', 'last_layer'"),
+        ({"modules": ["nope"]}, "'nope'.*does not exist"),
+        ({"exclude": ["nope"]}, "'nope'.*does not exist"),
+        ({"modules": ["1"]}, "no trainable parameters"),
+        ({"exclude": ["0", "2"]}, "every module was excluded"),
+        ({"mc_samples": 0}, "mc_samples"),
+        ({"tol": 0.0}, "tol"),
+    ],
+)
+def test_invalid_options_list_the_valid_ones(kwargs: dict, pattern: str) -> None:
+    model, loader = _mlp()
+    with pytest.raises(ValueError, match=pattern):
+        fit_curvature(model, loader, progress=False, **kwargs)
+
+
+def test_model_without_trainable_parameters() -> None:
+    model, loader = _mlp()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        fit_curvature(model, loader, progress=False)
+
+
+def test_loader_batches_must_be_pairs_with_matching_dtype() -> None:
+    model, x, y = CASES[0].make()
+    with pytest.raises(TypeError, match=r"\(inputs, targets\)"):
+        fit_curvature(model, [(x,)], progress=False)
+    with pytest.raises(TypeError, match="float32.*float64"):
+        fit_curvature(model, [(x.float(), y)], progress=False)
+
+
+def test_weight_sharing_and_unused_modules() -> None:
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 3)
+            self.unused = nn.Linear(2, 2)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.head(self.lin(torch.tanh(self.lin(x))))
+
+    model = Shared().double().eval()
+    _, loader = _mlp()
+    with pytest.raises(RuntimeError, match="more than once"):
+        fit_curvature(model, loader, exclude=["unused"], progress=False)
+    with pytest.raises(ValueError, match="not called"):
+        fit_curvature(model, loader, modules=["head", "unused"], progress=False)
+    curv = fit_curvature(model, loader, exclude=["unused", "lin"], progress=False)
+    assert curv.coverage["lin.weight"] == "excluded by the user"
+    assert curv.coverage["head.weight"].startswith("Kronecker block 'head'")
+
+
+def test_memory_budget_chooses_streaming_or_raises_with_estimate() -> None:
+    model, loader = _mlp()
+    auto = fit_curvature(model, loader, memory_budget=10, progress=False)
+    assert auto.mode == "streaming"
+    with pytest.raises(MemoryError, match="needs about .* memory_budget"):
+        fit_curvature(model, loader, mode="cached", memory_budget=10, progress=False)
+    assert fit_curvature(model, loader, progress=False).mode == "cached"
+
+
+def test_non_convergence_warns_with_residual_and_iterations() -> None:
+    model, loader = _mlp()
+    with pytest.warns(ConvergenceWarning, match=r"relative factor change .* after 1 iterations"):
+        curv = fit_curvature(model, loader, max_iter=1, tol=1e-14, progress=False)
+    assert curv.convergence()["0"]["converged"] is False
+
+
+def test_coverage_reports_every_parameter_and_last_layer_selects_the_head() -> None:
+    model, x, y = CASES[3].make()  # skip connection, LayerNorm and a bare root parameter
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    curv = fit_curvature(model, loader, "kfoc", progress=False)
+    names = [k for k, _ in model.named_parameters()]
+    assert list(curv.coverage) == names
+    assert curv.coverage["norm.weight"].startswith("diagonal block")
+    assert curv.coverage["scale"].startswith("diagonal block")
+    assert sorted(curv.param_names()) == sorted(names)
+    last = fit_curvature(model, loader, "kfoc", modules="last_layer", progress=False)
+    assert list(last.blocks) == ["head"]  # the last Linear called, not the bare root scale
+    assert "not selected" in last.coverage["scale"]
+    assert "not selected" in last.coverage["inp.weight"]
+
+
+def test_grouped_convolution_falls_back_to_a_reported_diagonal() -> None:
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten(), nn.Linear(4 * 9, 3))
+    model = model.double().eval()
+    x = torch.randn(6, 2, 5, 5, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,))
+    curv = fit_curvature(model, [(x, y)], "kfoc", progress=False)
+    assert "groups=2" in curv.coverage["0.weight"]
+    assert curv.blocks["0"].structure == "diag"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
+def test_cpu_batches_move_to_a_cuda_model() -> None:
+    model, loader = _mlp()
+    curv = fit_curvature(model.cuda(), loader, progress=False)
+    assert all(b.device.type == "cuda" for b in curv.blocks.values())
