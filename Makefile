@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: venv
 
 demo: venv
-	$(PY) -m evaluation study --dataset digits --model mlp --methods map,temp,diag,kfac,kfoc --seeds 3 --out reports/digits --overwrite
+	$(PY) -m evaluation.benchmarks.fisher_fidelity
 
 lint: venv
 	$(VENV)/bin/ruff check bayes_kfoc evaluation datasets tests

@@ -39,7 +39,7 @@ def _change(new: Tensor, old: Tensor) -> float:
 def _finish(
     name: str,
     A: Tensor,
-    g_prime: Tensor,
+    G: Tensor,
     sigma: float,
     it: int,
     change: float,
@@ -47,6 +47,7 @@ def _finish(
     converged: bool,
     scheme: str,
 ) -> tuple[Tensor, Tensor, dict[str, Any]]:
+    """Balanced factors ``(√σ A, √σ G)`` from unit-norm ``A``, ``G`` and ``σ₁``, plus info."""
     if not converged:
         warnings.warn(
             f"K-FOC power iteration for module {name!r} did not converge: relative factor change "
@@ -63,15 +64,16 @@ def _finish(
         "scheme": scheme,
     }
     if sigma <= 0:
-        return torch.zeros_like(A), torch.zeros_like(g_prime), info
+        return torch.zeros_like(A), torch.zeros_like(G), info
     root = math.sqrt(sigma)
-    return A * root, g_prime / root, info
+    return A * root, G * root, info
 
 
 def power_iteration(
     name: str,
     a_update: Callable[[Tensor], Tensor],
     g_update: Callable[[Tensor], Tensor],
+    A0: Tensor,
     G0: Tensor,
     tol: float,
     max_iter: int,
@@ -79,26 +81,30 @@ def power_iteration(
     """Gauss–Seidel power iteration for one layer (cached statistics): ``A`` then ``G``.
 
     ``a_update(G)`` must return ``Σ ā ā^T ⟨G, B_n⟩`` summed over all data (and ranks);
-    ``g_update(A)`` returns ``Σ B_n (ā^T A ā)``. Returns balanced ``(A, G, info)``.
+    ``g_update(A)`` returns ``Σ B_n (ā^T A ā)``. ``(A0, G0)`` is the warm start (K-FAC).
+
+    Convergence is tested after every half-step: when the factor just updated changed by less
+    than ``tol`` (relative Frobenius), the pair (that factor, the other one) is returned. That
+    factor is then the exact optimum given the other, so ``||F − G⊗A||² = ||F||² − σ₁²`` holds
+    with ``σ₁`` the norm of its unnormalised update. Returns balanced ``(A, G, info)``.
     """
     tol = effective_tol(tol, G0.dtype)
-    G, _ = _unit(G0)
-    A: Tensor | None = None
-    sigma, change, converged, it = 0.0, math.inf, False, 0
+    A, G = _unit(A0)[0], _unit(G0)[0]
+    change = math.inf
     for it in range(1, max_iter + 1):
-        A_new, a_norm = _unit(a_update(G))
-        if not bool(a_norm > 0):
-            return _finish(name, A_new, G, 0.0, it, 0.0, tol, True, "gauss-seidel")
-        g_prime = g_update(A_new)
-        G_new, s = _unit(g_prime)
-        sigma = float(s)
-        change = max(_change(G_new, G), _change(A_new, A) if A is not None else math.inf)
-        A, G = A_new, G_new
+        A_new, s = _unit(a_update(G))
+        if not bool(s > 0):
+            return _finish(name, A, G, 0.0, it, 0.0, tol, True, "gauss-seidel")
+        change = _change(A_new, A)
+        A = A_new
         if change < tol:
-            converged = True
-            break
-    assert A is not None
-    return _finish(name, A, sigma * G, sigma, it, change, tol, converged, "gauss-seidel")
+            return _finish(name, A, G, float(s), it, change, tol, True, "gauss-seidel")
+        G_new, s = _unit(g_update(A))
+        change = _change(G_new, G)
+        G = G_new
+        if change < tol:
+            return _finish(name, A, G, float(s), it, change, tol, True, "gauss-seidel")
+    return _finish(name, A, G, float(s), max_iter, change, tol, False, "gauss-seidel")
 
 
 def power_iteration_jacobi(
@@ -112,12 +118,12 @@ def power_iteration_jacobi(
     """Jacobi power iteration for several layers at once (streaming: one data pass per step).
 
     ``updates({name: (A, G)})`` returns ``{name: (Σ ā ā^T ⟨G, B_n⟩, Σ B_n (ā^T A ā))}`` for the
-    layers still iterating, from one pass over the data. Same fixed point as
-    :func:`power_iteration`.
+    layers still iterating, from one pass over the data. A layer stops when either factor changed
+    by less than ``tol``; it returns that factor with the one it was computed from (the same
+    fixed point and certificate as :func:`power_iteration`).
     """
     state = {k: (_unit(a)[0], _unit(g)[0]) for k, (a, g) in init.items()}
     done: dict[str, tuple[Tensor, Tensor, dict[str, Any]]] = {}
-    last_change = {k: math.inf for k in names}
     for it in range(1, max_iter + 1):
         active = [k for k in names if k not in done]
         if not active:
@@ -126,19 +132,18 @@ def power_iteration_jacobi(
         for k in active:
             A, G = state[k]
             tol_k = effective_tol(tol, A.dtype)
-            a_up, g_prime = ups[k]
-            A_new, a_norm = _unit(a_up)
-            G_new, s = _unit(g_prime)
-            sigma = float(s)
-            if not bool(a_norm > 0) or sigma <= 0:
-                done[k] = _finish(k, A, g_prime, 0.0, it, 0.0, tol_k, True, "jacobi")
+            A_new, sa = _unit(ups[k][0])
+            G_new, sg = _unit(ups[k][1])
+            if not bool(sa > 0) or not bool(sg > 0):
+                done[k] = _finish(k, A, G, 0.0, it, 0.0, tol_k, True, "jacobi")
                 continue
-            change = max(_change(A_new, A), _change(G_new, G))
-            last_change[k] = change
-            if change < tol_k:
-                done[k] = _finish(k, A, g_prime, sigma, it, change, tol_k, True, "jacobi")
+            da, dg = _change(A_new, A), _change(G_new, G)
+            if da < tol_k and da <= dg:
+                done[k] = _finish(k, A_new, G, float(sa), it, da, tol_k, True, "jacobi")
+            elif dg < tol_k:
+                done[k] = _finish(k, A, G_new, float(sg), it, dg, tol_k, True, "jacobi")
             elif it == max_iter:
-                done[k] = _finish(k, A, g_prime, sigma, it, change, tol_k, False, "jacobi")
+                done[k] = _finish(k, A, G_new, float(sg), it, min(da, dg), tol_k, False, "jacobi")
             state[k] = (A_new, G_new)
         if on_iteration is not None:
             on_iteration(it, len(done))

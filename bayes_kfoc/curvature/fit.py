@@ -317,9 +317,7 @@ def _fit(
         if cache is not None:
             used_mode = "cached"
             for name in [t.name for t in targets if t.name in kron]:
-                results[name] = _kfoc_cached(
-                    name, cache[name], factors[name][1], red, tol, max_iter
-                )
+                results[name] = _kfoc_cached(name, cache[name], *factors[name], red, tol, max_iter)
         else:
             used_mode = "streaming"
             results = _kfoc_streaming(fitter, collector, sorted(kron), factors, tol, max_iter)
@@ -352,7 +350,13 @@ def _accumulate(sums: dict[str, list[Any]], name: str, vals: list[Any]) -> None:
 
 
 def _kfoc_cached(
-    name: str, stats: list[KronStats], G0: Tensor, red: Reducer, tol: float, max_iter: int
+    name: str,
+    stats: list[KronStats],
+    A0: Tensor,
+    G0: Tensor,
+    red: Reducer,
+    tol: float,
+    max_iter: int,
 ) -> tuple[Tensor, Tensor, dict[str, Any]]:
     def a_update(G: Tensor) -> Tensor:
         return red.sum(sum((st.a_update(G) for st in stats[1:]), stats[0].a_update(G)))
@@ -360,7 +364,7 @@ def _kfoc_cached(
     def g_update(A: Tensor) -> Tensor:
         return red.sum(sum((st.g_update(A) for st in stats[1:]), stats[0].g_update(A)))
 
-    A, G, info = power_iteration(name, a_update, g_update, G0, tol, max_iter)
+    A, G, info = power_iteration(name, a_update, g_update, A0, G0, tol, max_iter)
     info["mode"] = "cached"
     return A, G, info
 

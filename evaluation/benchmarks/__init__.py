@@ -1,0 +1,1 @@
+"""Benchmark scripts: run as ``python -m evaluation.benchmarks.<name>`` from the repo root."""
