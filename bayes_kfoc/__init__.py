@@ -7,6 +7,7 @@ module, in ``parameters_to_vector`` order. K-FOC blocks are the Frobenius-optima
 from ._version import __version__
 from .blocks import CurvatureBlock, DenseBlock, DiagBlock, KronBlock
 from .curvature import ConvergenceWarning, Curvature, fit_curvature
+from .laplace import Laplace
 
 __all__ = [
     "ConvergenceWarning",
@@ -15,6 +16,7 @@ __all__ = [
     "DenseBlock",
     "DiagBlock",
     "KronBlock",
+    "Laplace",
     "__version__",
     "fit_curvature",
 ]

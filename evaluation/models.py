@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 from torch import nn
@@ -9,12 +10,16 @@ from torch import nn
 MODELS = ("mlp", "cnn")
 
 
-def mlp(in_features: int, num_classes: int, hidden: Sequence[int] = (128, 128),
-        activation: type[nn.Module] = nn.Tanh) -> nn.Sequential:
+def mlp(
+    in_features: int,
+    num_classes: int,
+    hidden: Sequence[int] = (128, 128),
+    activation: type[nn.Module] = nn.Tanh,
+) -> nn.Sequential:
     """``in → hidden… → num_classes`` with ``activation`` between Linear layers."""
     layers: list[nn.Module] = []
     sizes = [in_features, *hidden]
-    for a, b in zip(sizes[:-1], sizes[1:]):
+    for a, b in itertools.pairwise(sizes):
         layers += [nn.Linear(a, b), activation()]
     layers.append(nn.Linear(sizes[-1], num_classes))
     return nn.Sequential(*layers)
@@ -42,8 +47,10 @@ def build_model(name: str, input_shape: Sequence[int], num_classes: int) -> nn.M
         d = 1
         for s in input_shape:
             d *= int(s)
-        return nn.Sequential(nn.Flatten(), *mlp(d, num_classes)) if len(input_shape) > 1 else mlp(
-            d, num_classes
+        return (
+            nn.Sequential(nn.Flatten(), *mlp(d, num_classes))
+            if len(input_shape) > 1
+            else mlp(d, num_classes)
         )
     if name == "cnn":
         if len(input_shape) != 3:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -178,7 +178,34 @@ class Collector:
         generator: torch.Generator | None,
         names: set[str] | None = None,
     ) -> tuple[dict[str, Stats], Tensor]:
-        """Statistics of the targets in ``names`` (default: all) for one batch, and the logits."""
+        """Fisher statistics of the targets in ``names`` (default: all), and the logits."""
+
+        def directions(logits: Tensor) -> Tensor:
+            num_classes = logits.shape[1]
+            if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+                raise ValueError(
+                    f"fit_curvature: targets must lie in [0, {num_classes}); got values in "
+                    f"[{int(y.min())}, {int(y.max())}]."
+                )
+            return logit_directions(logits, y, self.fisher, self.mc_samples, generator)
+
+        return self._run(x, names, directions)
+
+    def jacobians(
+        self, x: Tensor, names: set[str] | None = None
+    ) -> tuple[dict[str, Stats], Tensor]:
+        """Per-point Jacobians of the logits (directions ``e_c``, ``V = C``) and the logits."""
+
+        def directions(logits: Tensor) -> Tensor:
+            c = logits.shape[1]
+            eye = torch.eye(c, dtype=logits.dtype, device=logits.device)
+            return eye.unsqueeze(1).expand(c, logits.shape[0], c)
+
+        return self._run(x, names, directions)
+
+    def _run(
+        self, x: Tensor, names: set[str] | None, directions: Callable[[Tensor], Tensor]
+    ) -> tuple[dict[str, Stats], Tensor]:
         names = {t.name for t in self.targets} if names is None else names
         logits = self._forward(x, names)
         if not self.clone_outputs and any(
@@ -193,13 +220,7 @@ class Collector:
             )
         if not bool(torch.isfinite(logits).all()):
             raise FloatingPointError("fit_curvature: the model's outputs (logits) contain NaN/Inf.")
-        num_classes = logits.shape[1]
-        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-            raise ValueError(
-                f"fit_curvature: targets must lie in [0, {num_classes}); got values in "
-                f"[{int(y.min())}, {int(y.max())}]."
-            )
-        cot = logit_directions(logits, y, self.fisher, self.mc_samples, generator)
+        cot = directions(logits.detach())
         active = [t for t in self.targets if t.name in names]
         grads = self._output_grads(logits, [self._cap[t.name]["z"] for t in active], cot)
         out: dict[str, Stats] = {}

@@ -157,3 +157,19 @@ def select(
             )
         )
     return targets, skipped
+
+
+def targets_for(model: nn.Module, names: Sequence[str]) -> list[Target]:
+    """Targets for already-resolved module names (e.g. the blocks of a fitted curvature)."""
+    modules = dict(model.named_modules())
+    out = []
+    for name in names:
+        if name not in modules:
+            raise ValueError(f"module {name!r} does not exist in {type(model).__name__}.")
+        module = modules[name]
+        kind, note = classify(module)
+        params = own_trainable(module)
+        out.append(
+            Target(name, module, kind, {k: p.shape for k, p in params.items()}, note, list(params))
+        )
+    return out

@@ -24,6 +24,8 @@ class Curvature:
         mode: ``"cached"`` or ``"streaming"`` (how K-FOC saw the data); ``"single-pass"`` else.
         coverage: ``{parameter_name: how it is covered}`` for every trainable parameter of the
             model, so that nothing is silently dropped.
+        info: fit details: ``log_likelihood`` (summed ``log p(y|x, θ)`` over the data, at the
+            fitted weights), ``input_shape``, ``base_seed`` and the cache estimate.
     """
 
     blocks: dict[str, CurvatureBlock]

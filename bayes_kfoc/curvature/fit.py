@@ -263,10 +263,12 @@ def _fit(
     estimate: int | None = None
     sums: dict[str, list[Any]] = {}
     num_data = 0
+    log_lik = torch.zeros((), dtype=fitter.dtype, device=fitter.device)
     gen = fitter.generator()
     for i, (x, y) in enumerate(fitter.batches("curvature", first)):
-        stats, _ = collector.batch(x, y, gen)
+        stats, logits = collector.batch(x, y, gen)
         num_data += x.shape[0]
+        log_lik += torch.log_softmax(logits, dim=-1).gather(1, y.unsqueeze(1)).sum()
         for t in targets:
             st: Stats = stats[t.name]
             if t.name in kron:
@@ -303,7 +305,12 @@ def _fit(
         ]
 
     blocks: dict[str, CurvatureBlock] = {}
-    info: dict[str, Any] = {"num_data": num_data, "base_seed": fitter.base_seed}
+    info: dict[str, Any] = {
+        "num_data": num_data,
+        "base_seed": fitter.base_seed,
+        "log_likelihood": float(red.sum(log_lik)),
+        "input_shape": tuple(first[0].shape[1:]),
+    }
     if estimate is not None or cache_bytes:
         info["cache_bytes_estimate"] = max(cache_bytes, estimate or 0)
     used_mode = "single-pass"

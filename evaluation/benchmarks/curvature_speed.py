@@ -81,8 +81,10 @@ def main() -> None:
         t_kfac, _ = timed(lambda: fit("kfac"), args.repeats)
         t_kfoc, curv = timed(lambda: fit("kfoc"), args.repeats)
         iters = max(v["iterations"] for v in curv.convergence().values())
-        print(f"{name:<8}{t_kfac:>10.3f}{t_kfoc:>10.3f}{t_kfoc / t_kfac:>8.2f}{iters:>7}"
-              f"{curv.mode:>9}")
+        print(
+            f"{name:<8}{t_kfac:>10.3f}{t_kfoc:>10.3f}{t_kfoc / t_kfac:>8.2f}{iters:>7}"
+            f"{curv.mode:>9}"
+        )
         est = curv.info.get("cache_bytes_estimate", 0) / 2**20
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(f"          cache estimate {est:.1f} MiB, process peak RSS so far {rss:.0f} MiB")

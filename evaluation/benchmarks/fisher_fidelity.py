@@ -3,7 +3,7 @@
 The paper's proof of concept (Schnaus, Lee & Triebel, 2021): a seeded MAP MLP 64-128-128-10 and a
 small CNN (digits as 1×8×8 images). For data sets of 1, 32 and all training points, every
 structure is compared with the exact summed Fisher block of those points (exact, type-2 Fisher),
-in float64, matrix-free (``bayes_kfoc.diagnostics``). For 1 and 32 points the errors are averaged over
+in float64, matrix-free (``bayes_kfoc.diagnostics``). For 1 and 32 points errors are averaged over
 ``--draws`` random subsets. The K-FOC certificate (from σ₁ alone) is printed beside its error.
 
 Run: ``python -m evaluation.benchmarks.fisher_fidelity [--draws 5] [--seed 0]``
@@ -27,7 +27,10 @@ STRUCTURES = ("diag", "kfac", "kfoc")
 
 
 def fidelity_table(
-    model: nn.Module, train: torch.utils.data.Dataset, sizes: list[int | None], draws: int,
+    model: nn.Module,
+    train: torch.utils.data.Dataset,
+    sizes: list[int | None],
+    draws: int,
     seed: int,
 ) -> dict[str, dict[str, list[float]]]:
     """``{size_label: {f"{module}/{structure}": [errors per draw]}}``."""
@@ -38,7 +41,11 @@ def fidelity_table(
         label = "all" if size is None else str(size)
         acc: dict[str, list[float]] = defaultdict(list)
         for _ in range(1 if size is None else draws):
-            idx = torch.arange(n_total) if size is None else torch.randperm(n_total, generator=gen)[:size]
+            idx = (
+                torch.arange(n_total)
+                if size is None
+                else torch.randperm(n_total, generator=gen)[:size]
+            )
             loader = DataLoader(Subset(train, idx.tolist()), batch_size=256)
             rows: list[Fidelity] = fisher_fidelity(model, loader, "exact", STRUCTURES, tol=1e-8)
             for r in rows:
