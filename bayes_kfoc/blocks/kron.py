@@ -40,6 +40,15 @@ def mat_to_vec(x: Tensor, bias: bool) -> Tensor:
     return torch.cat([x[..., :-1].flatten(-2), x[..., -1]], dim=-1)
 
 
+def _left(q: Tensor, x: Tensor) -> Tensor:
+    """``q @ x`` for ``x`` of shape ``[..., m, k]`` as one 2-D GEMM (no broadcast copies)."""
+    if x.ndim == 2:
+        return q @ x
+    xt = x.transpose(-1, -2)
+    out = xt.reshape(-1, xt.shape[-1]) @ q.T
+    return out.reshape((*xt.shape[:-1], q.shape[0])).transpose(-1, -2)
+
+
 class KronBlock(CurvatureBlock):
     """``B = G ⊗ A`` in the row-major vec of ``W̄``; see the module docstring for conventions.
 
@@ -131,8 +140,8 @@ class KronBlock(CurvatureBlock):
         """``(G ⊗ A + δI)^p v = vec(Q_G [(Q_G^T X Q_A) ⊙ S^p] Q_A^T)``; no Kronecker product."""
         _, qa, _, qg = self.eigh()
         s = self.damped_eigenvalues(damping)
-        x = qg.T @ self.to_mat(v) @ qa
-        return self.to_vec(qg @ (x * s.pow(power)) @ qa.T)
+        x = _left(qg.T, self.to_mat(v) @ qa)
+        return self.to_vec(_left(qg, x * s.pow(power)) @ qa.T)
 
     def _to(self, device: torch.device | None, dtype: torch.dtype | None) -> KronBlock:
         return KronBlock(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,7 @@ class Layout:
     num_params: int
     offsets: dict[str, tuple[int, int]]
     block_index: dict[str, Tensor]
+    block_slice: dict[str, slice | None]
 
     @staticmethod
     def build(model: nn.Module, blocks: dict[str, list[str]], device: torch.device) -> Layout:
@@ -33,12 +35,19 @@ class Layout:
         for k, p in model.named_parameters():
             offsets[k] = (pos, pos + p.numel())
             pos += p.numel()
-        index = {}
+        index: dict[str, Tensor] = {}
+        slices: dict[str, slice | None] = {}
         for name, local in blocks.items():
-            parts = []
-            for pname in local:
-                full = f"{name}.{pname}" if name else pname
-                a, b = offsets[full]
-                parts.append(torch.arange(a, b, device=device))
-            index[name] = torch.cat(parts)
-        return Layout(pos, offsets, index)
+            ranges = [offsets[f"{name}.{p}" if name else p] for p in local]
+            index[name] = torch.cat([torch.arange(a, b, device=device) for a, b in ranges])
+            contiguous = all(r[1] == s[0] for r, s in itertools.pairwise(ranges))
+            slices[name] = slice(ranges[0][0], ranges[-1][1]) if contiguous else None
+        return Layout(pos, offsets, index, slices)
+
+    def scatter_add_(self, name: str, full: Tensor, values: Tensor) -> None:
+        """``full[..., positions of block name] += values`` (a slice when contiguous)."""
+        sl = self.block_slice[name]
+        if sl is not None:
+            full[..., sl] += values
+        else:
+            full[..., self.block_index[name]] += values

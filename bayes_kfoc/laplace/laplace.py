@@ -339,8 +339,8 @@ class Laplace:
             list(self.blocks.values()), self.prior_precision, n_samples, generator
         )
         thetas = self.map_vector.unsqueeze(0).repeat(n_samples, 1)
-        for idx, d in zip(self.layout.block_index.values(), draws, strict=True):
-            thetas[:, idx] += d.to(thetas.dtype)
+        for name, d in zip(self.blocks, draws, strict=True):
+            self.layout.scatter_add_(name, thetas, d.to(thetas.dtype))
         return thetas
 
     # -- prediction -------------------------------------------------------------------------------
