@@ -107,3 +107,15 @@ def test_block_shape_checks_name_the_module() -> None:
         DiagBlock("layer1", shapes, torch.ones(5))
     with pytest.raises(ValueError, match="layer1"):
         DenseBlock("layer1", shapes, torch.eye(5))
+
+
+MC_TOL = 0.03  # relative Frobenius error of a 200k-draw covariance estimate (seeded)
+
+
+@pytest.mark.mc
+def test_block_samples_have_the_damped_inverse_covariance() -> None:
+    for blk in _blocks(True, torch.device("cpu")):
+        draws = blk.sample(200_000, 0.7, torch.Generator().manual_seed(0))
+        emp = draws.T @ draws / draws.shape[0]
+        ref = blk.inverse(0.7)
+        assert torch.linalg.norm(emp - ref) / torch.linalg.norm(ref) < MC_TOL, blk.name

@@ -100,6 +100,15 @@ class CurvatureBlock(ABC):
         out.info = dict(self.info)
         return out
 
+    def sample(
+        self, n: int, damping: float | Tensor, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """``[n, P]`` draws from ``N(0, (B + δI)^{-1})``; subclasses avoid the full ``matpow``."""
+        eps = torch.randn(
+            n, self.num_params, generator=generator, dtype=self.dtype, device=self.device
+        )
+        return self.matpow(eps, -0.5, damping)
+
     def logdet(self, damping: float | Tensor = 0.0) -> Tensor:
         """``log det (B + δI)``, exact."""
         lam = self.eigenvalues() + as_damping(damping, self.eigenvalues())

@@ -61,6 +61,15 @@ class DenseBlock(CurvatureBlock):
         lam = evals + as_damping(damping, evals)
         return ((v @ evecs) * lam.pow(power)) @ evecs.T
 
+    def sample(
+        self, n: int, damping: float | Tensor, generator: torch.Generator | None = None
+    ) -> Tensor:
+        evals, evecs = self.eigh()
+        eps = torch.randn(
+            n, self.num_params, generator=generator, dtype=self.dtype, device=self.device
+        )
+        return (eps * (evals + as_damping(damping, evals)).rsqrt()) @ evecs.T
+
     def _to(self, device: torch.device | None, dtype: torch.dtype | None) -> DenseBlock:
         return DenseBlock(self.name, self.param_shapes, self.matrix.to(device=device, dtype=dtype))
 

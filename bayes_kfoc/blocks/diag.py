@@ -50,6 +50,14 @@ class DiagBlock(CurvatureBlock):
     def matpow(self, v: Tensor, power: float, damping: float | Tensor = 0.0) -> Tensor:
         return v * (self.values + as_damping(damping, self.values)).pow(power)
 
+    def sample(
+        self, n: int, damping: float | Tensor, generator: torch.Generator | None = None
+    ) -> Tensor:
+        eps = torch.randn(
+            n, self.num_params, generator=generator, dtype=self.dtype, device=self.device
+        )
+        return eps * (self.values + as_damping(damping, self.values)).rsqrt()
+
     def _to(self, device: torch.device | None, dtype: torch.dtype | None) -> DiagBlock:
         return DiagBlock(self.name, self.param_shapes, self.values.to(device=device, dtype=dtype))
 

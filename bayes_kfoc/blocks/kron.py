@@ -143,6 +143,18 @@ class KronBlock(CurvatureBlock):
         x = _left(qg.T, self.to_mat(v) @ qa)
         return self.to_vec(_left(qg, x * s.pow(power)) @ qa.T)
 
+    def sample(
+        self, n: int, damping: float | Tensor, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """``W̄ − W̄* = Q_G (E ⊘ √S) Q_A^T`` with ``E`` standard normal ``[n, d_out, n_in]``.
+
+        ``E`` is already white in the eigenbasis, so two GEMMs per draw suffice (``MATH.md``).
+        """
+        _, qa, _, qg = self.eigh()
+        s = self.damped_eigenvalues(damping)
+        eps = torch.randn((n, *s.shape), generator=generator, dtype=self.dtype, device=self.device)
+        return self.to_vec(_left(qg, eps * s.rsqrt()) @ qa.T)
+
     def _to(self, device: torch.device | None, dtype: torch.dtype | None) -> KronBlock:
         return KronBlock(
             self.name,

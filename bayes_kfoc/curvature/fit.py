@@ -298,6 +298,8 @@ def _fit(
             cache = None  # auto: fall back to streaming
     if num_data == 0:
         raise ValueError("fit_curvature: the loader yielded only empty batches.")
+    if want_cache and red.any(cache is None, fitter.device):
+        cache = None  # every rank must take the same path (the collectives differ)
     num_data = red.sum_int(num_data, fitter.device)
     for k, vals in sums.items():
         sums[k] = [
@@ -392,6 +394,7 @@ def _kfoc_streaming(
             for k, (A, G) in state.items():
                 st = stats[k]
                 assert isinstance(st, KronStats)
+                st.compact()  # per-direction gradients M when they make the updates cheaper
                 _accumulate(acc, k, [st.a_update(G), st.g_update(A)])
         return {k: (fitter.reducer.sum(v[0]), fitter.reducer.sum(v[1])) for k, v in acc.items()}
 

@@ -33,9 +33,5 @@ def logdet_precision(blocks: list[CurvatureBlock], tau: Tensor) -> Tensor:
 def sample_blocks(
     blocks: list[CurvatureBlock], tau: Tensor, n: int, generator: torch.Generator | None
 ) -> list[Tensor]:
-    """Per block ``[n, P_b]`` draws of ``P_b^{-1/2} ε`` with ``ε ~ N(0, I)``."""
-    out = []
-    for b, t in zip(blocks, tau, strict=True):
-        eps = torch.randn(n, b.num_params, generator=generator, dtype=b.dtype, device=b.device)
-        out.append(b.matpow(eps, -0.5, t.to(b.dtype)))
-    return out
+    """Per block ``[n, P_b]`` draws from ``N(0, P_b^{-1})``, through each block's eigenbasis."""
+    return [b.sample(n, t.to(b.dtype), generator) for b, t in zip(blocks, tau, strict=True)]

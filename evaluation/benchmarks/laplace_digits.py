@@ -1,0 +1,159 @@
+"""Laplace on digits: calibration, fit time and prediction throughput, ours against laplace-torch.
+
+Seeded MAP MLP 64-128-128-10 on scikit-learn digits (60/20/20 split). For diag, K-FAC and K-FOC,
+on all weights and on the last layer, with the library's default tuning (validation grid search
+on NLL, GLM-probit predictive), the script prints test accuracy, NLL, ECE, fit and tuning time.
+
+When ``laplace`` (laplace-torch 0.3) is importable, the same runs are made with it on the same MAP
+and loaders, in the same process, with its post-hoc marglik tuning (its documented default) and
+with its validation grid search; and the prediction throughput of both libraries is compared on
+the test set: GLM-probit, and Monte-Carlo with 100 weight samples (laplace-torch ``nn``), median of
+``--repeats`` timings, after a warm-up.
+
+Run (ours only): ``python -m evaluation.benchmarks.laplace_digits``
+Run (with laplace-torch, in the benchmark venv, see BENCHMARKS.md):
+``PYTHONPATH=. .bench/venv/bin/python -m evaluation.benchmarks.laplace_digits``
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from bayes_kfoc import Laplace
+from datasets import load_dataset
+from evaluation.metrics import accuracy, ece, nll
+from evaluation.models import mlp
+from evaluation.training import train_map
+
+try:  # optional peer, never a dependency
+    import laplace as peer
+except ImportError:  # pragma: no cover - depends on the environment
+    peer = None
+
+
+def median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+    fn()  # warm-up
+    times, out = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def row(name: str, probs: torch.Tensor, labels: torch.Tensor, extra: str = "") -> None:
+    p = probs.detach().double()
+    p = p / p.sum(-1, keepdim=True)
+    print(
+        f"{name:<34}{accuracy(p, labels):>7.3f}{nll(p, labels):>8.3f}{ece(p, labels):>8.3f}  "
+        + extra
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    torch.manual_seed(args.seed)
+    splits = load_dataset("digits", seed=args.seed)
+    model = train_map(mlp(64, 10), splits.train, epochs=args.epochs, seed=args.seed)
+    train = DataLoader(splits.train, batch_size=128)
+    val = DataLoader(splits.val, batch_size=512)
+    xt, yt = splits.test.tensors
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"laplace-torch {getattr(peer, '__version__', 'not installed') if peer else 'absent'}"
+    )
+    print(f"{'method':<34}{'acc':>7}{'NLL':>8}{'ECE':>8}  details")
+    with torch.no_grad():
+        row("MAP", torch.softmax(model(xt), -1), yt)
+
+    ours: dict[str, Laplace] = {}
+    for subset in ["all", "last_layer"]:
+        for structure in ["diag", "kfac", "kfoc"]:
+            la = Laplace(model, structure=structure, subset=subset, progress=False)
+            t_fit, _ = median_time(lambda la=la: la.fit(train), 3)
+            t0 = time.perf_counter()
+            la.optimize_prior_precision(val_loader=val)
+            t_tune = time.perf_counter() - t0
+            tau = la.prior_precision[0].item()
+            row(
+                f"ours {structure} {subset}",
+                la.predict(xt),
+                yt,
+                f"fit {t_fit:.3f}s tune {t_tune:.2f}s tau {tau:.3g}",
+            )
+            ours[f"{structure}-{subset}"] = la
+
+    if peer is None:
+        print("\nlaplace-torch is not importable here: peer rows and throughput ratios skipped.")
+        return
+    theirs: dict[str, Any] = {}
+    for subset in ["all", "last_layer"]:
+        for structure in ["diag", "kron"]:
+            for tuning in ["marglik", "gridsearch"]:
+                net = copy.deepcopy(model)
+                lt = peer.Laplace(
+                    net, "classification", subset_of_weights=subset, hessian_structure=structure
+                )
+                t0 = time.perf_counter()
+                lt.fit(train)
+                t_fit = time.perf_counter() - t0
+                if tuning == "marglik":
+                    lt.optimize_prior_precision(method="marglik")
+                else:
+                    lt.optimize_prior_precision(
+                        method="gridsearch", val_loader=val, pred_type="glm", link_approx="probit"
+                    )
+                tau = float(torch.as_tensor(lt.prior_precision).flatten()[0])
+                probs = lt(xt, pred_type="glm", link_approx="probit")
+                row(
+                    f"laplace-torch {structure} {subset} {tuning}",
+                    probs,
+                    yt,
+                    f"fit {t_fit:.3f}s tau {tau:.3g}",
+                )
+                if tuning == "gridsearch":
+                    theirs[f"{structure}-{subset}"] = lt
+
+    print(f"\nprediction throughput on {len(xt)} test points (median of {args.repeats}):")
+    print(f"{'posterior':<22}{'predictive':<14}{'ours s':>9}{'theirs s':>10}{'speed-up':>10}")
+    pairs = [
+        ("kfoc-all", "kron-all"),
+        ("kfac-all", "kron-all"),
+        ("kfac-last_layer", "kron-last_layer"),
+    ]
+    for ours_key, their_key in pairs:
+        la, lt = ours[ours_key], theirs[their_key]
+        for label, fo, ft in [
+            (
+                "glm-probit",
+                lambda la=la: la.predict(xt),
+                lambda lt=lt: lt(xt, pred_type="glm", link_approx="probit"),
+            ),
+            (
+                "mc-100",
+                lambda la=la: la.predict(xt, method="mc", n_samples=100),
+                lambda lt=lt: lt(xt, pred_type="nn", link_approx="mc", n_samples=100),
+            ),
+        ]:
+            t_o, _ = median_time(fo, args.repeats)
+            t_t, _ = median_time(ft, args.repeats)
+            print(
+                f"{ours_key + ' / ' + their_key:<22}{label:<14}{t_o:>9.4f}{t_t:>10.4f}"
+                f"{t_t / t_o:>9.1f}x"
+            )
+
+
+if __name__ == "__main__":
+    main()
