@@ -231,3 +231,13 @@ def test_posterior_runs_on_cuda() -> None:
     assert la.predict(x[:3]).device.type == "cuda"
     assert la.sample(2).device.type == "cuda"
     assert la.log_marginal_likelihood().device.type == "cuda"
+
+
+def test_float32_factors_decomposed_in_float64() -> None:
+    model, x, y = CASES[2].make()
+    model, x = model.float(), x.float()
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    la = Laplace(model, eig_dtype=torch.float64, progress=False).fit(loader)
+    assert all(b.dtype == torch.float64 for b in la.blocks.values())
+    probs = la.predict(x)
+    assert probs.dtype == torch.float64 and torch.isfinite(probs).all()

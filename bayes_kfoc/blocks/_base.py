@@ -14,12 +14,17 @@ import torch
 from torch import Tensor
 
 
-def clamp_psd(evals: Tensor, name: str) -> Tensor:
-    """Clamp round-off negatives of a PSD spectrum to zero; raise on a truly negative one."""
+def clamp_psd(evals: Tensor, name: str, eps: float | None = None) -> Tensor:
+    """Clamp round-off negatives of a PSD spectrum to zero; raise on a truly negative one.
+
+    ``eps`` is the unit round-off of the dtype the matrix was *computed* in (a float32 factor
+    decomposed in float64 carries float32 round-off); default: that of ``evals``.
+    """
     if not bool(torch.isfinite(evals).all()):
         raise FloatingPointError(f"{name}: non-finite eigenvalues; the curvature has NaN or Inf.")
+    eps = torch.finfo(evals.dtype).eps if eps is None else max(eps, torch.finfo(evals.dtype).eps)
     scale = evals.abs().max().clamp_min(torch.finfo(evals.dtype).tiny)
-    tol = 100 * evals.numel() * torch.finfo(evals.dtype).eps * scale
+    tol = 100 * evals.numel() * eps * scale
     low = evals.min()
     if bool(low < -tol):
         raise ValueError(
@@ -46,6 +51,7 @@ class CurvatureBlock(ABC):
         self.name = name
         self.param_shapes = dict(param_shapes)
         self.info: dict[str, Any] = {}
+        self.round_off: float | None = None  # unit round-off of the dtype the block was fit in
 
     @property
     def num_params(self) -> int:
@@ -98,6 +104,7 @@ class CurvatureBlock(ABC):
         """A copy on ``device`` / in ``dtype`` (PyTorch's ``.to`` habit)."""
         out = self._to(torch.device(device) if device is not None else None, dtype)
         out.info = dict(self.info)
+        out.round_off = max(self.round_off or 0.0, torch.finfo(self.dtype).eps)
         return out
 
     def sample(

@@ -35,7 +35,7 @@ class DenseBlock(CurvatureBlock):
         """Eigenvalues (clamped PSD) and eigenvectors, cached."""
         if self._eig is None:
             evals, evecs = torch.linalg.eigh(self.matrix)
-            self._eig = (clamp_psd(evals, self.name), evecs)
+            self._eig = (clamp_psd(evals, self.name, self.round_off), evecs)
         return self._eig
 
     def to_dense(self) -> Tensor:

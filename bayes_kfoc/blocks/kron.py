@@ -97,7 +97,13 @@ class KronBlock(CurvatureBlock):
         if self._eig is None:
             la, qa = torch.linalg.eigh(self.A)
             lg, qg = torch.linalg.eigh(self.G)
-            self._eig = (clamp_psd(la, f"{self.name}.A"), qa, clamp_psd(lg, f"{self.name}.G"), qg)
+            eps = self.round_off
+            self._eig = (
+                clamp_psd(la, f"{self.name}.A", eps),
+                qa,
+                clamp_psd(lg, f"{self.name}.G", eps),
+                qg,
+            )
         return self._eig
 
     def _perm(self) -> Tensor:

@@ -224,15 +224,20 @@ class Collector:
         active = [t for t in self.targets if t.name in names]
         grads = self._output_grads(logits, [self._cap[t.name]["z"] for t in active], cot)
         out: dict[str, Stats] = {}
+        finite = [torch.isfinite(g).all() for g in grads if g is not None]
+        if finite and not bool(torch.stack(finite).all()):  # one host sync per batch
+            bad = next(
+                t.name
+                for t, g in zip(active, grads, strict=True)
+                if g is not None and not bool(torch.isfinite(g).all())
+            )
+            raise FloatingPointError(
+                f"fit_curvature: the backpropagated directions at module {bad!r} contain NaN/Inf."
+            )
         for t, g in zip(active, grads, strict=True):
             cap = self._cap[t.name]
             if g is None:
                 g = torch.zeros((cot.shape[0], *cap["z"].shape), dtype=cot.dtype, device=cot.device)
-            if not bool(torch.isfinite(g).all()):
-                raise FloatingPointError(
-                    f"fit_curvature: the backpropagated directions at module {t.name!r} contain "
-                    "NaN/Inf."
-                )
             out[t.name] = self._stats(t, cap, g.detach())
         self._cap = {}
         return out, logits.detach()

@@ -15,6 +15,39 @@ from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 
 
+def _norm_grads(module: nn.Module, x: Tensor, cot: Tensor, names: list[str]) -> Tensor | None:
+    """Closed-form per-point gradients of eval-mode BatchNorm and of LayerNorm (``None`` else).
+
+    Both compute ``γ ⊙ x̂ + β``, so ``∂/∂γ = Σ δ ⊙ x̂`` and ``∂/∂β = Σ δ`` over the dimensions
+    the parameter is shared across (``cot``: ``[V, N, *out]``).
+    """
+    v, n = cot.shape[0], cot.shape[1]
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        if module.training or module.running_mean is None or module.running_var is None:
+            return None
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        xhat = (x - module.running_mean.view(shape)) * torch.rsqrt(
+            module.running_var.view(shape) + module.eps
+        )
+        reduce_dims = tuple(range(3, cot.ndim))  # over [V, N, C, *spatial]: the spatial dims
+    elif isinstance(module, nn.LayerNorm):
+        k = len(module.normalized_shape)
+        dims = tuple(range(x.ndim - k, x.ndim))
+        mean = x.mean(dim=dims, keepdim=True)
+        var = x.var(dim=dims, unbiased=False, keepdim=True)
+        xhat = (x - mean) * torch.rsqrt(var + module.eps)
+        reduce_dims = tuple(range(2, cot.ndim - k))  # dims between N and the normalised shape
+    else:
+        return None
+    def total(t: Tensor) -> Tensor:  # note: sum(dim=()) would reduce every dimension
+        return t.sum(dim=reduce_dims) if reduce_dims else t
+
+    grads = {"weight": total(cot * xhat.unsqueeze(0)), "bias": total(cot)}
+    if set(names) - set(grads):
+        return None
+    return torch.cat([grads[k].reshape(v, n, -1) for k in names], dim=-1)
+
+
 def per_sample_param_grads(
     module: nn.Module,
     names: list[str],
@@ -28,6 +61,10 @@ def per_sample_param_grads(
     ``cotangents`` is ``[V, N, *out]``; ``P`` follows ``names`` (``named_parameters`` order).
     """
     num = cotangents.shape[1]
+    if len(args) == 1 and isinstance(args[0], Tensor) and not kwargs:
+        fast = _norm_grads(module, args[0], cotangents, names)
+        if fast is not None:
+            return fast
     params = {k: getattr(module, k).detach() for k in names}
     in_dims = tuple(
         0 if isinstance(x, Tensor) and x.ndim > 0 and x.shape[0] == num else None for x in args
