@@ -1,0 +1,475 @@
+"""``LaplaceGuide``: a fitted :class:`~bayes_kfoc.Laplace` posterior as a Pyro ``AutoGuide``.
+
+For every posterior block (one module) the guide samples **one auxiliary latent** from the
+block's exact Gaussian posterior ``N(θ*_b, (F_b + τ_b I)^{-1})`` (``F_b`` the **summed** Fisher
+block, ``τ_b`` the prior precision), and gives each model site of that module its value through
+``Delta`` (log-density 0, so the ELBO's guide term is the block log-densities, exact):
+
+- Kronecker blocks: a :class:`KroneckerMatrixNormal` with event shape ``(d_out, n)``, the matrix
+  ``W̄ = [W b]`` (weight flattened to ``d_out x d_in``, bias as the **last column**); the
+  ``weight`` site is ``W̄[..., :d_in]`` reshaped, the ``bias`` site ``W̄[..., d_in]``;
+- diagonal blocks: ``Normal(θ*, (d + τ)^{-1/2}).to_event(1)`` over the module's parameters in
+  ``parameters_to_vector`` order (weight row-major, then bias), split into the sites;
+- dense blocks: ``MultivariateNormal(θ*, precision_matrix=F + τI)``, split the same way.
+
+Model sites of parameters outside the Laplace subset are ``Delta`` at the MAP.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pyro
+import pyro.distributions as dist
+import pyro.optim
+import torch
+from pyro.infer import SVI, Trace_ELBO
+from pyro.infer.autoguide import AutoDelta, AutoGuide
+from pyro.infer.autoguide.initialization import init_to_sample
+from pyro.nn import PyroModule
+from torch import Tensor
+
+from ..blocks import DenseBlock, DiagBlock, KronBlock
+from .distributions import KroneckerMatrixNormal
+
+__all__ = ["LaplaceGuide"]
+
+
+@dataclass(frozen=True)
+class _Site:
+    """A model site fed by the guide: ``name`` in the model, ``param`` in the Laplace model."""
+
+    name: str
+    param: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class _Block:
+    module: str
+    kind: str  # "kron" | "diag" | "full"
+    key: str  # buffer prefix
+    latent: str  # auxiliary site name
+    sites: tuple[_Site, ...]
+    d_in: int = 0  # kron: columns of W̄ that are the weight
+
+
+class LaplaceGuide(AutoGuide):
+    """A Pyro guide sampling the Laplace posterior of ``laplace`` for the sites of ``model``.
+
+    Model site ``prefix + name`` is the parameter ``name`` of ``laplace.model`` (``prefix`` is
+    ``""`` for :func:`~bayes_kfoc.pyro.bayesian_model`). The model is traced once, at
+    construction, with ``example_args``; every latent site must be such a parameter, with the
+    parameter's shape as its value shape and event shape (declare priors with
+    ``.to_event(ndim)``), outside any plate; every parameter of a posterior block must be a
+    latent site. Otherwise a ``ValueError`` names the site and the fix.
+
+    The guide keeps everything it needs in buffers (``state_dict`` round-trips, ``.to(device)``
+    moves it) and holds no reference to ``laplace``. It works with ``Predictive`` (sequential and
+    ``parallel=True``), ``poutine.trace`` and ``Trace_ELBO``.
+
+    Args:
+        model: a Pyro model, e.g. ``bayesian_model(net, ...)`` or a user-written one.
+        laplace: a fitted :class:`~bayes_kfoc.Laplace`.
+        prefix: the model's site names are ``prefix + parameter name``.
+        example_args: positional arguments for the one prototype trace. Default:
+            ``(zeros(1, *input_shape), zeros(1, dtype=long))``, i.e. ``model(x, y)`` with the
+            labels observed (so the likelihood site is not mistaken for a latent one).
+        example_kwargs: keyword arguments for the prototype trace.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        laplace: Any,
+        *,
+        prefix: str = "",
+        example_args: Sequence[Any] | None = None,
+        example_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(model)
+        if not laplace.fitted:
+            raise RuntimeError("LaplaceGuide: call laplace.fit(train_loader) first.")
+        self.prefix = prefix
+        self.laplace: Any = None  # set by from_model; dropped when pickling
+        map_vector = laplace.map_vector.detach()
+        self.register_buffer("map_reference", map_vector.new_zeros(0))
+        offsets = laplace.layout.offsets
+        shapes = {k: tuple(p.shape) for k, p in laplace.model.named_parameters()}
+        blocks: list[_Block] = []
+        covered: set[str] = set()
+        for i, ((module, block), tau) in enumerate(
+            zip(laplace.blocks.items(), laplace.prior_precision, strict=True)
+        ):
+            key = f"block{i}"
+            full = [f"{module}.{p}" if module else p for p in block.param_shapes]
+            sites = tuple(_Site(prefix + k, k, shapes[k]) for k in full)
+            covered.update(full)
+            theta = map_vector[laplace.layout.block_index[module]].to(block.dtype)
+            tau_t = torch.as_tensor(tau, dtype=block.dtype, device=block.device)
+            self.register_buffer(f"{key}_damping", tau_t.clone())
+            latent = f"_{self._pyro_name}_latent[{module}]"
+            if isinstance(block, KronBlock):
+                la, qa, lg, qg = block.eigh()
+                self.register_buffer(f"{key}_loc", block.to_mat(theta).clone())
+                self.register_buffer(f"{key}_input_eigenvalues", la.clone())
+                self.register_buffer(f"{key}_input_eigenvectors", qa.clone())
+                self.register_buffer(f"{key}_output_eigenvalues", lg.clone())
+                self.register_buffer(f"{key}_output_eigenvectors", qg.clone())
+                blocks.append(_Block(module, "kron", key, latent, sites, block.d_in))
+            elif isinstance(block, DiagBlock):
+                self.register_buffer(f"{key}_loc", theta.clone())
+                self.register_buffer(f"{key}_curvature", block.values.clone())
+                blocks.append(_Block(module, "diag", key, latent, sites))
+            elif isinstance(block, DenseBlock):
+                self.register_buffer(f"{key}_loc", theta.clone())
+                self.register_buffer(f"{key}_curvature", block.matrix.clone())
+                blocks.append(_Block(module, "full", key, latent, sites))
+            else:
+                raise TypeError(
+                    f"LaplaceGuide: block {module!r} has unsupported type {type(block).__name__}."
+                )
+        self._blocks = tuple(blocks)
+        fixed = []
+        for j, (k, shape) in enumerate(shapes.items()):
+            if k in covered:
+                continue
+            a, b = offsets[k]
+            self.register_buffer(f"fixed{j}", map_vector[a:b].reshape(shape).clone())
+            fixed.append((_Site(prefix + k, k, shape), f"fixed{j}"))
+        self._all_fixed = tuple(fixed)
+        self._fixed = self._all_fixed  # those that are model sites; set by _setup_prototype
+        if example_args is None:
+            p = map_vector
+            example_args = (
+                torch.zeros(1, *laplace.input_shape, dtype=p.dtype, device=p.device),
+                torch.zeros(1, dtype=torch.long, device=p.device),
+            )
+        self._setup_prototype(*example_args, **dict(example_kwargs or {}))
+
+    # -- user-written Pyro models ---------------------------------------------------------------
+    @classmethod
+    def from_model(
+        cls,
+        model: Any,
+        train_loader: Iterable[Any],
+        *,
+        net: PyroModule | None = None,
+        map_params: Mapping[str, Tensor] | None = None,
+        structure: str = "kfoc",
+        subset: str | Sequence[str] = "all",
+        prior_precision: float | Mapping[str, float] | None = None,
+        num_steps: int = 1000,
+        lr: float = 1e-2,
+        init_loc_fn: Any = init_to_sample,
+        seed: int = 0,
+        progress: bool = False,
+        **laplace_kwargs: Any,
+    ) -> LaplaceGuide:
+        """Fit a Laplace guide to a user-written Pyro BNN: MAP, curvature, guide.
+
+        Supported models (TyXe-style): ``model(x, y)`` whose only latent sites are
+        :class:`pyro.nn.PyroSample` weights of one network, a :class:`pyro.nn.PyroModule`
+        attribute of the model (found automatically, or ``net=``) that maps ``x`` to logits, with
+        zero-mean ``Normal`` priors over whole parameters (``.expand(shape).to_event(ndim)``) and
+        one prior scale per module (modules may differ). Ordinary ``nn.Parameter`` s of the network
+        stay deterministic (outside the posterior). Other latent sites, non-Gaussian or non-zero
+        mean priors, and scales that vary within a module raise errors naming the site.
+
+        Steps:
+
+        1. the MAP: ``map_params`` (``{site_name: value}``) if given, else ``AutoDelta`` + ``SVI``
+           (``Trace_ELBO``, Adam with ``lr``) for ``num_steps`` steps over ``train_loader``
+           (cycled), seeded, in a private parameter-store scope;
+        2. the curvature: a :class:`~bayes_kfoc.Laplace` (``structure``, ``subset`` over the
+           network's modules; ``"all"`` means every module with PyroSample weights) on a
+           deterministic copy of the network at the MAP, with the **model's own** prior
+           precisions ``τ = 1/σ²`` (or ``prior_precision``: a scalar or ``{module: τ}``);
+        3. the guide, traced with the first batch; the fitted posterior is ``guide.laplace``.
+
+        The likelihood should be on the summed scale of the data ``train_loader`` yields (a plate
+        of the full data-set size), as the Laplace posterior's Fisher is summed.
+
+        .. warning:: ``Predictive(parallel=True)`` calls the model with weights that carry a
+           leading particle dimension; a user network built from ``nn.Linear`` does not broadcast
+           over it. Use ``parallel=False`` for such models, or :func:`bayesian_model`.
+        """
+        from ..laplace import Laplace
+        from . import _user_model as um
+
+        x0, y0 = um.first_batch(train_loader)
+        sites = um.latent_sites(model, x0, y0)
+        if not sites:
+            raise ValueError("LaplaceGuide.from_model: the model has no latent sites.")
+        net = net if net is not None else um.find_network(model, sites)
+        prefix = um.site_prefix(net)
+        names = um.sample_names(net)
+        for name in sites:
+            if not name.startswith(prefix) or name[len(prefix) :] not in names:
+                raise ValueError(
+                    f"LaplaceGuide.from_model: latent site {name!r} is not a PyroSample weight of "
+                    f"the network (sites {sorted(prefix + k for k in names)[:8]}); only network "
+                    "weights can be latent. Observe it, or make it a deterministic parameter."
+                )
+        taus = um.module_precisions(prefix, sites, names)
+        if prior_precision is not None:
+            taus = (
+                {k: float(v) for k, v in prior_precision.items()}
+                if isinstance(prior_precision, Mapping)
+                else dict.fromkeys(taus, float(prior_precision))
+            )
+        if map_params is None:
+            map_params = _svi_map(model, train_loader, num_steps, lr, init_loc_fn, seed, x0)
+        missing = sorted(set(sites) - set(map_params))
+        if missing:
+            raise ValueError(f"LaplaceGuide.from_model: map_params lacks site(s) {missing}.")
+        values = {}
+        for name, site in sites.items():
+            v = torch.as_tensor(map_params[name]).detach()
+            if tuple(v.shape) != tuple(site["value"].shape):
+                raise ValueError(
+                    f"LaplaceGuide.from_model: map_params[{name!r}] has shape {tuple(v.shape)}, "
+                    f"the site {tuple(site['value'].shape)}."
+                )
+            values[name[len(prefix) :]] = v.to(site["value"])
+        plain = um.deterministic_network(net, values)
+        modules = list(dict.fromkeys(m for m, _ in names.values()))
+        subset_arg = modules if subset == "all" else subset
+        la = Laplace(
+            plain, structure=structure, subset=subset_arg, progress=progress, **laplace_kwargs
+        )
+        la.fit(train_loader)
+        unknown = sorted(set(la.blocks) - set(taus))
+        if unknown:
+            raise ValueError(
+                f"LaplaceGuide.from_model: no prior precision for posterior module(s) {unknown}; "
+                "their parameters must be PyroSample weights (or name them in prior_precision)."
+            )
+        la.prior_precision = {k: taus[k] for k in la.blocks}
+        guide = cls(model, la, prefix=prefix, example_args=(x0, y0))
+        guide.laplace = la
+        return guide
+
+    # -- the prototype: coverage and shape checks -----------------------------------------------
+    def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
+        super()._setup_prototype(*args, **kwargs)
+        assert self.prototype_trace is not None
+        block_sites = {s.name: s for b in self._blocks for s in b.sites}
+        fixed_sites = {s.name: s for s, _ in self._all_fixed}
+        seen = set()
+        for name, site in self.prototype_trace.iter_stochastic_nodes():
+            spec = block_sites.get(name) or fixed_sites.get(name)
+            if spec is None:
+                known = sorted(block_sites)[:12]
+                raise ValueError(
+                    f"LaplaceGuide: the model's latent site {name!r} is not covered by the "
+                    f"posterior (its sites are {known}{'...' if len(block_sites) > 12 else ''}, "
+                    f"named prefix={self.prefix!r} + parameter name). Only network weights can "
+                    "be latent: make other sites observed (pass the labels in example_args if "
+                    "this is the likelihood), or fit the Laplace posterior on the network whose "
+                    "parameters these sites are."
+                )
+            value_shape = tuple(site["value"].shape)
+            event_shape = tuple(site["fn"].event_shape)
+            if value_shape != spec.shape or event_shape != spec.shape:
+                raise ValueError(
+                    f"LaplaceGuide: site {name!r} has value shape {value_shape} and event shape "
+                    f"{event_shape}, but the posterior's parameter {spec.param!r} has shape "
+                    f"{spec.shape}. Declare the prior over the whole parameter, e.g. "
+                    f"Normal(0, s).expand({list(spec.shape)}).to_event({len(spec.shape)})."
+                )
+            if site["cond_indep_stack"]:
+                plates = [f.name for f in site["cond_indep_stack"]]
+                raise ValueError(
+                    f"LaplaceGuide: site {name!r} is inside plate(s) {plates}; network weights "
+                    "must be global sites, outside plates."
+                )
+            seen.add(name)
+        missing = sorted(set(block_sites) - seen)
+        if missing:
+            raise ValueError(
+                f"LaplaceGuide: the posterior has parameter site(s) {missing} that are not latent "
+                "sites of the model. Make those parameters PyroSample sites, or fit the Laplace "
+                "posterior on a subset without them."
+            )
+        self._fixed = tuple((s, key) for s, key in self._all_fixed if s.name in seen)
+
+    # -- posterior pieces -----------------------------------------------------------------------
+    def _buf(self, key: str, what: str) -> Tensor:
+        return getattr(self, f"{key}_{what}")
+
+    def _block_posterior(self, b: _Block) -> dist.TorchDistribution:
+        loc, tau = self._buf(b.key, "loc"), self._buf(b.key, "damping")
+        if b.kind == "kron":
+            return KroneckerMatrixNormal(
+                loc,
+                self._buf(b.key, "input_eigenvalues"),
+                self._buf(b.key, "input_eigenvectors"),
+                self._buf(b.key, "output_eigenvalues"),
+                self._buf(b.key, "output_eigenvectors"),
+                tau,
+            )
+        curv = self._buf(b.key, "curvature")
+        if b.kind == "diag":
+            return dist.Normal(loc, (curv + tau).rsqrt()).to_event(1)
+        eye = torch.eye(loc.shape[-1], dtype=loc.dtype, device=loc.device)
+        return dist.MultivariateNormal(loc, precision_matrix=curv + tau * eye)
+
+    def _block_variance(self, b: _Block) -> Tensor:
+        """Marginal posterior variances in the block latent's layout (exact, damped)."""
+        if b.kind == "full":
+            evals, evecs = torch.linalg.eigh(self._buf(b.key, "curvature"))
+            lam = evals.clamp_min(0) + self._buf(b.key, "damping")
+            return evecs.square() @ lam.reciprocal()
+        return self._block_posterior(b).variance
+
+    def _unpack(self, b: _Block, value: Tensor) -> dict[str, Tensor]:
+        """Split a block's latent ``[..., *event]`` into its sites' values ``[..., *shape]``."""
+        if b.kind == "kron":
+            lead = value.shape[:-2]
+            out = {}
+            for s in b.sites:
+                if s.param.endswith("weight"):
+                    out[s.name] = value[..., : b.d_in].reshape(lead + torch.Size(s.shape))
+                else:
+                    out[s.name] = value[..., b.d_in]
+            return out
+        sizes = [math.prod(s.shape) for s in b.sites]
+        parts = torch.split(value, sizes, dim=-1)
+        return {
+            s.name: p.reshape(value.shape[:-1] + torch.Size(s.shape))
+            for s, p in zip(b.sites, parts, strict=True)
+        }
+
+    def _site_dtype(self) -> torch.dtype:
+        """The dtype of the model's parameters (the MAP's), which the site values take."""
+        return self.map_reference.dtype
+
+    def get_posterior(self, *args: Any, **kwargs: Any) -> dict[str, dist.TorchDistribution]:
+        """``{module_name: distribution}``: each block's posterior over its auxiliary latent.
+
+        Event shapes: ``(d_out, n)`` for Kronecker blocks (``W̄``, bias as the last column),
+        ``(P,)`` in ``parameters_to_vector`` order for diagonal and dense blocks.
+        """
+        return {b.module: self._block_posterior(b) for b in self._blocks}
+
+    def latent_site_name(self, module: str) -> str:
+        """The name of the auxiliary sample site of ``module``'s block."""
+        for b in self._blocks:
+            if b.module == module:
+                return b.latent
+        raise KeyError(f"LaplaceGuide: no posterior block for module {module!r}.")
+
+    def sample_latent(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
+        """Sample every block's auxiliary latent (``is_auxiliary``); ``{module_name: value}``."""
+        return {
+            b.module: pyro.sample(b.latent, self._block_posterior(b), infer={"is_auxiliary": True})
+            for b in self._blocks
+        }
+
+    # -- the guide ------------------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
+        """Sample the posterior: ``{site_name: value}`` for every weight site of the model."""
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        latents = self.sample_latent()
+        result: dict[str, Tensor] = {}
+        dtype = self._site_dtype()
+        for b in self._blocks:
+            for name, value in self._unpack(b, latents[b.module]).items():
+                spec = next(s for s in b.sites if s.name == name)
+                result[name] = pyro.sample(
+                    name, dist.Delta(value.to(dtype), event_dim=len(spec.shape))
+                )
+        for s, key in self._fixed:
+            result[s.name] = pyro.sample(
+                s.name, dist.Delta(getattr(self, key), event_dim=len(s.shape))
+            )
+        return result
+
+    @torch.no_grad()
+    def median(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
+        """``{site_name: θ*}``: the posterior median (= mean = mode) of every site, the MAP."""
+        dtype = self._site_dtype()
+        out: dict[str, Tensor] = {}
+        for b in self._blocks:
+            for name, v in self._unpack(b, self._buf(b.key, "loc")).items():
+                out[name] = v.to(dtype).clone()
+        for s, key in self._fixed:
+            out[s.name] = getattr(self, key).clone()
+        return out
+
+    @torch.no_grad()
+    def quantiles(
+        self, quantiles: Sequence[float] | Tensor, *args: Any, **kwargs: Any
+    ) -> dict[str, Tensor]:
+        """``{site_name: [len(quantiles), *shape]}``: marginal Gaussian quantiles of every site.
+
+        Sites outside the Laplace subset (Delta at the MAP) repeat the MAP.
+        """
+        dtype = self._site_dtype()
+        out: dict[str, Tensor] = {}
+        for b in self._blocks:
+            loc = self._buf(b.key, "loc")
+            q = torch.as_tensor(quantiles, dtype=loc.dtype, device=loc.device)
+            z = dist.Normal(torch.zeros_like(q), torch.ones_like(q)).icdf(q)
+            std = self._block_variance(b).sqrt()
+            values = loc + z.reshape(-1, *([1] * loc.ndim)) * std
+            for name, v in self._unpack(b, values).items():
+                out[name] = v.to(dtype)
+        for s, key in self._fixed:
+            value = getattr(self, key)
+            out[s.name] = value.expand(len(quantiles), *value.shape).clone()
+        return out
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle without the model (as every AutoGuide) and without ``laplace``; unlike
+        ``AutoGuide``, the pickled guide itself keeps its model."""
+        model, master = self._model, self.master
+        state = dict(super().__getstate__())
+        self._model, self.master = model, master
+        state["laplace"] = None
+        return state
+
+
+def _svi_map(
+    model: Any,
+    loader: Iterable[Any],
+    num_steps: int,
+    lr: float,
+    init_loc_fn: Any,
+    seed: int,
+    x0: Tensor,
+) -> dict[str, Tensor]:
+    """MAP site values by ``AutoDelta`` + ``SVI``, seeded, in a private parameter-store scope."""
+    devices = [x0.device.index or 0] if x0.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), pyro.get_param_store().scope():
+        torch.manual_seed(seed)
+        delta = AutoDelta(model, init_loc_fn=init_loc_fn)
+        svi = SVI(model, delta, pyro.optim.Adam({"lr": lr}), Trace_ELBO())  # type: ignore[attr-defined]
+        batches = _epochs(loader)
+        last: tuple[Any, Any] | None = None
+        for _, (x, y) in zip(range(num_steps), batches):
+            loss = svi.step(x, y)
+            if not math.isfinite(loss):
+                raise FloatingPointError(
+                    f"LaplaceGuide.from_model: the MAP's SVI loss is {loss}; lower lr={lr}."
+                )
+            last = (x, y)
+        if last is None:
+            last = next(iter(loader))
+        return {k: v.detach().clone() for k, v in delta.median(*last).items()}
+
+
+def _epochs(loader: Iterable[Any]) -> Iterator[Any]:
+    """Re-iterate ``loader`` epoch after epoch (a fresh shuffle each time)."""
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            return
