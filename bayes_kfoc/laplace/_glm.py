@@ -14,7 +14,8 @@ import math
 import torch
 from torch import Tensor
 
-from ..blocks import CurvatureBlock, KronBlock
+from ..blocks import CurvatureBlock, DiagBlock, KronBlock
+from ..blocks.kron import vec_to_mat
 from ..curvature._collect import Stats
 from ..curvature._stats import KronStats
 
@@ -37,6 +38,13 @@ def block_covariance(st: Stats, block: CurvatureBlock, tau: Tensor) -> Tensor:
         m = st.per_direction_grads().to(dtype).reshape(c, b, st.o, st.n)
         mt = qg.T @ m @ qa
         return torch.einsum("cbij,ebij,ij->bce", mt, mt, inv_s)
+    if isinstance(block, DiagBlock) and isinstance(st, KronStats) and st.m is None and st.T == 1:
+        assert st.a is not None and st.d is not None
+        d_out, n_in = st.o, st.n
+        prec = vec_to_mat(block.values + tau.to(dtype), d_out, n_in - int(st.bias), st.bias)
+        s = st.a[:, 0].to(dtype).square() @ prec.reciprocal().T  # [B, o]
+        d = st.d[:, :, 0].to(dtype)
+        return torch.einsum("cbi,ebi,bi->bce", d, d, s)
     g = st.grads().to(dtype)
     c = g.shape[0] // st.num_points
     g = g.reshape(c, st.num_points, -1)

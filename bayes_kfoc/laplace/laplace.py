@@ -25,7 +25,7 @@ from .._options import StrEnum
 from .._version import __version__
 from ..blocks import CurvatureBlock, DenseBlock, DiagBlock, KronBlock
 from ..curvature import Curvature, fit_curvature
-from ..curvature._collect import Collector
+from ..curvature._collect import Collector, Stats
 from ..curvature._modules import targets_for
 from ._glm import block_covariance, probit, sample_logits
 from ._layout import Layout, architecture
@@ -304,15 +304,24 @@ class Laplace:
         x, y = torch.cat(xs), torch.cat(ys).to(self.device)
         scores: dict[float, float] = {}
 
+        glm_probit = (
+            PredMethod.parse(pred_method, "pred_method") is PredMethod.GLM
+            and Link.parse(link, "link") is Link.PROBIT
+        )
+        chunks = self._jacobians(x) if glm_probit else None  # one Jacobian pass serves every τ
+
         def score(t: float) -> float:
             self.prior_precision = t
-            probs = self.predict(
-                x,
-                method=pred_method,
-                link=link,
-                n_samples=n_samples,
-                generator=torch.Generator(self.device).manual_seed(0),
-            )
+            if chunks is not None:
+                probs = probit(*self._glm_from(chunks))
+            else:
+                probs = self.predict(
+                    x,
+                    method=pred_method,
+                    link=link,
+                    n_samples=n_samples,
+                    generator=torch.Generator(self.device).manual_seed(0),
+                )
             value = metric(probs, y)
             scores[t] = math.inf if math.isnan(value) else value
             return scores[t]
@@ -354,24 +363,28 @@ class Laplace:
             )
         return x.to(self.device)
 
+    def _jacobians(self, x: Tensor) -> list[tuple[dict[str, Stats], Tensor]]:
+        """Per-chunk Jacobian statistics and MAP logits at ``x`` (independent of ``τ``)."""
+        x = self._check_x(x)
+        with Collector(self.model, self._targets, self.blocks_fisher, 1) as col:
+            return [col.jacobians(xb) for xb in torch.split(x, self.chunk_size)]
+
+    def _glm_from(self, chunks: list[tuple[dict[str, Stats], Tensor]]) -> tuple[Tensor, Tensor]:
+        means, covs = [], []
+        for stats, logits in chunks:
+            cov = None
+            for (name, block), tau in zip(self.blocks.items(), self.prior_precision, strict=True):
+                c = block_covariance(stats[name], block, tau)
+                cov = c if cov is None else cov + c
+            assert cov is not None
+            means.append(logits.to(cov.dtype))
+            covs.append(cov)
+        return torch.cat(means), torch.cat(covs)
+
     def glm_distribution(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Mean ``[B, C]`` and covariance ``[B, C, C]`` of the linearised logits at ``x``."""
         self._require_fit("glm_distribution")
-        x = self._check_x(x)
-        means, covs = [], []
-        with Collector(self.model, self._targets, self.blocks_fisher, 1) as col:
-            for xb in torch.split(x, self.chunk_size):
-                stats, logits = col.jacobians(xb)
-                cov = None
-                for (name, block), tau in zip(
-                    self.blocks.items(), self.prior_precision, strict=True
-                ):
-                    c = block_covariance(stats[name], block, tau)
-                    cov = c if cov is None else cov + c
-                assert cov is not None
-                means.append(logits.to(cov.dtype))
-                covs.append(cov)
-        return torch.cat(means), torch.cat(covs)
+        return self._glm_from(self._jacobians(x))
 
     @property
     def blocks_fisher(self) -> Any:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.metadata
 import statistics
 import time
 from collections.abc import Callable
@@ -70,10 +71,8 @@ def main() -> None:
     train = DataLoader(splits.train, batch_size=128)
     val = DataLoader(splits.val, batch_size=512)
     xt, yt = splits.test.tensors
-    print(
-        f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
-        f"laplace-torch {getattr(peer, '__version__', 'not installed') if peer else 'absent'}"
-    )
+    version = importlib.metadata.version("laplace-torch") if peer else "not importable"
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, laplace-torch {version}")
     print(f"{'method':<34}{'acc':>7}{'NLL':>8}{'ECE':>8}  details")
     with torch.no_grad():
         row("MAP", torch.softmax(model(xt), -1), yt)
