@@ -7,7 +7,7 @@ STAMP   = $(VENV)/.installed
 # CI sets PYTEST_ARGS to choose a subset, e.g. PYTEST_ARGS="-m 'not slow'".
 PYTEST_ARGS ?=
 
-.PHONY: venv install demo test lint typecheck pytest bench clean
+.PHONY: venv install demo fidelity test lint typecheck pytest bench clean
 
 venv: $(STAMP)
 
@@ -21,7 +21,11 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: venv
 
+# The calibration study (1-3 minutes on 2 CPU cores): reports/digits/{report.md,results.json,figures/}.
 demo: venv
+	$(PY) -m evaluation study --dataset digits --model mlp --methods map,temp,diag,kfac,kfoc --seeds 3 --out reports/digits
+
+fidelity: venv
 	$(PY) -m evaluation.benchmarks.fisher_fidelity
 
 lint: venv

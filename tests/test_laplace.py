@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -188,10 +189,16 @@ def test_gridsearch_picks_the_best_validation_nll() -> None:
     la = _fit(CASES[0], "kfoc")
     _, x, y = CASES[0].make(seed=9)
     val = DataLoader(TensorDataset(x, y), batch_size=5)
-    tau = la.optimize_prior_precision(val_loader=val, grid=[0.01, 1.0, 100.0])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tau = la.optimize_prior_precision(val_loader=val, grid=[0.01, 1.0, 100.0])
     scores = la.gridsearch_scores
     assert float(tau[0]) == min(scores, key=scores.__getitem__)
     assert len(scores) == 3 + 7
+    at_edge = float(tau[0]) in (0.01, 100.0)
+    assert at_edge == any("edge of the grid" in str(w.message) for w in caught)
+    with pytest.warns(UserWarning, match="edge of the grid"):
+        la.optimize_prior_precision(val_loader=val, grid=[1e6, 1e7, 1e8])
 
 
 def test_bad_input_gets_clear_errors() -> None:

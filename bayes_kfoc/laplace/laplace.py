@@ -13,6 +13,7 @@ Vectors returned by :meth:`Laplace.sample` follow ``parameters_to_vector(model.p
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -333,7 +334,15 @@ class Laplace:
             hi = grid_t[min(best + 1, len(grid_t) - 1)].log()
             for t in torch.linspace(float(lo), float(hi), 9)[1:-1].exp():
                 score(float(t))
-        self.prior_precision = min(scores, key=scores.__getitem__)
+        best_tau = min(scores, key=scores.__getitem__)
+        if best_tau in (float(grid_t.min()), float(grid_t.max())):
+            warnings.warn(
+                f"Laplace.optimize_prior_precision: the best τ ({best_tau:.3g}) is at the edge of "
+                f"the grid [{float(grid_t.min()):.3g}, {float(grid_t.max()):.3g}]; widen the grid "
+                "(a τ at the upper edge means the validation data favour the MAP).",
+                stacklevel=2,
+            )
+        self.prior_precision = best_tau
         self.gridsearch_scores = dict(sorted(scores.items()))
         return self.prior_precision
 

@@ -1,0 +1,292 @@
+"""The method registry: a name → a function that fits a predictor on a trained MAP network.
+
+Every method returns a :class:`FittedMethod`: a ``predict(x) -> probs [B, C]`` callable, and for
+Bayesian methods ``samples(x, n, seed) -> [n, B, C]`` probability samples (for mutual
+information), with its fit / tuning times and chosen hyperparameters.
+
+Names:
+
+- ``map``: the network's softmax;
+- ``temp``: temperature scaling, ``T`` by L-BFGS on the validation NLL
+  (:mod:`evaluation.baselines.temperature`);
+- ``diag``, ``kfac``, ``kfoc``: :class:`bayes_kfoc.Laplace` on all weights, and ``diag-ll``,
+  ``kfac-ll``, ``kfoc-ll`` on the last layer. Each is fitted with the exact Fisher, its prior
+  precision tuned by the library's default (``optimize_prior_precision(val_loader=...)``: a
+  validation grid search on NLL), and predicts with the default GLM + probit;
+- ``laplace-torch`` / ``laplace-torch-ll``: laplace-torch's ``kron`` on all weights / the last
+  layer with the same tuning and predictive, only when ``laplace`` is importable (never required).
+
+A base Laplace name given on the command line (``kfoc``) expands to both subsets; ``kfoc-ll``
+alone asks for the last layer only.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from bayes_kfoc import Laplace
+from datasets import Splits
+from evaluation.baselines.temperature import TemperatureScaled
+
+__all__ = [
+    "LAPLACE_STRUCTURES",
+    "METHODS",
+    "FittedMethod",
+    "MethodSpec",
+    "StudyWarning",
+    "expand_methods",
+    "fit_method",
+    "laplace_torch_available",
+    "method_names",
+]
+
+LAPLACE_STRUCTURES: tuple[str, ...] = ("diag", "kfac", "kfoc")
+"""Curvature structures of :class:`bayes_kfoc.Laplace` in the study (``full`` is too large)."""
+
+PEER = "laplace-torch"
+LL_SUFFIX = "-ll"
+SUBSETS: tuple[str, ...] = ("all", "last_layer")
+FIT_BATCH_SIZE = 256
+
+
+class StudyWarning(UserWarning):
+    """A fitted method is degenerate on this data (recorded in the report's notes)."""
+
+
+class Predictor(Protocol):
+    """Anything with ``predict(x) -> probs [B, C]``."""
+
+    def predict(self, x: Tensor) -> Tensor: ...
+
+
+SampleFn = Callable[[Tensor, int, int], Tensor]
+"""``(x, n_samples, seed) -> [n_samples, B, C]`` probability samples."""
+
+
+@dataclass
+class FittedMethod:
+    """A method fitted on one seed's MAP network.
+
+    Attributes:
+        name: Registry name (e.g. ``"kfoc-ll"``).
+        predict: ``x -> probs [B, C]``.
+        samples: ``(x, n, seed) -> [n, B, C]`` for Bayesian methods, ``None`` for point
+            predictors (no mutual information).
+        fit_seconds: Wall time of fitting (curvature / nothing).
+        tune_seconds: Wall time of hyperparameter tuning (prior precision / temperature).
+        hyperparameters: Chosen values (``prior_precision``, ``temperature``, ...), finite floats
+            or lists of them.
+    """
+
+    name: str
+    predict: Callable[[Tensor], Tensor]
+    samples: SampleFn | None
+    fit_seconds: float = 0.0
+    tune_seconds: float = 0.0
+    hyperparameters: dict[str, float | list[float]] = field(default_factory=dict)
+
+
+FitFn = Callable[[nn.Module, Splits], FittedMethod]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One registry entry.
+
+    Attributes:
+        name: Registry name.
+        description: One line for the report.
+        fit: ``(model, splits) -> FittedMethod``.
+        bayesian: Whether the method has predictive samples (mutual information).
+        optional: Whether it depends on a package that may be absent (laplace-torch).
+    """
+
+    name: str
+    description: str
+    fit: FitFn
+    bayesian: bool
+    optional: bool = False
+
+
+def _loader(data: torch.utils.data.Dataset, batch_size: int = FIT_BATCH_SIZE) -> DataLoader:
+    return DataLoader(data, batch_size=batch_size, shuffle=False)
+
+
+def _fit_map(model: nn.Module, splits: Splits) -> FittedMethod:
+    @torch.no_grad()
+    def predict(x: Tensor) -> Tensor:
+        return torch.softmax(model(x), dim=-1)
+
+    return FittedMethod("map", predict, None)
+
+
+def _fit_temperature(model: nn.Module, splits: Splits) -> FittedMethod:
+    x_val, y_val = splits.val.tensors
+    start = time.perf_counter()
+    scaled = TemperatureScaled.fit(model, x_val, y_val)
+    with torch.no_grad():
+        perfect = bool((model(x_val).argmax(1) == y_val).all())
+    if perfect:
+        warnings.warn(
+            "the validation split is classified without error, so its NLL keeps falling as "
+            "T → 0 and temperature scaling sharpens the predictive arbitrarily (ill-posed here)",
+            StudyWarning,
+            stacklevel=2,
+        )
+    return FittedMethod(
+        "temp",
+        scaled.predict,
+        None,
+        tune_seconds=time.perf_counter() - start,
+        hyperparameters={"temperature": scaled.temperature},
+    )
+
+
+def _laplace_fit(structure: str, subset: str) -> FitFn:
+    name = structure + (LL_SUFFIX if subset == "last_layer" else "")
+
+    def fit(model: nn.Module, splits: Splits) -> FittedMethod:
+        start = time.perf_counter()
+        la = Laplace(model, structure=structure, subset=subset, progress=False)
+        la.fit(_loader(splits.train))
+        fitted = time.perf_counter()
+        la.optimize_prior_precision(val_loader=_loader(splits.val))
+        tuned = time.perf_counter()
+        tau = [float(t) for t in la.prior_precision.flatten()]
+        grid = sorted(getattr(la, "gridsearch_scores", {}))
+        if grid and tau[0] >= grid[-1]:
+            warnings.warn(
+                f"the prior precision chosen on the validation NLL is the largest of the default "
+                f"grid (τ = {grid[-1]:g}): the validation split prefers the MAP, and the posterior "
+                "collapses onto it",
+                StudyWarning,
+                stacklevel=2,
+            )
+
+        def samples(x: Tensor, n: int, seed: int) -> Tensor:
+            gen = torch.Generator(la.device).manual_seed(seed)
+            return la.predictive_samples(x, n, generator=gen)
+
+        return FittedMethod(
+            name,
+            la.predict,
+            samples,
+            fit_seconds=fitted - start,
+            tune_seconds=tuned - fitted,
+            hyperparameters={
+                "prior_precision": sum(tau) / len(tau),
+                "prior_precision_per_block": tau,
+                "num_params": float(la.num_params),
+            },
+        )
+
+    return fit
+
+
+def _peer_fit(subset: str) -> FitFn:
+    def fit(model: nn.Module, splits: Splits) -> FittedMethod:
+        from evaluation.study.laplace_torch import fit_laplace_torch
+
+        name = PEER + (LL_SUFFIX if subset == "last_layer" else "")
+        peer = fit_laplace_torch(model, _loader(splits.train), _loader(splits.val), subset)
+        return FittedMethod(
+            name,
+            peer.predict,
+            peer.samples,
+            fit_seconds=peer.fit_seconds,
+            tune_seconds=peer.tune_seconds,
+            hyperparameters={"prior_precision": peer.prior_precision},
+        )
+
+    return fit
+
+
+def _build_registry() -> dict[str, MethodSpec]:
+    reg = {
+        "map": MethodSpec("map", "MAP network, softmax of the logits", _fit_map, False),
+        "temp": MethodSpec(
+            "temp", "temperature scaling (L-BFGS on the validation NLL)", _fit_temperature, False
+        ),
+    }
+    words = {"all": "all weights", "last_layer": "last layer"}
+    for s in LAPLACE_STRUCTURES:
+        for subset in SUBSETS:
+            name = s + (LL_SUFFIX if subset == "last_layer" else "")
+            reg[name] = MethodSpec(
+                name,
+                f"bayes_kfoc Laplace, {s} curvature, {words[subset]}; τ by validation grid "
+                "search (NLL), GLM probit predictive",
+                _laplace_fit(s, subset),
+                True,
+            )
+    for subset in SUBSETS:
+        name = PEER + (LL_SUFFIX if subset == "last_layer" else "")
+        reg[name] = MethodSpec(
+            name,
+            f"laplace-torch kron, {words[subset]}; τ by validation grid search, GLM probit",
+            _peer_fit(subset),
+            True,
+            optional=True,
+        )
+    return reg
+
+
+METHODS: dict[str, MethodSpec] = _build_registry()
+"""Every method name → its :class:`MethodSpec`, in report order."""
+
+BASE_NAMES: tuple[str, ...] = ("map", "temp", *LAPLACE_STRUCTURES, PEER)
+"""Names that may be given without a subset suffix."""
+
+
+def method_names() -> tuple[str, ...]:
+    """Every name ``--methods`` accepts (base names expand to both subsets)."""
+    names = list(BASE_NAMES)
+    names += [n for n in METHODS if n not in names]
+    return tuple(names)
+
+
+def laplace_torch_available() -> bool:
+    """Whether laplace-torch (module ``laplace``) is importable."""
+    return importlib.util.find_spec("laplace") is not None
+
+
+def expand_methods(requested: Iterable[str], subsets: Sequence[str] = SUBSETS) -> tuple[str, ...]:
+    """Registry names for the requested ones, in registry order, without duplicates.
+
+    A Laplace base name (``kfoc``, ``laplace-torch``) becomes one entry per subset in
+    ``subsets`` (``kfoc`` for ``"all"``, ``kfoc-ll`` for ``"last_layer"``).
+
+    Raises:
+        ValueError: On an unknown name or subset (the message lists the valid ones).
+    """
+    bad_subsets = [s for s in subsets if s not in SUBSETS]
+    if bad_subsets or not subsets:
+        raise ValueError(
+            f"unknown subset(s) {bad_subsets or list(subsets)}; valid subsets: {', '.join(SUBSETS)}"
+        )
+    wanted: set[str] = set()
+    for r in requested:
+        if r in ("map", "temp") or (r.endswith(LL_SUFFIX) and r in METHODS):
+            wanted.add(r)
+        elif r in (*LAPLACE_STRUCTURES, PEER):
+            wanted.update(r + (LL_SUFFIX if s == "last_layer" else "") for s in subsets)
+        else:
+            raise ValueError(
+                f"unknown method {r!r}; valid methods: {', '.join(method_names())} (a base "
+                "Laplace name such as 'kfoc' runs on all weights and on the last layer)"
+            )
+    return tuple(n for n in METHODS if n in wanted)
+
+
+def fit_method(name: str, model: nn.Module, splits: Splits) -> FittedMethod:
+    """Fit the method ``name`` on ``model`` (the seed's MAP network) with ``splits``."""
+    return METHODS[name].fit(model, splits)
