@@ -243,6 +243,9 @@ class Collector:
         return out, logits.detach()
 
     def _output_grads(self, logits: Tensor, zs: list[Tensor], cot: Tensor) -> list[Tensor | None]:
+        if cot.shape[0] == 1:  # one direction: a plain backward pass, no vmap
+            grads = torch.autograd.grad(logits, zs, cot[0], retain_graph=True, allow_unused=True)
+            return [None if g is None else g.unsqueeze(0) for g in grads]
         if self.batched_grads:
             try:
                 return list(

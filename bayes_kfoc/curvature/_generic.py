@@ -39,6 +39,7 @@ def _norm_grads(module: nn.Module, x: Tensor, cot: Tensor, names: list[str]) -> 
         reduce_dims = tuple(range(2, cot.ndim - k))  # dims between N and the normalised shape
     else:
         return None
+
     def total(t: Tensor) -> Tensor:  # note: sum(dim=()) would reduce every dimension
         return t.sum(dim=reduce_dims) if reduce_dims else t
 

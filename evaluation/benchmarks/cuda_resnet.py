@@ -75,6 +75,7 @@ def main() -> None:
     parser.add_argument("--mc-samples", type=int, default=1)
     parser.add_argument("--structures", default="kfac,kfoc")
     parser.add_argument("--tf32", action="store_true", help="allow TF32 matmuls")
+    parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("cuda_resnet: needs a CUDA device.")
@@ -117,6 +118,20 @@ def main() -> None:
             f"{s:<5} fit {t:8.2f} s = {t / t_epoch:6.2f} x epoch; mode {curv.mode}; "
             f"max iterations {iters}; peak GPU memory {peak:.1f} GiB"
         )
+        if args.profile:
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                fit_curvature(
+                    model,
+                    loader,
+                    s,
+                    args.fisher,
+                    mc_samples=args.mc_samples,
+                    seed=0,
+                    progress=False,
+                )
+            print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12))
 
 
 if __name__ == "__main__":
