@@ -22,6 +22,8 @@ def test_pyro_integration_notebook_executes(monkeypatch: pytest.MonkeyPatch) -> 
     # The kernel inherits the environment: one thread is fastest for these tiny models, and keeps
     # the run from stalling on a busy two-core runner.
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    # CI exports MPLBACKEND=Agg, under which plt.show() records no image: use the inline backend.
+    monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     client = nbclient.NotebookClient(
         nb,
         kernel_name="python3",
