@@ -248,3 +248,18 @@ def test_float32_factors_decomposed_in_float64() -> None:
     assert all(b.dtype == torch.float64 for b in la.blocks.values())
     probs = la.predict(x)
     assert probs.dtype == torch.float64 and torch.isfinite(probs).all()
+
+
+def test_last_layer_mc_runs_the_trunk_once_and_equals_the_full_network() -> None:
+    la = _fit(CASES[0], "kfoc", subset="last_layer")
+    x = CASES[0].make()[1]
+    from bayes_kfoc.laplace._mc import head_features, logits_at
+
+    assert head_features(la.model, la._targets[0].module, x) is not None
+    fast = la.predictive_samples(x, 6, method="mc", generator=torch.Generator().manual_seed(2))
+    thetas = la.sample(6, generator=torch.Generator().manual_seed(2))
+    slow = torch.softmax(logits_at(la.model, thetas, x), dim=-1)
+    torch.testing.assert_close(fast, slow)
+    # A head whose output is rescaled afterwards is not the model's output: the full path runs.
+    skip = _fit(CASES[3], "kfoc", subset="last_layer")
+    assert head_features(skip.model, skip._targets[0].module, CASES[3].make()[1]) is None

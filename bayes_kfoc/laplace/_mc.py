@@ -2,9 +2,49 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
+
+
+def head_features(model: nn.Module, head: nn.Module, x: Tensor) -> Tensor | None:
+    """The input of ``head`` at ``x`` when ``head``'s output *is* the model's output, else None.
+
+    Then only ``head`` depends on the random parameters, and the rest of the network runs once.
+    """
+    seen: dict[str, Any] = {}
+
+    def hook(module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+        seen["calls"] = seen.get("calls", 0) + 1
+        seen["input"], seen["output"] = args, out
+
+    handle = head.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            logits = model(x)
+    finally:
+        handle.remove()
+    args = seen.get("input", ())
+    if seen.get("calls") != 1 or seen["output"] is not logits or len(args) != 1:
+        return None
+    return args[0] if isinstance(args[0], Tensor) else None
+
+
+def head_logits(
+    head: nn.Module, names: list[str], shapes: list[torch.Size], block_draws: Tensor, feats: Tensor
+) -> Tensor:
+    """``[S, B, C]``: ``head`` at each sampled vector of its own parameters (block order)."""
+    sizes = [int(torch.Size(s).numel()) for s in shapes]
+
+    def forward(theta: Tensor) -> Tensor:
+        parts = torch.split(theta, sizes)
+        params = {k: v.view(s) for k, v, s in zip(names, parts, shapes, strict=True)}
+        return functional_call(head, params, (feats,))
+
+    with torch.no_grad():
+        return vmap(forward)(block_draws)
 
 
 def logits_at(model: nn.Module, thetas: Tensor, x: Tensor, chunk: int = 32) -> Tensor:

@@ -30,7 +30,7 @@ from ..curvature._collect import Collector, Stats
 from ..curvature._modules import targets_for
 from ._glm import block_covariance, probit, sample_logits
 from ._layout import Layout, architecture
-from ._mc import logits_at
+from ._mc import head_features, head_logits, logits_at
 from ._posterior import check_prior_precision, logdet_precision, sample_blocks
 from ._prior import marglik_root
 
@@ -416,6 +416,14 @@ class Laplace:
             return torch.softmax(sample_logits(mean, cov, n_samples, generator), dim=-1)
         x = self._check_x(x)
         thetas = self.sample(n_samples, generator)
+        if len(self.blocks) == 1:  # e.g. last layer: run the deterministic trunk once
+            (name, block), target = next(iter(self.blocks.items())), self._targets[0]
+            feats = head_features(self.model, target.module, x)
+            if feats is not None:
+                draws = thetas[:, self.layout.block_index[name]]
+                shapes = list(block.param_shapes.values())
+                logits = head_logits(target.module, list(block.param_shapes), shapes, draws, feats)
+                return torch.softmax(logits, dim=-1)
         return torch.softmax(logits_at(self.model, thetas, x), dim=-1)
 
     def predict(
