@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from cases import CASE_IDS, CASES, Case
@@ -181,3 +183,23 @@ def test_mc_fisher_is_reproducible_with_seed_and_generator() -> None:
         assert torch.equal(a.blocks[k].diagonal(), b.blocks[k].diagonal())
         assert torch.equal(g1.blocks[k].diagonal(), g2.blocks[k].diagonal())
     assert any(not torch.equal(a.blocks[k].diagonal(), c.blocks[k].diagonal()) for k in a.blocks)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_float32_model_accumulates_in_float64_on_request(case: Case) -> None:
+    model, x, y = case.make()
+    loader64 = DataLoader(TensorDataset(x, y), batch_size=4)
+    loader32 = DataLoader(TensorDataset(x.float(), y), batch_size=4)
+    ref = fit_curvature(model, loader64, "kfoc", tol=1e-10, progress=False)
+    wide = fit_curvature(
+        copy.deepcopy(model).float(),
+        loader32,
+        "kfoc",
+        tol=1e-10,
+        dtype=torch.float64,
+        progress=False,
+    )
+    for name, block in ref.blocks.items():
+        got = wide.blocks[name]
+        assert got.dtype == torch.float64
+        assert rel_err(got.to_dense(), block.to_dense()) < 1e-5, name

@@ -106,11 +106,13 @@ class Collector:
         targets: Sequence[Target],
         fisher: FisherType,
         mc_samples: int,
+        stats_dtype: torch.dtype | None = None,
     ):
         self.model = model
         self.targets = list(targets)
         self.fisher = fisher
         self.mc_samples = mc_samples
+        self.stats_dtype = stats_dtype
         self.clone_outputs = False
         self.batched_grads = True
         self._active: set[str] = set()
@@ -267,12 +269,13 @@ class Collector:
     def _stats(self, t: Target, cap: dict[str, Any], g: Tensor) -> Stats:
         v, n = g.shape[0], g.shape[1]
         if t.kind == GENERIC:
-            return GradStats(
-                per_sample_param_grads(
-                    t.module, t.local_names, cap["args"], cap["kwargs"], g, t.name
-                )
+            grads = per_sample_param_grads(
+                t.module, t.local_names, cap["args"], cap["kwargs"], g, t.name
             )
+            return GradStats(grads.to(self.stats_dtype or grads.dtype))
         a: Tensor = cap["a"]
+        if self.stats_dtype is not None:  # accumulate in a wider dtype than the model's
+            a, g = a.to(self.stats_dtype), g.to(self.stats_dtype)
         bias = "bias" in t.param_shapes
         if bias:
             a = torch.cat([a, a.new_ones((*a.shape[:-1], 1))], dim=-1)

@@ -168,6 +168,7 @@ def fit_curvature(
     progress: bool = True,
     check_determinism: bool = True,
     distributed: bool | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Curvature:
     """Fit curvature blocks of a classifier's **summed** Fisher over every batch of ``loader``.
 
@@ -209,6 +210,8 @@ def fit_curvature(
         check_determinism: re-run the first batch and raise if outputs or buffers change.
         distributed: all-reduce every sum over data across ``torch.distributed`` ranks (each rank
             iterating over its own shard); ``None`` detects an initialised group.
+        dtype: accumulate statistics and factors in this dtype (e.g. ``torch.float64`` for a
+            float32 or bfloat16 model); default: the model's dtype.
 
     Returns:
         A :class:`Curvature` with ``blocks[module_name]``.
@@ -238,7 +241,9 @@ def fit_curvature(
     )
     f = fitter.fisher
     budget = default_memory_budget(fitter.device) if memory_budget is None else memory_budget
-    with Collector(model, targets, f, mc_samples) as collector:
+    if dtype is not None and not dtype.is_floating_point:
+        raise ValueError(f"fit_curvature: dtype must be a floating dtype, got {dtype}.")
+    with Collector(model, targets, f, mc_samples, dtype) as collector:
         blocks, used_mode, info = _fit(fitter, collector, targets, first, m, budget, tol, max_iter)
     coverage = _coverage(model, blocks, targets, fitter.skipped)
     return Curvature(blocks, s.value, f.value, info.pop("num_data"), used_mode, coverage, info)
