@@ -156,7 +156,7 @@ def test_memory_budget_chooses_streaming_or_raises_with_estimate() -> None:
     model, loader = _mlp()
     auto = fit_curvature(model, loader, memory_budget=10, progress=False)
     assert auto.mode == "streaming"
-    with pytest.raises(MemoryError, match="needs about .* memory_budget"):
+    with pytest.raises(MemoryError, match="needs about .* per-layer work.* memory_budget"):
         fit_curvature(model, loader, mode="cached", memory_budget=10, progress=False)
     assert fit_curvature(model, loader, progress=False).mode == "cached"
 
@@ -199,3 +199,13 @@ def test_cpu_batches_move_to_a_cuda_model() -> None:
     model, loader = _mlp()
     curv = fit_curvature(model.cuda(), loader, progress=False)
     assert all(b.device.type == "cuda" for b in curv.blocks.values())
+
+
+def test_peak_estimate_covers_cache_and_per_layer_work() -> None:
+    model, loader = _mlp()
+    curv = fit_curvature(model, loader, progress=False)
+    cache, peak = curv.info["cache_bytes_estimate"], curv.info["peak_bytes_estimate"]
+    assert 0 < cache < peak
+    # A budget between the cache alone and cache + work streams instead of caching.
+    between = fit_curvature(model, loader, memory_budget=(cache + peak) // 2, progress=False)
+    assert between.mode == "streaming"

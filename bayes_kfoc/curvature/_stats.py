@@ -77,6 +77,13 @@ class KronStats:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.a, self.d, self.m) if t is not None)
 
+    @property
+    def a_dtype_size(self) -> int:
+        """Bytes per element of the statistics (and so of the factors)."""
+        t = self.a if self.a is not None else self.m
+        assert t is not None
+        return t.element_size()
+
     # -- K-FAC ----------------------------------------------------------------------------------
     def kfac_sums(self) -> tuple[Tensor, Tensor, int]:
         """``(Σ_{n,t} ā ā^T, Σ_{n,v,t} δ δ^T, N·T)``; call before ``M`` replaces ``a``/``d``."""

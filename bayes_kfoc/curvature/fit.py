@@ -264,7 +264,7 @@ def _fit(
     kron = {t.name for t in targets if t.kron_capable and s in (Structure.KFOC, Structure.KFAC)}
     want_cache = s is Structure.KFOC and mode is not Mode.STREAMING and kron
     cache: dict[str, list[KronStats]] | None = {k: [] for k in kron} if want_cache else None
-    cache_bytes = 0
+    cache_bytes = work = 0
     estimate: int | None = None
     sums: dict[str, list[Any]] = {}
     num_data = 0
@@ -289,16 +289,23 @@ def _fit(
             else:
                 _accumulate(sums, t.name, [st.diag()])
         if cache is not None and i == 0:
+            # Per-layer work besides the cache: four copies of the factors (iterates, updates)
+            # and one batch's temporaries (about the size of that batch's statistics).
+            work = cache_bytes + sum(
+                4 * (st.n**2 + st.o**2) * st.a_dtype_size
+                for k, st in stats.items()
+                if k in kron and isinstance(st, KronStats)
+            )
             size = _dataset_size(fitter.loader)
             if size is not None:
                 estimate = int(cache_bytes / x.shape[0] * size)
-        if cache is not None and max(cache_bytes, estimate or 0) > budget:
-            need = human_bytes(max(cache_bytes, estimate or 0))
+        if cache is not None and max(cache_bytes, estimate or 0) + work > budget:
+            need = human_bytes(max(cache_bytes, estimate or 0) + work)
             if mode is Mode.CACHED:
                 raise MemoryError(
-                    f"fit_curvature: mode='cached' needs about {need} of statistics, over the "
-                    f"memory_budget of {human_bytes(budget)}; use mode='auto' or 'streaming', or "
-                    "raise memory_budget."
+                    f"fit_curvature: mode='cached' needs about {need} (statistics cache plus "
+                    f"per-layer work), over the memory_budget of {human_bytes(budget)}; use "
+                    "mode='auto' or 'streaming', or raise memory_budget."
                 )
             cache = None  # auto: fall back to streaming
     if num_data == 0:
@@ -320,6 +327,7 @@ def _fit(
     }
     if estimate is not None or cache_bytes:
         info["cache_bytes_estimate"] = max(cache_bytes, estimate or 0)
+        info["peak_bytes_estimate"] = max(cache_bytes, estimate or 0) + work
     used_mode = "single-pass"
     factors: dict[str, tuple[Tensor, Tensor]] = {}
     for t in targets:
