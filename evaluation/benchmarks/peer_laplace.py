@@ -2,7 +2,7 @@
 
 Run (in the benchmark venv, which has laplace-torch but not our project installed)::
 
-    PYTHONPATH=/work/main .bench/venv/bin/python -m evaluation.benchmarks.peer_laplace \\
+    PYTHONPATH=. .bench/venv/bin/python -m evaluation.benchmarks.peer_laplace \\
         --problems digits,wide --repeats 3
 
 Problems (reused from :mod:`evaluation.benchmarks.curvature_speed`): ``digits`` (the seeded MAP
@@ -196,6 +196,25 @@ def _rel(ours: Tensor, theirs: Tensor) -> float:
     return float(torch.linalg.norm(ours - theirs) / torch.linalg.norm(theirs))
 
 
+def _kron_rel(G: Tensor, A: Tensor, F0: Tensor, F1: Tensor) -> float:
+    """``‖G⊗A − F0⊗F1‖_F / ‖F0⊗F1‖_F`` in float64, without forming the products when large.
+
+    ``G⊗A − F0⊗F1 = dG⊗A + F0⊗dA`` (``dG = G − F0``, ``dA = A − F1``), so its squared norm is
+    ``‖dG‖²‖A‖² + ‖F0‖²‖dA‖² + 2 tr(dGᵀF0) tr(Aᵀ dA)``: every term is of the difference's order,
+    hence no cancellation.
+    """
+    G, A, F0, F1 = (t.double() for t in (G, A, F0, F1))
+    if G.numel() * A.numel() <= 2**24:
+        return _rel(torch.kron(G, A), torch.kron(F0, F1))
+    dG, dA = G - F0, A - F1
+    sq = (
+        dG.square().sum() * A.square().sum()
+        + F0.square().sum() * dA.square().sum()
+        + 2 * (dG * F0).sum() * (A * dA).sum()
+    )
+    return float(sq.clamp(min=0).sqrt() / (torch.linalg.norm(F0) * torch.linalg.norm(F1)))
+
+
 def _linear_blocks(curv: Any, model: nn.Module, subset: str) -> list[tuple[str, Any]]:
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if subset == "last_layer":
@@ -215,7 +234,7 @@ def sanity(jobs: list[Job], model: nn.Module) -> list[str]:
                 assert isinstance(block, KronBlock)
                 F0, F1 = kfacs.pop(0)
                 A_w = block.A[:-1, :-1] if block.bias else block.A
-                w = _rel(torch.kron(block.G, A_w), torch.kron(F0, F1))
+                w = _kron_rel(block.G, A_w, F0, F1)
                 line = (
                     f"  {subset:<10} {name:>4} kfac vs kron: weight block G⊗A[:-1,:-1] {w:.1e} "
                     f"(G vs F0 {_rel(block.G, F0):.1e}, A_w vs F1 {_rel(A_w, F1):.1e})"
@@ -249,7 +268,7 @@ def run_problem(name: str, laplace_cls: Any, repeats: int, max_seconds: float) -
         if job.side == "theirs" and job.structure == "diag":
             _peer_diag_guard(job, model, loader, max_seconds)
             if job.skipped:
-                print(f"  note: {job.skipped}", flush=True)
+                print(f"  [{name}] {job.skipped}", file=sys.stderr, flush=True)
 
     active = [j for j in jobs if not j.skipped]
     for rnd in range(repeats + 1):  # round 0 is the warm-up
@@ -263,7 +282,7 @@ def run_problem(name: str, laplace_cls: Any, repeats: int, max_seconds: float) -
                         f"their {job.subset} {job.structure} dropped after the warm-up fit took "
                         f"{times['fit']:.0f} s (> {max_seconds:.0f} s)"
                     )
-                    print(f"  note: {job.skipped}", flush=True)
+                    print(f"  [{name}] {job.skipped}", file=sys.stderr, flush=True)
                 continue
             job.record(times)
             job.result = result
