@@ -415,15 +415,22 @@ class Laplace:
             mean, cov = self.glm_distribution(x)
             return torch.softmax(sample_logits(mean, cov, n_samples, generator), dim=-1)
         x = self._check_x(x)
-        thetas = self.sample(n_samples, generator)
         if len(self.blocks) == 1:  # e.g. last layer: run the deterministic trunk once
             (name, block), target = next(iter(self.blocks.items())), self._targets[0]
             feats = head_features(self.model, target.module, x)
             if feats is not None:
-                draws = thetas[:, self.layout.block_index[name]]
+                (draw,) = sample_blocks([block], self.prior_precision, n_samples, generator)
+                mean = self.map_vector[self.layout.block_index[name]]
                 shapes = list(block.param_shapes.values())
-                logits = head_logits(target.module, list(block.param_shapes), shapes, draws, feats)
+                logits = head_logits(
+                    target.module,
+                    list(block.param_shapes),
+                    shapes,
+                    mean + draw.to(mean.dtype),
+                    feats,
+                )
                 return torch.softmax(logits, dim=-1)
+        thetas = self.sample(n_samples, generator)
         return torch.softmax(logits_at(self.model, thetas, x), dim=-1)
 
     def predict(

@@ -47,7 +47,9 @@ def fidelity_table(
                 else torch.randperm(n_total, generator=gen)[:size]
             )
             loader = DataLoader(Subset(train, idx.tolist()), batch_size=256)
-            rows: list[Fidelity] = fisher_fidelity(model, loader, "exact", STRUCTURES, tol=1e-8)
+            rows: list[Fidelity] = fisher_fidelity(
+                model, loader, "exact", STRUCTURES, tol=1e-8, max_iter=2000
+            )
             for r in rows:
                 for s in STRUCTURES:
                     acc[f"{r.module}/{s}"].append(r.errors[s])
