@@ -104,6 +104,11 @@ def main() -> None:
     t_epoch, _ = cuda_time(epoch)
     print(f"one epoch forward+backward: {t_epoch:.2f} s")
     model.eval()
+    warm = DataLoader(
+        TensorDataset(x[: 2 * args.batch], y[: 2 * args.batch]), batch_size=args.batch
+    )
+    for s in args.structures.split(","):  # warm-up: kernel selection and first-use costs
+        fit_curvature(model, warm, s, args.fisher, mc_samples=args.mc_samples, progress=False)
     for s in args.structures.split(","):
         torch.cuda.reset_peak_memory_stats()
         t, curv = cuda_time(
