@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
@@ -89,3 +91,12 @@ def top1_kron(block_kron: Tensor, d_out: int, n: int) -> tuple[Tensor, Tensor, T
 
 def rel_err(a: Tensor, b: Tensor) -> float:
     return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
+
+
+def dense_posterior_precision(la: Any) -> Tensor:
+    """Block-diagonal ``F_b + τ_b I`` of a fitted ``Laplace``, in its block order (float64)."""
+    blocks = [
+        b.to_dense() + t * torch.eye(b.num_params, dtype=torch.float64)
+        for b, t in zip(la.blocks.values(), la.prior_precision, strict=True)
+    ]
+    return torch.block_diag(*blocks)

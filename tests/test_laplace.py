@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 from cases import CASE_IDS, CASES, Case
-from reference import per_point_jacobians
+from reference import dense_posterior_precision, per_point_jacobians
 from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -34,21 +34,13 @@ def _fit(case: Case, structure: str, subset: str = "all", tau: float = 0.7) -> L
     return la.fit(loader)
 
 
-def _dense_precision(la: Laplace) -> torch.Tensor:
-    blocks = [
-        b.to_dense() + t * torch.eye(b.num_params, dtype=torch.float64)
-        for b, t in zip(la.blocks.values(), la.prior_precision, strict=True)
-    ]
-    return torch.block_diag(*blocks)
-
-
 @pytest.mark.parametrize("structure", STRUCTURES)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_glm_covariance_equals_dense_j_sigma_jt(case: Case, structure: str) -> None:
     la = _fit(case, structure)
     x = case.make()[1][:5]
     _, cov = la.glm_distribution(x)
-    sigma = torch.linalg.inv(_dense_precision(la))
+    sigma = torch.linalg.inv(dense_posterior_precision(la))
     jac = per_point_jacobians(la.model, x)
     names = [f"{k}.{p}" if k else p for k, b in la.blocks.items() for p in b.param_shapes]
     j = torch.cat([jac[n].reshape(5, jac[n].shape[1], -1) for n in names], dim=2)  # [B, C, P]
@@ -61,7 +53,7 @@ def test_logdet_and_marglik_equal_dense_computation(structure: str) -> None:
     case = CASES[0]
     la = _fit(case, structure, tau=0.9)
     model, x, y = case.make()
-    p_dense = _dense_precision(la)
+    p_dense = dense_posterior_precision(la)
     with torch.no_grad():
         log_lik = torch.log_softmax(model(x), -1).gather(1, y[:, None]).sum()
     theta = la.mean
@@ -104,7 +96,7 @@ def test_sample_covariance_matches_dense_inverse(structure: str) -> None:
     idx = torch.cat(list(la.layout.block_index.values()))
     d = thetas[:, idx] - la.mean
     emp = d.T @ d / d.shape[0]
-    ref = torch.linalg.inv(_dense_precision(la))
+    ref = torch.linalg.inv(dense_posterior_precision(la))
     err = torch.linalg.norm(emp - ref) / torch.linalg.norm(ref)
     assert err < MC_TOL, err
     assert (d.mean(0).abs() < 5 * ref.diagonal().sqrt() / math.sqrt(d.shape[0])).all()

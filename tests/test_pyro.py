@@ -17,7 +17,7 @@ from cases import CASE_IDS, CASES, Case
 from pyro import poutine
 from pyro.infer import Predictive, Trace_ELBO
 from pyro.nn import PyroModule, PyroSample
-from reference import per_point_jacobians
+from reference import dense_posterior_precision, per_point_jacobians
 from torch import nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
@@ -41,14 +41,6 @@ def _fit(case: Case, structure: str = "kfoc", subset: str = "all", tau: float = 
     loader = DataLoader(TensorDataset(x, y), batch_size=4)
     la = Laplace(model, structure=structure, subset=subset, prior_precision=tau, progress=False)
     return la.fit(loader)
-
-
-def _dense_precision(la: Laplace) -> torch.Tensor:
-    blocks = [
-        b.to_dense() + t * torch.eye(b.num_params, dtype=torch.float64)
-        for b, t in zip(la.blocks.values(), la.prior_precision, strict=True)
-    ]
-    return torch.block_diag(*blocks)
 
 
 def _random_kron(o: int, n: int, batch: tuple[int, ...] = (), seed: int = 0) -> tuple:
@@ -304,7 +296,9 @@ def test_median_is_the_map_and_quantiles_are_the_marginals(structure: str) -> No
     median = guide.median()
     for k, (a, b) in la.layout.offsets.items():
         torch.testing.assert_close(median[k].flatten(), la.map_vector[a:b], rtol=0, atol=0)
-    std = torch.linalg.inv(_dense_precision(la)).diagonal().sqrt()  # block order = parameter order
+    std = (
+        torch.linalg.inv(dense_posterior_precision(la)).diagonal().sqrt()
+    )  # block order = parameter order
     q = guide.quantiles([0.5, float(torch.distributions.Normal(0, 1).cdf(torch.tensor(1.0)))])
     for k, (a, b) in la.layout.offsets.items():
         torch.testing.assert_close(q[k][0].flatten(), la.map_vector[a:b], rtol=RTOL, atol=1e-12)
@@ -323,7 +317,9 @@ def test_guide_log_prob_is_exact_and_trace_elbo_is_finite(structure: str) -> Non
     full = torch.cat([gtrace.nodes[k]["value"].flatten() for k in la.layout.offsets])
     theta = torch.cat([full[i] for i in la.layout.block_index.values()])  # block order
     mean = la.mean
-    ref = dist.MultivariateNormal(mean, precision_matrix=_dense_precision(la)).log_prob(theta)
+    ref = dist.MultivariateNormal(mean, precision_matrix=dense_posterior_precision(la)).log_prob(
+        theta
+    )
     torch.testing.assert_close(gtrace.log_prob_sum(), ref, rtol=RTOL, atol=1e-9)
     # The ELBO's terms: log p(y|θ) + log p(θ) - log q(θ), with the model at the guide's θ.
     mtrace = poutine.trace(poutine.replay(model, trace=gtrace)).get_trace(x, y)

@@ -84,6 +84,7 @@ import torch
 from torch import Tensor, nn
 
 from bayes_kfoc import fit_curvature
+from evaluation.models import mlp
 
 Pair = tuple[Tensor, Tensor]  # (G, A): output factor, input factor (bias last)
 
@@ -95,13 +96,7 @@ def make_problem(
     """Seeded MLP ``in-width-width-classes`` (tanh) in eval mode, inputs and labels."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = nn.Sequential(
-        nn.Linear(in_features, width),
-        nn.Tanh(),
-        nn.Linear(width, width),
-        nn.Tanh(),
-        nn.Linear(width, classes),
-    ).eval()
+    model = mlp(in_features, classes, hidden=(width, width), activation=nn.Tanh).eval()
     x = torch.randn(batch, in_features, generator=g)
     y = torch.randint(0, classes, (batch,), generator=g)
     return model, x, y

@@ -54,6 +54,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from bayes_kfoc import fit_curvature
+from evaluation.models import mlp
 
 
 def rss_bytes() -> int:
@@ -72,13 +73,7 @@ def make_problem(
 ) -> tuple[nn.Module, DataLoader]:
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = nn.Sequential(
-        nn.Linear(in_features, width),
-        nn.Tanh(),
-        nn.Linear(width, width),
-        nn.Tanh(),
-        nn.Linear(width, classes),
-    ).eval()
+    model = mlp(in_features, classes, hidden=(width, width), activation=nn.Tanh).eval()
     x = torch.randn(n, in_features, generator=g)
     y = torch.randint(0, classes, (n,), generator=g)
     return model, DataLoader(TensorDataset(x, y), batch_size=batch_size)
