@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: venv
 
-# The calibration study (1-3 minutes on 2 CPU cores): reports/digits/{report.md,results.json,figures/}.
+# The calibration study (about 30 s on 2 idle CPU cores): reports/digits/{report.md,results.json,figures/}.
 demo: venv
 	$(PY) -m evaluation study --dataset digits --model mlp --methods map,temp,diag,kfac,kfoc --seeds 3 --out reports/digits
 
