@@ -53,7 +53,7 @@ def _finish(
             f"K-FOC power iteration for module {name!r} did not converge: relative factor change "
             f"{change:.3e} > tol {tol:.1e} after {it} iterations. Raise max_iter, or loosen tol.",
             ConvergenceWarning,
-            stacklevel=3,
+            stacklevel=6,  # the caller of fit_curvature
         )
     info = {
         "iterations": it,
