@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bayes_kfoc import DenseBlock, DiagBlock, KronBlock
 from bayes_kfoc.blocks.kron import mat_to_vec, vec_to_mat
@@ -119,3 +121,30 @@ def test_block_samples_have_the_damped_inverse_covariance() -> None:
         emp = draws.T @ draws / draws.shape[0]
         ref = blk.inverse(0.7)
         assert torch.linalg.norm(emp - ref) / torch.linalg.norm(ref) < MC_TOL, blk.name
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    d_out=st.integers(1, 4),
+    d_in=st.integers(1, 4),
+    bias=st.booleans(),
+    damping=st.floats(0.05, 5.0),
+    power=st.sampled_from([-1.0, -0.5, 0.5, 1.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_kron_block_powers_match_dense_for_any_shape(
+    d_out: int, d_in: int, bias: bool, damping: float, power: float, seed: int
+) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    n = d_in + int(bias)
+    shapes = {"weight": torch.Size([d_out, d_in])}
+    if bias:
+        shapes["bias"] = torch.Size([d_out])
+    blk = KronBlock("k", shapes, _psd(n, gen, rank=1 + seed % n), _psd(d_out, gen))
+    v = torch.randn(3, blk.num_params, generator=gen, dtype=torch.float64)
+    assert torch.equal(mat_to_vec(vec_to_mat(v, d_out, d_in, bias), bias), v)
+    dense = blk.to_dense() + damping * torch.eye(blk.num_params, dtype=torch.float64)
+    evals, evecs = torch.linalg.eigh(dense)
+    ref = v @ ((evecs * evals.pow(power)) @ evecs.T)
+    torch.testing.assert_close(blk.matpow(v, power, damping), ref, rtol=RTOL, atol=1e-9)
+    torch.testing.assert_close(blk.logdet(damping), torch.logdet(dense), rtol=RTOL, atol=1e-9)
