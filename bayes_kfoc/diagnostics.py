@@ -59,7 +59,7 @@ def _collect(
     seed: int,
     progress: bool,
 ) -> tuple[list[str], list[dict[str, Stats]]]:
-    fitter, targets, first = prepare(
+    fitter, targets, _ = prepare(
         model,
         loader,
         Structure.FULL,
@@ -76,7 +76,7 @@ def _collect(
     batches: list[dict[str, Stats]] = []
     gen = fitter.generator()
     with Collector(model, targets, fitter.fisher, mc_samples) as col:
-        for x, y in fitter.batches("fidelity", first):
+        for x, y in fitter.batches("fidelity"):
             batches.append(col.batch(x, y, gen)[0])
     return [t.name for t in targets], batches
 

@@ -203,3 +203,17 @@ def test_float32_model_accumulates_in_float64_on_request(case: Case) -> None:
         got = wide.blocks[name]
         assert got.dtype == torch.float64
         assert rel_err(got.to_dense(), block.to_dense()) < 1e-5, name
+
+
+@pytest.mark.parametrize("structure", ["kfoc", "diag"])
+def test_shuffled_loader_sums_every_point_once(structure: str) -> None:
+    model, x, y = CASES[0].make()
+    plain = DataLoader(TensorDataset(x, y), batch_size=4)
+    shuffled = DataLoader(
+        TensorDataset(x, y), batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(1)
+    )
+    a = fit_curvature(model, plain, structure, tol=1e-12, max_iter=500, progress=False)
+    b = fit_curvature(model, shuffled, structure, tol=1e-12, max_iter=500, progress=False)
+    assert b.num_data == len(x)
+    for name, block in a.blocks.items():
+        assert rel_err(b.blocks[name].to_dense(), block.to_dense()) < RTOL, name

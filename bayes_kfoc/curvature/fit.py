@@ -78,6 +78,7 @@ class _Fitter:
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.skipped: dict[str, str] = {}
+        self.resume: Iterator[Any] | None = None
 
     def generator(self) -> torch.Generator:
         """The same MC labels in every pass: a fresh generator from one base seed."""
@@ -85,12 +86,11 @@ class _Fitter:
         g.manual_seed(self.base_seed)
         return g
 
-    def batches(self, desc: str, first: Any = None) -> Iterator[tuple[Tensor, Tensor]]:
-        it: Iterable[Any] = self.loader
-        if first is not None:
-            rest = iter(self.loader)
-            next(rest)
-            it = itertools.chain([first], rest)
+    def batches(self, desc: str) -> Iterator[tuple[Tensor, Tensor]]:
+        """One pass over the loader; the first pass resumes the iterator ``prepare`` started, so
+        a shuffling loader is not re-drawn (and its first batch not loaded twice)."""
+        it: Iterable[Any] = self.loader if self.resume is None else self.resume
+        self.resume = None
         bar = tqdm(it, desc=desc, total=_len(self.loader), disable=not self.progress, leave=False)
         for batch in bar:
             x, y = unpack_batch(batch, self.device, self.dtype)
@@ -129,7 +129,8 @@ def prepare(
         base_seed = int(torch.randint(2**62, (1,)).item())
     fitter = _Fitter(model, loader, structure, f, mc_samples, base_seed, progress, reducer)
 
-    first = next(iter(loader), None)
+    started = iter(loader)
+    first = next(started, None)
     if first is None:
         raise ValueError(
             "fit_curvature: the loader yielded no batches; pass a loader over the training data."
@@ -147,6 +148,7 @@ def prepare(
         )
     if check_determinism:
         _check_determinism(model, x0, out0, buffers)
+    fitter.resume = itertools.chain([first], started)
     return fitter, targets, first
 
 
@@ -200,7 +202,9 @@ def fit_curvature(
         exclude: module names to leave out (reported in ``coverage``).
         mc_samples: labels sampled per point for ``fisher="mc"``.
         seed, generator: make ``fisher="mc"`` reproducible.
-        mode: ``"auto"``, ``"cached"`` or ``"streaming"`` (K-FOC only).
+        mode: ``"auto"``, ``"cached"`` or ``"streaming"`` (K-FOC only). Streaming with
+            ``fisher="mc"`` needs a loader that yields the same batches in every pass (no
+            shuffling): the sampled labels are re-drawn batch by batch from one seed.
         memory_budget: bytes allowed for cached statistics (default: half the free CUDA memory or
             a quarter of the available host memory).
         tol: stop when the relative change of both factors falls below ``tol`` (floored at
@@ -270,7 +274,7 @@ def _fit(
     num_data = 0
     log_lik = torch.zeros((), dtype=fitter.dtype, device=fitter.device)
     gen = fitter.generator()
-    for i, (x, y) in enumerate(fitter.batches("curvature", first)):
+    for i, (x, y) in enumerate(fitter.batches("curvature")):
         stats, logits = collector.batch(x, y, gen)
         num_data += x.shape[0]
         log_lik += torch.log_softmax(logits, dim=-1).gather(1, y.unsqueeze(1)).sum()
