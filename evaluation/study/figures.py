@@ -155,6 +155,13 @@ def shift_figure(results: dict[str, Any], path: Path) -> None:
         _save(fig, path)
 
 
+def _score_names(
+    methods: list[str], scores: dict[str, dict[str, dict[str, np.ndarray]]]
+) -> list[str]:
+    """The OOD scores that at least one method produced, in ``SCORE_LABELS`` order."""
+    return [s for s in SCORE_LABELS if any(s in scores[m]["test"] for m in methods)]
+
+
 def ood_histogram_figure(
     results: dict[str, Any],
     scores: dict[str, dict[str, dict[str, np.ndarray]]],
@@ -163,7 +170,7 @@ def ood_histogram_figure(
 ) -> None:
     """Rows: methods; columns: scores; test split vs ``ood_set`` (seed 0)."""
     methods = results["methods"]
-    score_names = [s for s in SCORE_LABELS if any(s in scores[m]["test"] for m in methods)]
+    score_names = _score_names(methods, scores)
     rows, cols = len(methods), len(score_names)
     with _style():
         fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 1.9 * rows), squeeze=False)
@@ -201,7 +208,7 @@ def roc_figure(
 ) -> None:
     """One panel per score, one ROC curve per method (seed 0)."""
     methods = results["methods"]
-    score_names = [s for s in SCORE_LABELS if any(s in scores[m]["test"] for m in methods)]
+    score_names = _score_names(methods, scores)
     palette = _palette(methods)
     with _style():
         fig, axes = plt.subplots(
