@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parameters_to_vector
 
-from .._options import StrEnum
+from .._options import FisherType, StrEnum
 from .._version import __version__
 from ..blocks import CurvatureBlock, DenseBlock, DiagBlock, KronBlock
 from ..curvature import Curvature, fit_curvature
@@ -375,7 +375,8 @@ class Laplace:
     def _jacobians(self, x: Tensor) -> list[tuple[dict[str, Stats], Tensor]]:
         """Per-chunk Jacobian statistics and MAP logits at ``x`` (independent of ``τ``)."""
         x = self._check_x(x)
-        with Collector(self.model, self._targets, self.blocks_fisher, 1) as col:
+        # jacobians() uses the directions e_c; the Fisher type is not consulted
+        with Collector(self.model, self._targets, FisherType.EXACT, 1) as col:
             return [col.jacobians(xb) for xb in torch.split(x, self.chunk_size)]
 
     def _glm_from(self, chunks: list[tuple[dict[str, Stats], Tensor]]) -> tuple[Tensor, Tensor]:
@@ -394,12 +395,6 @@ class Laplace:
         """Mean ``[B, C]`` and covariance ``[B, C, C]`` of the linearised logits at ``x``."""
         self._require_fit("glm_distribution")
         return self._glm_from(self._jacobians(x))
-
-    @property
-    def blocks_fisher(self) -> Any:
-        from .._options import FisherType
-
-        return FisherType.parse(self.fisher, "Laplace: fisher")
 
     def predictive_samples(
         self,
