@@ -45,7 +45,7 @@ class Structure(StrEnum):
 class FisherType(StrEnum):
     """Which Fisher is approximated (see ``MATH.md``, "Fisher directions").
 
-    - ``exact``: the type-2 Fisher, every class weighted by its probability (``V = C``).
+    - ``exact``: the type-2 Fisher, every class weighted by its probability (``V = C − 1``).
     - ``mc``: ``mc_samples`` labels drawn from the model's predictive (``V = mc_samples``).
     - ``empirical``: the observed labels (``V = 1``).
     """
@@ -66,3 +66,17 @@ class Mode(StrEnum):
     AUTO = "auto"
     CACHED = "cached"
     STREAMING = "streaming"
+
+
+class Solver(StrEnum):
+    """How cached K-FOC finds the top singular pair of the rearranged Fisher.
+
+    - ``lanczos``: Golub–Kahan–Lanczos bidiagonalisation from K-FAC's ``A`` (fewer passes over
+      the statistics; the Ritz factors are projected onto the PSD cone, removing ``O(tol)``).
+    - ``power``: the paper's power iteration from K-FAC's ``(A, G)``; every iterate is PSD.
+
+    Streaming fits always use the (Jacobi) power iteration.
+    """
+
+    LANCZOS = "lanczos"
+    POWER = "power"

@@ -9,7 +9,6 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
 from bayes_kfoc._options import FisherType
-from bayes_kfoc.curvature._directions import logit_directions
 
 
 def per_point_jacobians(model: nn.Module, x: Tensor) -> dict[str, Tensor]:
@@ -41,16 +40,38 @@ def dense_fisher(
     for x, y in batches:
         with torch.no_grad():
             logits = model(x)
-        cot = logit_directions(logits, y, ftype, mc_samples, gen)  # [V, N, C]
         jac = per_point_jacobians(model, x)
         j = torch.cat(
             [jac[k].reshape(x.shape[0], logits.shape[1], -1) for k in names], dim=2
         )  # [N, C, P]
-        g = torch.einsum("vnc,ncp->vnp", cot, j).reshape(-1, j.shape[-1])
-        f = g.T @ g
+        f = _logit_fisher_pullback(logits, y, j, ftype, mc_samples, gen)
         total = f if total is None else total + f
     assert total is not None
     return total, names
+
+
+def _logit_fisher_pullback(
+    logits: Tensor, y: Tensor, j: Tensor, ftype: FisherType, mc_samples: int, gen: torch.Generator
+) -> Tensor:
+    """``Σ_n J_nᵀ H_n J_n`` with ``H_n`` the per-point Fisher at the logits, written out plainly.
+
+    exact: ``H = diag(p) − p pᵀ``; mc: the mean of ``(e_ŷ − p)(e_ŷ − p)ᵀ`` over ``ŷ ~ p``
+    drawn with ``torch.multinomial`` from ``gen`` (the library's draw); empirical:
+    ``(e_y − p)(e_y − p)ᵀ``.
+    """
+    p = torch.softmax(logits, dim=-1)
+    c = p.shape[1]
+    eye = torch.eye(c, dtype=p.dtype)
+    if ftype is FisherType.EXACT:
+        h = torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)
+    else:
+        if ftype is FisherType.MC:
+            labels = torch.multinomial(p, mc_samples, replacement=True, generator=gen)  # [N, S]
+        else:
+            labels = y.unsqueeze(1)
+        r = eye[labels] - p.unsqueeze(1)  # [N, S, C]
+        h = torch.einsum("nsc,nsd->ncd", r, r) / labels.shape[1]
+    return torch.einsum("ncp,ncd,ndq->pq", j, h, j)
 
 
 def module_slice(model: nn.Module, names: list[str], module_name: str) -> slice:

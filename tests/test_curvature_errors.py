@@ -106,6 +106,7 @@ def test_non_finite_inputs_outputs_and_statistics() -> None:
         ({"exclude": ["0", "2"]}, "every module was excluded"),
         ({"mc_samples": 0}, "mc_samples"),
         ({"tol": 0.0}, "tol"),
+        ({"solver": "arnoldi"}, "'lanczos', 'power'"),
     ],
 )
 def test_invalid_options_list_the_valid_ones(kwargs: dict, pattern: str) -> None:

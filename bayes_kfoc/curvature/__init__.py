@@ -1,4 +1,4 @@
-"""The curvature engine: statistics collection, K-FOC power iteration, K-FAC, diagonal, dense."""
+"""The curvature engine: statistics collection, K-FOC (Lanczos / power), K-FAC, diagonal, dense."""
 
 from ._kfoc import ConvergenceWarning
 from ._result import Curvature

@@ -3,7 +3,11 @@
 With ``p = softmax(f)`` and ``V`` directions per point, ``B = Σ_v δ_v δ_v^T`` at the logits is
 (see ``MATH.md``, "Fisher directions"):
 
-- ``exact``: ``δ_c = √p_c (e_c − p)``, ``V = C``, so ``Σ_c δ_c δ_c^T = diag(p) − p p^T``;
+- ``exact``: ``δ_c = √p_c (e_c − p)`` gives ``Σ_c δ_c δ_c^T = diag(p) − p p^T``. These ``C`` rows
+  are dependent (``Σ_c √p_c δ_c = 0``), so they are rotated by the Householder reflection ``H``
+  with ``H e_C = −√p`` (orthogonal, so ``Σ δ δ^T`` is unchanged) and the last rotated row, which is
+  zero, is dropped: ``V = C − 1`` (a tenth fewer backward directions and statistics for ten
+  classes);
 - ``mc``: ``δ_s = (e_{ŷ_s} − p) / √S`` with ``ŷ_s ~ p``, ``V = S = mc_samples`` (averaged, not
   summed, over the samples);
 - ``empirical``: ``δ = e_y − p`` for the observed label, ``V = 1``.
@@ -34,8 +38,17 @@ def logit_directions(
     c = probs.shape[1]
     if fisher is FisherType.EXACT:
         eye = torch.eye(c, dtype=probs.dtype, device=probs.device)
-        # [C, N, C]: row c of point n is √p_c (e_c − p).
-        return probs.T.sqrt().unsqueeze(-1) * (eye.unsqueeze(1) - probs.unsqueeze(0))
+        root = probs.sqrt()
+        # [N, C, C]: row c of point n is √p_c (e_c − p).
+        rows = root.unsqueeze(-1) * (eye - probs.unsqueeze(1))
+        if c == 1:
+            return rows.transpose(0, 1)
+        # Householder H = I − 2wwᵀ, w = (e_C + √p)/||e_C + √p||, ||e_C + √p||² = 2(1 + √p_C) ≥ 2.
+        w = root.clone()
+        w[:, -1] += 1.0
+        w = w / (2.0 * (1.0 + root[:, -1:])).sqrt()
+        rotated = rows - 2.0 * w.unsqueeze(-1) * (w.unsqueeze(1) @ rows)  # H · rows
+        return rotated[:, :-1].transpose(0, 1)  # [C − 1, N, C]; the dropped row is H·(√p-comb.) = 0
     if fisher is FisherType.MC:
         samples = torch.multinomial(probs, mc_samples, replacement=True, generator=generator)
         onehot = torch.nn.functional.one_hot(samples.T, c).to(probs.dtype)  # [S, N, C]
@@ -46,7 +59,7 @@ def logit_directions(
 
 def num_directions(fisher: FisherType, num_classes: int, mc_samples: int) -> int:
     if fisher is FisherType.EXACT:
-        return num_classes
+        return max(num_classes - 1, 1)
     if fisher is FisherType.MC:
         return mc_samples
     return 1

@@ -1,10 +1,20 @@
-"""K-FOC power iteration on the Van Loan–Pitsianis rearrangement, without forming the Fisher.
+"""K-FOC on the Van Loan–Pitsianis rearrangement, without forming the Fisher.
 
 ``min_{A,G} ||F − G ⊗ A||_F`` is the top singular pair of ``R(F) = Σ_n vec(B_n) vec(ā_n ā_n^T)^T``.
-The iteration alternates ``A ← Σ ā ā^T ⟨G, B_n⟩`` and ``G ← Σ B_n (ā^T A ā)``, normalising each
-update; both maps send PSD matrices to PSD matrices, so a PSD start (K-FAC) keeps the factors PSD.
-At convergence ``||A||_F = 1`` and ``G' = R(A)`` (unnormalised) give ``σ₁ = ||G'||_F`` and the
-optimum ``G' ⊗ A``; the scale is then split evenly, ``||A||_F = ||G||_F = √σ₁``.
+Two solvers share the two matrix-free maps ``R(G) = Σ ā ā^T ⟨G, B_n⟩`` (the ``A`` update) and its
+adjoint ``Rᵀ(A) = Σ B_n (ā^T A ā)`` (the ``G`` update):
+
+- :func:`power_iteration` / :func:`power_iteration_jacobi` alternate the two maps, normalising
+  each update; both maps send PSD matrices to PSD matrices, so a PSD start (K-FAC) keeps every
+  iterate PSD. Converges like ``(σ₂/σ₁)^{2k}``.
+- :func:`lanczos_bidiag` runs Golub–Kahan–Lanczos bidiagonalisation on the same maps (one ``A``
+  and one ``G`` update per step, like a power iteration) from K-FAC's ``A``. The Krylov space
+  converges like a Chebyshev polynomial in the gap, so a slowly converging layer needs a fraction
+  of the steps; the Ritz factors are projected onto the PSD cone at the end (the part removed
+  is ``O(tol)`` and reported as ``info["psd_clamped"]``).
+
+At convergence ``||A||_F = 1`` and ``G' = Rᵀ(A)`` give ``σ₁ = ||G'||_F`` and the optimum
+``G' ⊗ A``; the scale is then split evenly, ``||A||_F = ||G||_F = √σ₁``.
 """
 
 from __future__ import annotations
@@ -50,7 +60,7 @@ def _finish(
     """Balanced factors ``(√σ A, √σ G)`` from unit-norm ``A``, ``G`` and ``σ₁``, plus info."""
     if not converged:
         warnings.warn(
-            f"K-FOC power iteration for module {name!r} did not converge: relative factor change "
+            f"K-FOC ({scheme}) for module {name!r} did not converge: relative factor change "
             f"{change:.3e} > tol {tol:.1e} after {it} iterations. Raise max_iter, or loosen tol.",
             ConvergenceWarning,
             stacklevel=6,  # the caller of fit_curvature
@@ -148,3 +158,152 @@ def power_iteration_jacobi(
         if on_iteration is not None:
             on_iteration(it, len(done))
     return done
+
+
+def _flat_dot(x: Tensor, y: Tensor) -> Tensor:
+    return (x * y).sum()
+
+
+def _orthogonalise(x: Tensor, basis: list[Tensor]) -> Tensor:
+    """``x`` minus its projection on the orthonormal ``basis`` (classical Gram–Schmidt, twice)."""
+    if not basis:
+        return x
+    stack = torch.stack(basis).flatten(1)
+    flat = x.flatten()
+    for _ in range(2):
+        flat = flat - stack.T @ (stack @ flat)
+    return flat.view_as(x)
+
+
+def _psd_part(x: Tensor) -> tuple[Tensor, float]:
+    """The nearest PSD matrix (Frobenius) to the symmetric ``x``, and the relative norm removed."""
+    x = 0.5 * (x + x.T)
+    evals, evecs = torch.linalg.eigh(x)
+    neg = evals.clamp_max(0.0)
+    if not bool((neg < 0).any()):
+        return x, 0.0
+    removed = float(torch.linalg.vector_norm(neg) / torch.linalg.vector_norm(evals))
+    return (evecs * evals.clamp_min(0.0)) @ evecs.T, removed
+
+
+def lanczos_bidiag(
+    name: str,
+    a_update: Callable[[Tensor], Tensor],
+    g_update: Callable[[Tensor], Tensor],
+    A0: Tensor,
+    tol: float,
+    max_iter: int,
+    restart: int = 12,
+) -> tuple[Tensor, Tensor, dict[str, Any]]:
+    """Golub–Kahan–Lanczos bidiagonalisation for one layer's top singular pair (cached statistics).
+
+    ``g_update(A) = Rᵀ(A) = Σ B_n (ā^T A ā)`` and ``a_update(G) = R(G) = Σ ā ā^T ⟨G, B_n⟩`` are
+    adjoint for the Frobenius inner product (both summed over all data and ranks). Starting from
+    ``v₁ = A0/||A0||`` (K-FAC's ``A``), the half-steps alternate
+    ``α_j u_j = Rᵀ(v_j) − β_{j−1} u_{j−1}`` and ``β_j v_{j+1} = R(u_j) − α_j v_j`` (fully
+    re-orthogonalised); a ``G`` and an ``A`` half-step cost what one power iteration costs.
+
+    Convergence is tested after every half-step, as in the power iteration. After an ``A``
+    half-step the top triplet ``(σ, x, y)`` of the square upper-bidiagonal ``B_k`` gives
+    ``A = V y``, ``G = U x`` with ``Rᵀ(A) = σG`` exactly and ``||R(G) − σA||_F = β_k |x_k|``;
+    after a ``G`` half-step the ``(k+1) x k`` lower-bidiagonal ``[B_kᵀ; β_k e_kᵀ]`` gives a pair
+    with ``R(G) = σA`` exactly and ``||Rᵀ(A) − σG||_F = α_{k+1} |y_{k+1}|``. The stopping rule is
+    that relative residual ``< tol``: the relative change one more power half-step would make
+    (one factor is then the exact optimum given the other, so the certificate holds). After
+    ``restart`` steps the bidiagonalisation restarts from its Ritz vector (memory: ``restart``
+    copies of each factor). ``max_iter`` bounds the steps (pairs of half-steps).
+
+    Returns balanced, PSD ``(A, G, info)``; ``info["psd_clamped"]`` is the relative Frobenius
+    norm of the negative eigenvalues removed from the Ritz factors (``O(tol)``).
+    """
+    tol = effective_tol(tol, A0.dtype)
+    v, norm0 = _unit(0.5 * (A0 + A0.T))
+    if not bool(norm0 > 0):
+        return _finish(name, A0, torch.zeros_like(A0), 0.0, 0, 0.0, tol, True, "lanczos")
+    half, residual, sigma = 0, math.inf, 0.0
+    A_out: Tensor = v
+    G_out: Tensor | None = None
+    stop = False
+    while not stop:
+        V: list[Tensor] = [v]
+        U: list[Tensor] = []
+        alphas: list[Tensor] = []
+        betas: list[Tensor] = []
+        for _ in range(restart):
+            u = g_update(V[-1])  # G half-step
+            half += 1
+            if betas:
+                u = u - betas[-1] * U[-1]
+            u, alpha = _unit(_orthogonalise(u, U))
+            if U:  # test the pair of the lower-bidiagonal [B_kᵀ; β_k e_kᵀ]
+                sigma_t, y, x = _top_pair(_bidiag(alphas, betas, lower=True))
+                sigma, residual = float(sigma_t), float(alpha * y[-1].abs() / sigma_t)
+                A_out, G_out = _combine(y, V), _combine(x, U)
+                if residual < tol or half >= 2 * max_iter:
+                    stop = True
+                    break
+            elif not bool(alpha > 0):  # Rᵀ(A0) = 0 on the data: the layer's Fisher is zero
+                return _finish(name, v, torch.zeros_like(u), 0.0, 1, 0.0, tol, True, "lanczos")
+            U.append(u)
+            alphas.append(alpha)
+            w = a_update(u) - alpha * V[-1]  # A half-step
+            half += 1
+            w, beta = _unit(_orthogonalise(w, V))
+            sigma_t, x, y = _top_pair(_bidiag(alphas, betas, lower=False))
+            sigma, residual = float(sigma_t), float(beta * x[-1].abs() / sigma_t)
+            A_out, G_out = _combine(y, V), _combine(x, U)
+            if residual < tol or half >= 2 * max_iter or not bool(beta > 0):
+                stop = True  # converged, out of steps, or an invariant subspace (exact pair)
+                break
+            V.append(w)
+            betas.append(beta)
+        v = _unit(A_out)[0]  # explicit restart from the Ritz vector
+    assert G_out is not None
+    if bool(torch.trace(A_out) < 0):  # the singular pair's sign is arbitrary
+        A_out, G_out = -A_out, -G_out
+    A_psd, clamped_a = _psd_part(A_out)
+    G_psd, clamped_g = _psd_part(G_out)
+    converged = residual < tol
+    A, G, info = _finish(
+        name,
+        _unit(A_psd)[0],
+        _unit(G_psd)[0],
+        sigma,
+        math.ceil(half / 2),
+        residual,
+        tol,
+        converged,
+        "lanczos",
+    )
+    info["half_steps"] = half
+    info["psd_clamped"] = max(clamped_a, clamped_g)
+    return A, G, info
+
+
+def _bidiag(alphas: list[Tensor], betas: list[Tensor], lower: bool) -> Tensor:
+    """``B_k`` (upper, ``k x k``: ``α`` on the diagonal, ``β_1..β_{k−1}`` above) or, with
+    ``lower``, ``[B_kᵀ; β_k e_kᵀ]`` (``(k+1) x k``, ``β_1..β_k`` below the diagonal)."""
+    k = len(alphas)
+    a = torch.stack(alphas).double()
+    if lower:
+        mat = torch.zeros(k + 1, k, dtype=a.dtype, device=a.device)
+        idx = torch.arange(k, device=a.device)
+        mat[idx, idx] = a
+        mat[idx + 1, idx] = torch.stack(betas[:k]).double()
+        return mat
+    mat = torch.diag(a)
+    if k > 1:
+        mat = mat + torch.diag(torch.stack(betas[: k - 1]).double(), 1)
+    return mat
+
+
+def _top_pair(mat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(σ₁, left, right)`` of a small matrix (``mat @ right = σ₁ left``), in its dtype."""
+    left, s, right_h = torch.linalg.svd(mat)
+    return s[0], left[:, 0], right_h[0]
+
+
+def _combine(coef: Tensor, basis: list[Tensor]) -> Tensor:
+    """``Σ_k coef_k basis_k``."""
+    stack = torch.stack(basis[: coef.numel()])
+    return torch.tensordot(coef.to(stack.dtype), stack, dims=1)

@@ -52,7 +52,7 @@ class Curvature:
         return torch.block_diag(*[b.to_dense() for b in self.blocks.values()])
 
     def convergence(self) -> dict[str, dict[str, Any]]:
-        """Per-block power-iteration info (K-FOC only): iterations, residual, σ₁, converged."""
+        """Per-block solver info (K-FOC only): iterations, residual, σ₁, converged, scheme."""
         return {k: dict(b.info) for k, b in self.blocks.items() if b.info}
 
     def report(self) -> str:

@@ -85,10 +85,15 @@ class KronStats:
         return t.element_size()
 
     # -- K-FAC ----------------------------------------------------------------------------------
-    def kfac_sums(self) -> tuple[Tensor, Tensor, int]:
-        """``(Σ_{n,t} ā ā^T, Σ_{n,v,t} δ δ^T, N·T)``; call before ``M`` replaces ``a``/``d``."""
+    def kfac_sums(self, with_g: bool = True) -> tuple[Tensor, Tensor, int]:
+        """``(Σ_{n,t} ā ā^T, Σ_{n,v,t} δ δ^T, N·T)``; call before ``M`` replaces ``a``/``d``.
+
+        ``with_g=False`` returns zeros for the second sum (cached K-FOC does not need it).
+        """
         assert self.a is not None and self.d is not None
         a = self.a.reshape(-1, self.n)
+        if not with_g:
+            return a.T @ a, a.new_zeros(self.o, self.o), self.num_points * self.T
         d = self.d.reshape(-1, self.o)
         return a.T @ a, d.T @ d, self.num_points * self.T
 

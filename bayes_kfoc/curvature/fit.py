@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .._options import FisherType, Mode, Structure
+from .._options import FisherType, Mode, Solver, Structure
 from ..blocks import CurvatureBlock, DenseBlock, DiagBlock, KronBlock
 from ._checks import (
     check_determinism as _check_determinism,
@@ -22,11 +22,13 @@ from ._checks import (
     snapshot_buffers,
 )
 from ._collect import Collector, Stats, probe, unpack_batch
-from ._kfoc import power_iteration, power_iteration_jacobi
+from ._kfoc import lanczos_bidiag, power_iteration, power_iteration_jacobi
 from ._modules import Target, select
 from ._reduce import Reducer
 from ._result import Curvature
 from ._stats import KronStats
+
+LANCZOS_RESTART = 12  # Krylov steps kept before an explicit restart (memory: 2 x 12 factors)
 
 
 def _dataset_size(loader: Iterable[Any]) -> int | None:
@@ -171,6 +173,7 @@ def fit_curvature(
     check_determinism: bool = True,
     distributed: bool | None = None,
     dtype: torch.dtype | None = None,
+    solver: str = "lanczos",
 ) -> Curvature:
     """Fit curvature blocks of a classifier's **summed** Fisher over every batch of ``loader``.
 
@@ -178,10 +181,11 @@ def fit_curvature(
     ``parameters_to_vector(module.parameters())`` order (weight row-major, then bias):
 
     - ``structure="kfoc"``: ``G ⊗ A``, the Frobenius-optimal Kronecker approximation of the exact
-      summed block over the whole data set (Schnaus, Lee & Triebel, 2021), by power iteration on
-      the Van Loan–Pitsianis rearrangement, warm-started from K-FAC. Linear layers never form
-      per-point gradients; Conv2d uses the per-point gradient matrices ``M_n`` or the unfold,
-      whichever is cheaper.
+      summed block over the whole data set (Schnaus, Lee & Triebel, 2021): the top singular pair
+      of the Van Loan–Pitsianis rearrangement, warm-started from K-FAC, found without forming
+      the Fisher by Lanczos bidiagonalisation (``solver``) or power iteration. Linear layers
+      never form per-point gradients; Conv2d uses the per-point gradient matrices ``M_n`` or
+      the unfold, whichever is cheaper.
     - ``"kfac"``: ``(Σ_n B_n) ⊗ (1/N Σ_n ā ā^T)`` for Linear; the KFC "expand" form
       ``(Σ_{n,t} δδ^T) ⊗ (1/(N·T) Σ_{n,t} ā ā^T)`` for Conv2d.
     - ``"diag"``: the exact diagonal; ``"full"``: the exact dense block (small modules only).
@@ -207,15 +211,23 @@ def fit_curvature(
             shuffling): the sampled labels are re-drawn batch by batch from one seed.
         memory_budget: bytes allowed for cached statistics (default: half the free CUDA memory or
             a quarter of the available host memory).
-        tol: stop when the relative change of both factors falls below ``tol`` (floored at
-            50 ulp of the dtype).
-        max_iter: most power iterations; a run that stops there warns with its residual.
+        tol: stop when the relative change that one more power half-step would make to a factor
+            falls below ``tol`` (floored at 50 ulp of the dtype). Power iteration measures that
+            change; Lanczos its exact upper bound, the relative residual of its Ritz pair.
+        max_iter: most iterations (pairs of ``A``/``G`` updates); a run that stops there warns
+            with its residual. ``blocks[name].info`` has ``iterations``, ``residual``,
+            ``converged``, ``sigma1``, ``scheme`` and ``mode`` per K-FOC block.
         progress: show tqdm progress bars.
         check_determinism: re-run the first batch and raise if outputs or buffers change.
         distributed: all-reduce every sum over data across ``torch.distributed`` ranks (each rank
             iterating over its own shard); ``None`` detects an initialised group.
         dtype: accumulate statistics and factors in this dtype (e.g. ``torch.float64`` for a
             float32 or bfloat16 model); default: the model's dtype.
+        solver: cached K-FOC's solver: ``"lanczos"`` (default: Golub–Kahan–Lanczos from K-FAC's
+            ``A``, whose first ``G`` update replaces K-FAC's ``Σ B_n``; Ritz factors projected
+            onto the PSD cone, the removed part ``O(tol)`` is ``info["psd_clamped"]``) or
+            ``"power"`` (power iteration from K-FAC's ``(A, G)``, PSD at every step). Streaming
+            fits use the Jacobi power iteration (both updates from one data pass).
 
     Returns:
         A :class:`Curvature` with ``blocks[module_name]``.
@@ -225,6 +237,7 @@ def fit_curvature(
     """
     s = Structure.parse(structure, "fit_curvature: structure")
     m = Mode.parse(mode, "fit_curvature: mode")
+    solver_ = Solver.parse(solver, "fit_curvature: solver")
     if not tol > 0:
         raise ValueError(f"fit_curvature: tol must be positive, got {tol}.")
     if not isinstance(max_iter, int) or max_iter < 1:
@@ -248,7 +261,9 @@ def fit_curvature(
     if dtype is not None and not dtype.is_floating_point:
         raise ValueError(f"fit_curvature: dtype must be a floating dtype, got {dtype}.")
     with Collector(model, targets, f, mc_samples, dtype) as collector:
-        blocks, used_mode, info = _fit(fitter, collector, targets, first, m, budget, tol, max_iter)
+        blocks, used_mode, info = _fit(
+            fitter, collector, targets, first, m, budget, tol, max_iter, solver_
+        )
     coverage = _coverage(model, blocks, targets, fitter.skipped)
     return Curvature(blocks, s.value, f.value, info.pop("num_data"), used_mode, coverage, info)
 
@@ -262,6 +277,7 @@ def _fit(
     budget: int,
     tol: float,
     max_iter: int,
+    solver: Solver,
 ) -> tuple[dict[str, CurvatureBlock], str, dict[str, Any]]:
     s = fitter.structure
     red = fitter.reducer
@@ -272,6 +288,7 @@ def _fit(
     estimate: int | None = None
     sums: dict[str, list[Any]] = {}
     num_data = 0
+    g_missing = False
     log_lik = torch.zeros((), dtype=fitter.dtype, device=fitter.device)
     gen = fitter.generator()
     for i, (x, y) in enumerate(fitter.batches("curvature")):
@@ -282,7 +299,10 @@ def _fit(
             st: Stats = stats[t.name]
             if t.name in kron:
                 assert isinstance(st, KronStats)
-                a_sum, g_sum, count = st.kfac_sums()
+                # Cached K-FOC starts from K-FAC's A alone: its first G update replaces Σ B_n.
+                skip_g = cache is not None and solver is Solver.LANCZOS
+                g_missing = g_missing or skip_g
+                a_sum, g_sum, count = st.kfac_sums(with_g=not skip_g)
                 _accumulate(sums, t.name, [a_sum, g_sum, count])
                 if cache is not None:
                     cache[t.name].append(st.compact())
@@ -293,10 +313,10 @@ def _fit(
             else:
                 _accumulate(sums, t.name, [st.diag()])
         if cache is not None and i == 0:
-            # Per-layer work besides the cache: four copies of the factors (iterates, updates)
-            # and one batch's temporaries (about the size of that batch's statistics).
+            # Per-layer work besides the cache: the Lanczos bases and four more copies of the
+            # factors, and one batch's temporaries (about the size of that batch's statistics).
             work = cache_bytes + sum(
-                4 * (st.n**2 + st.o**2) * st.a_dtype_size
+                (2 * LANCZOS_RESTART + 4) * (st.n**2 + st.o**2) * st.a_dtype_size
                 for k, st in stats.items()
                 if k in kron and isinstance(st, KronStats)
             )
@@ -334,16 +354,21 @@ def _fit(
         info["peak_bytes_estimate"] = max(cache_bytes, estimate or 0) + work
     used_mode = "single-pass"
     factors: dict[str, tuple[Tensor, Tensor]] = {}
+    g_missing = red.any(g_missing, fitter.device)
     for t in targets:
         if t.name in kron:
             a_sum, g_sum, count = sums[t.name]
+            if g_missing:  # K-FOC: Σ B_n was skipped (or is partial after a fallback to streaming)
+                g_sum = torch.eye(g_sum.shape[0], dtype=g_sum.dtype, device=g_sum.device)
             factors[t.name] = (a_sum / count, g_sum)
     results: dict[str, tuple[Tensor, Tensor, dict[str, Any]]] = {}
     if s is Structure.KFOC and kron:
         if cache is not None:
             used_mode = "cached"
             for name in [t.name for t in targets if t.name in kron]:
-                results[name] = _kfoc_cached(name, cache[name], *factors[name], red, tol, max_iter)
+                results[name] = _kfoc_cached(
+                    name, cache[name], *factors[name], red, tol, max_iter, solver
+                )
         else:
             used_mode = "streaming"
             results = _kfoc_streaming(fitter, collector, sorted(kron), factors, tol, max_iter)
@@ -383,6 +408,7 @@ def _kfoc_cached(
     red: Reducer,
     tol: float,
     max_iter: int,
+    solver: Solver,
 ) -> tuple[Tensor, Tensor, dict[str, Any]]:
     def a_update(G: Tensor) -> Tensor:
         return red.sum(sum((st.a_update(G) for st in stats[1:]), stats[0].a_update(G)))
@@ -390,7 +416,10 @@ def _kfoc_cached(
     def g_update(A: Tensor) -> Tensor:
         return red.sum(sum((st.g_update(A) for st in stats[1:]), stats[0].g_update(A)))
 
-    A, G, info = power_iteration(name, a_update, g_update, A0, G0, tol, max_iter)
+    if solver is Solver.POWER:
+        A, G, info = power_iteration(name, a_update, g_update, A0, G0, tol, max_iter)
+    else:  # starts from K-FAC's A; its first step is the G update (G0 was not computed)
+        A, G, info = lanczos_bidiag(name, a_update, g_update, A0, tol, max_iter, LANCZOS_RESTART)
     info["mode"] = "cached"
     return A, G, info
 
