@@ -56,11 +56,12 @@ class FisherType(StrEnum):
 
 
 class Mode(StrEnum):
-    """How K-FOC's power iteration sees the data.
+    """How K-FOC's solver sees the data.
 
     - ``auto``: ``cached`` when the estimated statistics fit ``memory_budget``, else ``streaming``.
     - ``cached``: per-layer statistics are kept on the model's device.
-    - ``streaming``: each power iteration re-runs forward and backward over the loader.
+    - ``streaming``: every pass re-runs forward and backward over the loader (one pass per
+      Lanczos half-step, or per Jacobi power iteration).
     """
 
     AUTO = "auto"
@@ -69,13 +70,14 @@ class Mode(StrEnum):
 
 
 class Solver(StrEnum):
-    """How cached K-FOC finds the top singular pair of the rearranged Fisher.
+    """How K-FOC finds the top singular pair of the rearranged Fisher.
 
     - ``lanczos``: Golub–Kahan–Lanczos bidiagonalisation from K-FAC's ``A`` (fewer passes over
       the statistics; the Ritz factors are projected onto the PSD cone, removing ``O(tol)``).
     - ``power``: the paper's power iteration from K-FAC's ``(A, G)``; every iterate is PSD.
 
-    Streaming fits always use the (Jacobi) power iteration.
+    In streaming fits Lanczos takes one data pass per half-step, and power iteration is Jacobi
+    (both updates from one pass).
     """
 
     LANCZOS = "lanczos"

@@ -88,16 +88,21 @@ def test_lanczos_zero_fisher_and_non_convergence() -> None:
     assert not info["converged"] and info["half_steps"] == 2
 
 
+@pytest.mark.parametrize("mode", ["cached", "streaming"])
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_fit_solvers_agree(case: Case) -> None:
+def test_fit_solvers_agree(case: Case, mode: str) -> None:
     model, x, y = case.make()
     loader = DataLoader(TensorDataset(x, y), batch_size=4)
     fits = {
-        s: fit_curvature(model, loader, solver=s, tol=1e-12, max_iter=500, progress=False)
+        s: fit_curvature(
+            model, loader, solver=s, mode=mode, tol=1e-12, max_iter=500, progress=False
+        )
         for s in ("lanczos", "power")
     }
+    power_scheme = "gauss-seidel" if mode == "cached" else "jacobi"
     for name, b in fits["lanczos"].blocks.items():
         other = fits["power"].blocks[name]
         assert rel_err(b.to_dense(), other.to_dense()) < 1e-6, name
         if "scheme" in b.info:
-            assert b.info["scheme"] == "lanczos" and other.info["scheme"] == "gauss-seidel"
+            assert b.info["scheme"] == "lanczos" and other.info["scheme"] == power_scheme
+            assert b.info["mode"] == other.info["mode"] == mode

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import Any
 
 import torch
@@ -186,6 +186,10 @@ def _psd_part(x: Tensor) -> tuple[Tensor, float]:
     return (evecs * evals.clamp_min(0.0)) @ evecs.T, removed
 
 
+Request = tuple[str, Tensor]  # ("g", A) asks for Rᵀ(A); ("a", G) asks for R(G)
+Result = tuple[Tensor, Tensor, dict[str, Any]]
+
+
 def lanczos_bidiag(
     name: str,
     a_update: Callable[[Tensor], Tensor],
@@ -194,12 +198,32 @@ def lanczos_bidiag(
     tol: float,
     max_iter: int,
     restart: int = 12,
-) -> tuple[Tensor, Tensor, dict[str, Any]]:
+) -> Result:
     """Golub–Kahan–Lanczos bidiagonalisation for one layer's top singular pair (cached statistics).
 
-    ``g_update(A) = Rᵀ(A) = Σ B_n (ā^T A ā)`` and ``a_update(G) = R(G) = Σ ā ā^T ⟨G, B_n⟩`` are
-    adjoint for the Frobenius inner product (both summed over all data and ranks). Starting from
-    ``v₁ = A0/||A0||`` (K-FAC's ``A``), the half-steps alternate
+    Drives :func:`lanczos_steps` with the two maps; see there for the algorithm.
+    """
+    steps = lanczos_steps(name, A0, tol, max_iter, restart)
+    try:
+        kind, x = next(steps)
+        while True:
+            kind, x = steps.send(g_update(x) if kind == "g" else a_update(x))
+    except StopIteration as done:
+        return done.value
+
+
+def lanczos_steps(
+    name: str, A0: Tensor, tol: float, max_iter: int, restart: int = 12
+) -> Generator[Request, Tensor, Result]:
+    """Golub–Kahan–Lanczos bidiagonalisation as a generator of operator requests.
+
+    Yields ``("g", A)`` to ask for ``Rᵀ(A) = Σ B_n (ā^T A ā)`` and ``("a", G)`` to ask for
+    ``R(G) = Σ ā ā^T ⟨G, B_n⟩`` (both summed over all data and ranks; they are adjoint for the
+    Frobenius inner product), receives the result by ``send``, and returns ``(A, G, info)``.
+    A cached fit answers each request from its statistics; a streaming fit answers the requests
+    of every layer with one pass over the data.
+
+    Starting from ``v₁ = A0/||A0||`` (K-FAC's ``A``), the half-steps alternate
     ``α_j u_j = Rᵀ(v_j) − β_{j−1} u_{j−1}`` and ``β_j v_{j+1} = R(u_j) − α_j v_j`` (fully
     re-orthogonalised); a ``G`` and an ``A`` half-step cost what one power iteration costs.
 
@@ -230,7 +254,7 @@ def lanczos_bidiag(
         alphas: list[Tensor] = []
         betas: list[Tensor] = []
         for _ in range(restart):
-            u = g_update(V[-1])  # G half-step
+            u = yield ("g", V[-1])  # G half-step
             half += 1
             if betas:
                 u = u - betas[-1] * U[-1]
@@ -246,7 +270,7 @@ def lanczos_bidiag(
                 return _finish(name, v, torch.zeros_like(u), 0.0, 1, 0.0, tol, True, "lanczos")
             U.append(u)
             alphas.append(alpha)
-            w = a_update(u) - alpha * V[-1]  # A half-step
+            w = (yield ("a", u)) - alpha * V[-1]  # A half-step
             half += 1
             w, beta = _unit(_orthogonalise(w, V))
             sigma_t, x, y = _top_pair(_bidiag(alphas, betas, lower=False))

@@ -22,7 +22,13 @@ from ._checks import (
     snapshot_buffers,
 )
 from ._collect import Collector, Stats, probe, unpack_batch
-from ._kfoc import lanczos_bidiag, power_iteration, power_iteration_jacobi
+from ._kfoc import (
+    Request,
+    lanczos_bidiag,
+    lanczos_steps,
+    power_iteration,
+    power_iteration_jacobi,
+)
 from ._modules import Target, select
 from ._reduce import Reducer
 from ._result import Curvature
@@ -227,7 +233,8 @@ def fit_curvature(
             ``A``, whose first ``G`` update replaces K-FAC's ``Σ B_n``; Ritz factors projected
             onto the PSD cone, the removed part ``O(tol)`` is ``info["psd_clamped"]``) or
             ``"power"`` (power iteration from K-FAC's ``(A, G)``, PSD at every step). Streaming
-            fits use the Jacobi power iteration (both updates from one data pass).
+            Lanczos runs one data pass per half-step for all layers at once; streaming power
+            iteration is Jacobi (both updates of every layer from one pass).
 
     Returns:
         A :class:`Curvature` with ``blocks[module_name]``.
@@ -371,7 +378,8 @@ def _fit(
                 )
         else:
             used_mode = "streaming"
-            results = _kfoc_streaming(fitter, collector, sorted(kron), factors, tol, max_iter)
+            stream = _lanczos_streaming if solver is Solver.LANCZOS else _kfoc_streaming
+            results = stream(fitter, collector, sorted(kron), factors, tol, max_iter)
     for t in targets:
         block: CurvatureBlock
         if t.name in kron:
@@ -452,6 +460,54 @@ def _kfoc_streaming(
 
     try:
         out = power_iteration_jacobi(names, updates, factors, tol, max_iter, tick)
+    finally:
+        bar.close()
+    for v in out.values():
+        v[2]["mode"] = "streaming"
+    return out
+
+
+def _lanczos_streaming(
+    fitter: _Fitter,
+    collector: Collector,
+    names: list[str],
+    factors: dict[str, tuple[Tensor, Tensor]],
+    tol: float,
+    max_iter: int,
+) -> dict[str, tuple[Tensor, Tensor, dict[str, Any]]]:
+    """Lanczos bidiagonalisation of every layer at once, one data pass per half-step.
+
+    Each pass answers the pending request (``Rᵀ(A)`` or ``R(G)``) of every layer still iterating.
+    """
+    steps = {k: lanczos_steps(k, factors[k][0], tol, max_iter, LANCZOS_RESTART) for k in names}
+    pending: dict[str, Request] = {}
+    out: dict[str, tuple[Tensor, Tensor, dict[str, Any]]] = {}
+
+    def advance(k: str, value: Tensor | None) -> None:
+        try:
+            pending[k] = next(steps[k]) if value is None else steps[k].send(value)
+        except StopIteration as done:
+            out[k] = done.value
+            pending.pop(k, None)
+
+    for k in names:
+        advance(k, None)
+    bar = tqdm(total=2 * max_iter, desc="K-FOC passes", disable=not fitter.progress, leave=False)
+    try:
+        while pending:
+            acc: dict[str, list[Any]] = {}
+            gen = fitter.generator()
+            for x, y in fitter.batches("K-FOC pass"):
+                stats, _ = collector.batch(x, y, gen, names=set(pending))
+                for k, (kind, mat) in pending.items():
+                    st = stats[k]
+                    assert isinstance(st, KronStats)
+                    st.compact()  # per-direction gradients M when they make the updates cheaper
+                    _accumulate(acc, k, [st.g_update(mat) if kind == "g" else st.a_update(mat)])
+            for k in list(pending):
+                advance(k, fitter.reducer.sum(acc[k][0]))
+            bar.update(1)
+            bar.set_postfix(converged=f"{len(out)}/{len(names)}")
     finally:
         bar.close()
     for v in out.values():
