@@ -160,28 +160,54 @@ def power_iteration_jacobi(
     return done
 
 
-def _flat_dot(x: Tensor, y: Tensor) -> Tensor:
-    return (x * y).sum()
+class _Basis:
+    """Orthonormal matrices kept as the rows of one preallocated ``[capacity, m]`` buffer."""
 
+    def __init__(self, like: Tensor, capacity: int):
+        self.shape = like.shape
+        self.rows = like.new_empty(capacity, like.numel())
+        self.k = 0
 
-def _orthogonalise(x: Tensor, basis: list[Tensor]) -> Tensor:
-    """``x`` minus its projection on the orthonormal ``basis`` (classical Gram–Schmidt, twice)."""
-    if not basis:
-        return x
-    stack = torch.stack(basis).flatten(1)
-    flat = x.flatten()
-    for _ in range(2):
-        flat = flat - stack.T @ (stack @ flat)
-    return flat.view_as(x)
+    def append(self, x: Tensor) -> None:
+        self.rows[self.k] = x.flatten()
+        self.k += 1
+
+    def last(self) -> Tensor:
+        return self.rows[self.k - 1].view(self.shape)
+
+    def orthogonalise(self, x: Tensor) -> Tensor:
+        """``x`` minus its projection on the basis: classical Gram–Schmidt, repeated once when
+        the first pass cancelled more than ``1 − 1/√2`` of the norm ("twice is enough")."""
+        if self.k == 0:
+            return x
+        basis, flat = self.rows[: self.k], x.flatten()
+        before = torch.linalg.vector_norm(flat)
+        flat = flat - (basis @ flat) @ basis
+        if bool(torch.linalg.vector_norm(flat) < before / math.sqrt(2.0)):
+            flat = flat - (basis @ flat) @ basis
+        return flat.view(self.shape)
+
+    def combine(self, coef: Tensor) -> Tensor:
+        """``Σ_k coef_k basis_k``."""
+        return (coef.to(self.rows.dtype) @ self.rows[: coef.numel()]).view(self.shape)
 
 
 def _psd_part(x: Tensor) -> tuple[Tensor, float]:
-    """The nearest PSD matrix (Frobenius) to the symmetric ``x``, and the relative norm removed."""
+    """The nearest PSD matrix (Frobenius) to the symmetric ``x``, and the relative norm removed.
+
+    A Cholesky factorisation of ``x + s·I``, with ``s = 100·√n·ε·||x||_F`` inside the round-off
+    allowance of :func:`~bayes_kfoc.blocks._base.clamp_psd`, first checks whether any negative
+    eigenvalue exceeds round-off; only then is the (about ten times dearer) eigendecomposition
+    run. Round-off negatives are left to the block's clamp, as for power-iteration factors.
+    """
     x = 0.5 * (x + x.T)
+    n = x.shape[0]
+    shift = 100 * math.sqrt(n) * torch.finfo(x.dtype).eps * torch.linalg.matrix_norm(x)
+    eye = torch.eye(n, dtype=x.dtype, device=x.device)
+    if int(torch.linalg.cholesky_ex(x + shift * eye).info) == 0:
+        return x, 0.0
     evals, evecs = torch.linalg.eigh(x)
     neg = evals.clamp_max(0.0)
-    if not bool((neg < 0).any()):
-        return x, 0.0
     removed = float(torch.linalg.vector_norm(neg) / torch.linalg.vector_norm(evals))
     return (evecs * evals.clamp_min(0.0)) @ evecs.T, removed
 
@@ -238,7 +264,8 @@ def lanczos_steps(
     copies of each factor). ``max_iter`` bounds the steps (pairs of half-steps).
 
     Returns balanced, PSD ``(A, G, info)``; ``info["psd_clamped"]`` is the relative Frobenius
-    norm of the negative eigenvalues removed from the Ritz factors (``O(tol)``).
+    norm of the negative eigenvalues removed from the Ritz factors (``O(tol)``; eigenvalues
+    within round-off of zero are left to the block's clamp, see :func:`_psd_part`).
     """
     tol = effective_tol(tol, A0.dtype)
     v, norm0 = _unit(0.5 * (A0 + A0.T))
@@ -249,20 +276,24 @@ def lanczos_steps(
     G_out: Tensor | None = None
     stop = False
     while not stop:
-        V: list[Tensor] = [v]
-        U: list[Tensor] = []
+        V = _Basis(v, restart + 1)
+        V.append(v)
+        U: _Basis | None = None
         alphas: list[Tensor] = []
         betas: list[Tensor] = []
+        ritz: tuple[Tensor, Tensor] | None = None  # coefficients (A in V, G in U) of the last test
         for _ in range(restart):
-            u = yield ("g", V[-1])  # G half-step
+            u = yield ("g", V.last())  # G half-step
             half += 1
+            if U is None:
+                U = _Basis(u, restart)
             if betas:
-                u = u - betas[-1] * U[-1]
-            u, alpha = _unit(_orthogonalise(u, U))
-            if U:  # test the pair of the lower-bidiagonal [B_kᵀ; β_k e_kᵀ]
+                u = u - betas[-1] * U.last()
+            u, alpha = _unit(U.orthogonalise(u))
+            if U.k:  # test the pair of the lower-bidiagonal [B_kᵀ; β_k e_kᵀ]
                 sigma_t, y, x = _top_pair(_bidiag(alphas, betas, lower=True))
                 sigma, residual = float(sigma_t), float(alpha * y[-1].abs() / sigma_t)
-                A_out, G_out = _combine(y, V), _combine(x, U)
+                ritz = (y, x)
                 if residual < tol or half >= 2 * max_iter:
                     stop = True
                     break
@@ -270,17 +301,19 @@ def lanczos_steps(
                 return _finish(name, v, torch.zeros_like(u), 0.0, 1, 0.0, tol, True, "lanczos")
             U.append(u)
             alphas.append(alpha)
-            w = (yield ("a", u)) - alpha * V[-1]  # A half-step
+            w = (yield ("a", u)) - alpha * V.last()  # A half-step
             half += 1
-            w, beta = _unit(_orthogonalise(w, V))
+            w, beta = _unit(V.orthogonalise(w))
             sigma_t, x, y = _top_pair(_bidiag(alphas, betas, lower=False))
             sigma, residual = float(sigma_t), float(beta * x[-1].abs() / sigma_t)
-            A_out, G_out = _combine(y, V), _combine(x, U)
+            ritz = (y, x)
             if residual < tol or half >= 2 * max_iter or not bool(beta > 0):
                 stop = True  # converged, out of steps, or an invariant subspace (exact pair)
                 break
             V.append(w)
             betas.append(beta)
+        assert ritz is not None and U is not None
+        A_out, G_out = V.combine(ritz[0]), U.combine(ritz[1])
         v = _unit(A_out)[0]  # explicit restart from the Ritz vector
     assert G_out is not None
     if bool(torch.trace(A_out) < 0):  # the singular pair's sign is arbitrary
@@ -325,9 +358,3 @@ def _top_pair(mat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``(σ₁, left, right)`` of a small matrix (``mat @ right = σ₁ left``), in its dtype."""
     left, s, right_h = torch.linalg.svd(mat)
     return s[0], left[:, 0], right_h[0]
-
-
-def _combine(coef: Tensor, basis: list[Tensor]) -> Tensor:
-    """``Σ_k coef_k basis_k``."""
-    stack = torch.stack(basis[: coef.numel()])
-    return torch.tensordot(coef.to(stack.dtype), stack, dims=1)
