@@ -189,7 +189,8 @@ class _Basis:
 
     def combine(self, coef: Tensor) -> Tensor:
         """``Σ_k coef_k basis_k``."""
-        return (coef.to(self.rows.dtype) @ self.rows[: coef.numel()]).view(self.shape)
+        coef = coef.to(device=self.rows.device, dtype=self.rows.dtype)
+        return (coef @ self.rows[: coef.numel()]).view(self.shape)
 
 
 def _psd_part(x: Tensor) -> tuple[Tensor, float]:
@@ -279,8 +280,8 @@ def lanczos_steps(
         V = _Basis(v, restart + 1)
         V.append(v)
         U: _Basis | None = None
-        alphas: list[Tensor] = []
-        betas: list[Tensor] = []
+        alphas: list[float] = []  # the bidiagonal lives on the host, in float64
+        betas: list[float] = []
         ritz: tuple[Tensor, Tensor] | None = None  # coefficients (A in V, G in U) of the last test
         for _ in range(restart):
             u = yield ("g", V.last())  # G half-step
@@ -289,25 +290,27 @@ def lanczos_steps(
                 U = _Basis(u, restart)
             if betas:
                 u = u - betas[-1] * U.last()
-            u, alpha = _unit(U.orthogonalise(u))
+            u, alpha_t = _unit(U.orthogonalise(u))
+            alpha = float(alpha_t)
             if U.k:  # test the pair of the lower-bidiagonal [B_kᵀ; β_k e_kᵀ]
-                sigma_t, y, x = _top_pair(_bidiag(alphas, betas, lower=True))
-                sigma, residual = float(sigma_t), float(alpha * y[-1].abs() / sigma_t)
+                sigma, y, x = _top_pair(_bidiag(alphas, betas, lower=True))
+                residual = alpha * abs(float(y[-1])) / sigma
                 ritz = (y, x)
                 if residual < tol or half >= 2 * max_iter:
                     stop = True
                     break
-            elif not bool(alpha > 0):  # Rᵀ(A0) = 0 on the data: the layer's Fisher is zero
+            elif not alpha > 0:  # Rᵀ(A0) = 0 on the data: the layer's Fisher is zero
                 return _finish(name, v, torch.zeros_like(u), 0.0, 1, 0.0, tol, True, "lanczos")
             U.append(u)
             alphas.append(alpha)
             w = (yield ("a", u)) - alpha * V.last()  # A half-step
             half += 1
-            w, beta = _unit(V.orthogonalise(w))
-            sigma_t, x, y = _top_pair(_bidiag(alphas, betas, lower=False))
-            sigma, residual = float(sigma_t), float(beta * x[-1].abs() / sigma_t)
+            w, beta_t = _unit(V.orthogonalise(w))
+            beta = float(beta_t)
+            sigma, x, y = _top_pair(_bidiag(alphas, betas, lower=False))
+            residual = beta * abs(float(x[-1])) / sigma
             ritz = (y, x)
-            if residual < tol or half >= 2 * max_iter or not bool(beta > 0):
+            if residual < tol or half >= 2 * max_iter or not beta > 0:
                 stop = True  # converged, out of steps, or an invariant subspace (exact pair)
                 break
             V.append(w)
@@ -337,24 +340,22 @@ def lanczos_steps(
     return A, G, info
 
 
-def _bidiag(alphas: list[Tensor], betas: list[Tensor], lower: bool) -> Tensor:
+def _bidiag(alphas: list[float], betas: list[float], lower: bool) -> Tensor:
     """``B_k`` (upper, ``k x k``: ``α`` on the diagonal, ``β_1..β_{k−1}`` above) or, with
-    ``lower``, ``[B_kᵀ; β_k e_kᵀ]`` (``(k+1) x k``, ``β_1..β_k`` below the diagonal)."""
+    ``lower``, ``[B_kᵀ; β_k e_kᵀ]`` (``(k+1) x k``, ``β_1..β_k`` below the diagonal); a small
+    float64 matrix on the host."""
     k = len(alphas)
-    a = torch.stack(alphas).double()
-    if lower:
-        mat = torch.zeros(k + 1, k, dtype=a.dtype, device=a.device)
-        idx = torch.arange(k, device=a.device)
-        mat[idx, idx] = a
-        mat[idx + 1, idx] = torch.stack(betas[:k]).double()
-        return mat
-    mat = torch.diag(a)
-    if k > 1:
-        mat = mat + torch.diag(torch.stack(betas[: k - 1]).double(), 1)
+    mat = torch.zeros(k + int(lower), k, dtype=torch.float64)
+    for j in range(k):
+        mat[j, j] = alphas[j]
+        if lower:
+            mat[j + 1, j] = betas[j]
+        elif j + 1 < k:
+            mat[j, j + 1] = betas[j]
     return mat
 
 
-def _top_pair(mat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(σ₁, left, right)`` of a small matrix (``mat @ right = σ₁ left``), in its dtype."""
+def _top_pair(mat: Tensor) -> tuple[float, Tensor, Tensor]:
+    """``(σ₁, left, right)`` of a small host matrix (``mat @ right = σ₁ left``)."""
     left, s, right_h = torch.linalg.svd(mat)
-    return s[0], left[:, 0], right_h[0]
+    return float(s[0]), left[:, 0], right_h[0]
