@@ -106,3 +106,20 @@ def test_fit_solvers_agree(case: Case, mode: str) -> None:
         if "scheme" in b.info:
             assert b.info["scheme"] == "lanczos" and other.info["scheme"] == power_scheme
             assert b.info["mode"] == other.info["mode"] == mode
+
+
+def test_basis_grows_and_projects_out_its_span() -> None:
+    from bayes_kfoc.curvature._kfoc import _Basis
+
+    gen = torch.Generator().manual_seed(1)
+    q, _ = torch.linalg.qr(torch.randn(16, 7, generator=gen, dtype=torch.float64))
+    basis = _Basis(q[:, 0].reshape(4, 4), capacity=9)
+    for j in range(7):  # grows 4 -> 8 rows
+        basis.append(q[:, j].reshape(4, 4))
+    assert basis.k == 7 and basis.rows.shape[0] == 8
+    torch.testing.assert_close(basis.rows[:7], q.T)
+    x = torch.randn(4, 4, generator=gen, dtype=torch.float64)
+    r = basis.orthogonalise(x).flatten()
+    assert float((q.T @ r).abs().max()) < 1e-12
+    coef = torch.arange(7, dtype=torch.float64)
+    torch.testing.assert_close(basis.combine(coef), (q @ coef).reshape(4, 4))

@@ -161,14 +161,23 @@ def power_iteration_jacobi(
 
 
 class _Basis:
-    """Orthonormal matrices kept as the rows of one preallocated ``[capacity, m]`` buffer."""
+    """Orthonormal matrices kept as the rows of one ``[rows, m]`` buffer.
+
+    The buffer starts with room for 4 matrices and doubles up to ``capacity`` as the basis grows,
+    so a fast-converging layer holds only the few it used.
+    """
 
     def __init__(self, like: Tensor, capacity: int):
         self.shape = like.shape
-        self.rows = like.new_empty(capacity, like.numel())
+        self.capacity = capacity
+        self.rows = like.new_empty(min(4, capacity), like.numel())
         self.k = 0
 
     def append(self, x: Tensor) -> None:
+        if self.k == self.rows.shape[0]:
+            grown = self.rows.new_empty(min(2 * self.k, self.capacity), self.rows.shape[1])
+            grown[: self.k] = self.rows
+            self.rows = grown
         self.rows[self.k] = x.flatten()
         self.k += 1
 
@@ -224,7 +233,7 @@ def lanczos_bidiag(
     A0: Tensor,
     tol: float,
     max_iter: int,
-    restart: int = 12,
+    restart: int = 8,
 ) -> Result:
     """Golub–Kahan–Lanczos bidiagonalisation for one layer's top singular pair (cached statistics).
 
@@ -240,7 +249,7 @@ def lanczos_bidiag(
 
 
 def lanczos_steps(
-    name: str, A0: Tensor, tol: float, max_iter: int, restart: int = 12
+    name: str, A0: Tensor, tol: float, max_iter: int, restart: int = 8
 ) -> Generator[Request, Tensor, Result]:
     """Golub–Kahan–Lanczos bidiagonalisation as a generator of operator requests.
 
@@ -261,8 +270,9 @@ def lanczos_steps(
     with ``R(G) = σA`` exactly and ``||Rᵀ(A) − σG||_F = α_{k+1} |y_{k+1}|``. The stopping rule is
     that relative residual ``< tol``: the relative change one more power half-step would make
     (one factor is then the exact optimum given the other, so the certificate holds). After
-    ``restart`` steps the bidiagonalisation restarts from its Ritz vector (memory: ``restart``
-    copies of each factor). ``max_iter`` bounds the steps (pairs of half-steps).
+    ``restart`` steps the bidiagonalisation restarts from its Ritz vector (memory: up to
+    ``restart + 1`` copies of each factor, grown as used). ``max_iter`` bounds the steps (pairs of
+    half-steps).
 
     Returns balanced, PSD ``(A, G, info)``; ``info["psd_clamped"]`` is the relative Frobenius
     norm of the negative eigenvalues removed from the Ritz factors (``O(tol)``; eigenvalues
