@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -378,7 +378,7 @@ def _fit(
                 )
         else:
             used_mode = "streaming"
-            stream = _lanczos_streaming if solver is Solver.LANCZOS else _kfoc_streaming
+            stream = _lanczos_streaming if solver is Solver.LANCZOS else _jacobi_streaming
             results = stream(fitter, collector, sorted(kron), factors, tol, max_iter)
     for t in targets:
         block: CurvatureBlock
@@ -432,7 +432,35 @@ def _kfoc_cached(
     return A, G, info
 
 
-def _kfoc_streaming(
+Update = Callable[[KronStats], list[Tensor]]
+
+
+def _both_updates(A: Tensor, G: Tensor) -> Update:
+    return lambda st: [st.a_update(G), st.g_update(A)]
+
+
+def _requested_update(kind: str, mat: Tensor) -> Update:
+    return lambda st: [st.g_update(mat) if kind == "g" else st.a_update(mat)]
+
+
+def _stream_pass(
+    fitter: _Fitter, collector: Collector, work: dict[str, Update]
+) -> dict[str, list[Tensor]]:
+    """One pass over the loader: ``work[k](stats)`` for every batch and layer ``k``, summed over
+    the batches and all-reduced over the ranks (in the same order on every rank)."""
+    acc: dict[str, list[Any]] = {}
+    gen = fitter.generator()  # the same MC labels in every pass
+    for x, y in fitter.batches("K-FOC pass"):
+        stats, _ = collector.batch(x, y, gen, names=set(work))
+        for k, fn in work.items():
+            st = stats[k]
+            assert isinstance(st, KronStats)
+            st.compact()  # per-direction gradients M when they make the updates cheaper
+            _accumulate(acc, k, fn(st))
+    return {k: [fitter.reducer.sum(t) for t in v] for k, v in acc.items()}
+
+
+def _jacobi_streaming(
     fitter: _Fitter,
     collector: Collector,
     names: list[str],
@@ -441,16 +469,8 @@ def _kfoc_streaming(
     max_iter: int,
 ) -> dict[str, tuple[Tensor, Tensor, dict[str, Any]]]:
     def updates(state: dict[str, tuple[Tensor, Tensor]]) -> dict[str, tuple[Tensor, Tensor]]:
-        acc: dict[str, list[Any]] = {}
-        gen = fitter.generator()
-        for x, y in fitter.batches("K-FOC pass"):
-            stats, _ = collector.batch(x, y, gen, names=set(state))
-            for k, (A, G) in state.items():
-                st = stats[k]
-                assert isinstance(st, KronStats)
-                st.compact()  # per-direction gradients M when they make the updates cheaper
-                _accumulate(acc, k, [st.a_update(G), st.g_update(A)])
-        return {k: (fitter.reducer.sum(v[0]), fitter.reducer.sum(v[1])) for k, v in acc.items()}
+        work = {k: _both_updates(A, G) for k, (A, G) in state.items()}
+        return {k: (v[0], v[1]) for k, v in _stream_pass(fitter, collector, work).items()}
 
     bar = tqdm(total=max_iter, desc="K-FOC iterations", disable=not fitter.progress, leave=False)
 
@@ -495,17 +515,10 @@ def _lanczos_streaming(
     bar = tqdm(total=2 * max_iter, desc="K-FOC passes", disable=not fitter.progress, leave=False)
     try:
         while pending:
-            acc: dict[str, list[Any]] = {}
-            gen = fitter.generator()
-            for x, y in fitter.batches("K-FOC pass"):
-                stats, _ = collector.batch(x, y, gen, names=set(pending))
-                for k, (kind, mat) in pending.items():
-                    st = stats[k]
-                    assert isinstance(st, KronStats)
-                    st.compact()  # per-direction gradients M when they make the updates cheaper
-                    _accumulate(acc, k, [st.g_update(mat) if kind == "g" else st.a_update(mat)])
+            work = {k: _requested_update(kind, mat) for k, (kind, mat) in pending.items()}
+            sums = _stream_pass(fitter, collector, work)
             for k in list(pending):
-                advance(k, fitter.reducer.sum(acc[k][0]))
+                advance(k, sums[k][0])
             bar.update(1)
             bar.set_postfix(converged=f"{len(out)}/{len(names)}")
     finally:
