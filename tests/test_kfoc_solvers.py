@@ -123,3 +123,13 @@ def test_basis_grows_and_projects_out_its_span() -> None:
     assert float((q.T @ r).abs().max()) < 1e-12
     coef = torch.arange(7, dtype=torch.float64)
     torch.testing.assert_close(basis.combine(coef), (q @ coef).reshape(4, 4))
+
+
+@pytest.mark.parametrize(("m", "panel"), [(10, 3), (12, 4), (5, 256), (600, 256)])
+def test_symmetric_gram_by_panels_equals_the_full_product(m: int, panel: int) -> None:
+    from bayes_kfoc.curvature._stats import sym_tmm
+
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(40, m, generator=gen, dtype=torch.float64)
+    w = torch.randn(40, 1, generator=gen, dtype=torch.float64)  # signed weights: Lanczos bases
+    torch.testing.assert_close(sym_tmm(x, x * w, panel=panel), x.T @ (x * w), rtol=0, atol=1e-12)

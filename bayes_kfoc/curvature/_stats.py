@@ -17,6 +17,24 @@ from ..blocks import CurvatureBlock, KronBlock
 from ..blocks.kron import mat_to_vec
 
 
+def sym_tmm(x: Tensor, y: Tensor, panel: int = 256) -> Tensor:
+    """``x.T @ y`` for 2-D ``x``, ``y`` whose product is known to be symmetric (a weighted Gram
+    matrix): only the block-lower triangle is multiplied, in column panels of width ``panel``,
+    and mirrored. For ``m`` output columns that is ``(b + 1) / 2b`` of the flops with
+    ``b = ⌈m / panel⌉`` panels (62% at ``m = 1024``); below two panels it is one plain GEMM.
+    """
+    m = x.shape[1]
+    if m < 2 * panel:
+        return x.T @ y
+    out = x.new_empty(m, m)
+    for start in range(0, m, panel):
+        stop = min(start + panel, m)
+        block = x[:, start:].T @ y[:, start:stop]  # rows start.., columns start:stop
+        out[start:, start:stop] = block
+        out[start:stop, start:] = block.T
+    return out
+
+
 class KronStats:
     """Statistics of a Linear / Conv2d module for one batch.
 
@@ -93,23 +111,23 @@ class KronStats:
         assert self.a is not None and self.d is not None
         a = self.a.reshape(-1, self.n)
         if not with_g:
-            return a.T @ a, a.new_zeros(self.o, self.o), self.num_points * self.T
+            return sym_tmm(a, a), a.new_zeros(self.o, self.o), self.num_points * self.T
         d = self.d.reshape(-1, self.o)
-        return a.T @ a, d.T @ d, self.num_points * self.T
+        return sym_tmm(a, a), sym_tmm(d, d), self.num_points * self.T
 
     # -- K-FOC power-iteration updates ------------------------------------------------------------
     def a_update(self, G: Tensor) -> Tensor:
         """``Σ_{n,v} M^T G M`` (``= Σ_n ā ā^T ⟨G, B_n⟩`` when ``T = 1``)."""
         if self.m is not None:
             gm = torch.matmul(G, self.m)
-            return self.m.reshape(-1, self.n).T @ gm.reshape(-1, self.n)
+            return sym_tmm(self.m.reshape(-1, self.n), gm.reshape(-1, self.n))
         assert self.a is not None and self.d is not None
         if self.T == 1:
             d, a = self.d[:, :, 0], self.a[:, 0]
             w = ((d @ G) * d).sum(dim=(0, 2))
-            return a.T @ (a * w.unsqueeze(1))
+            return sym_tmm(a, a * w.unsqueeze(1))
         kmat = torch.einsum("vnto,vnso->nts", self.d @ G, self.d)
-        return self.a.reshape(-1, self.n).T @ (kmat @ self.a).reshape(-1, self.n)
+        return sym_tmm(self.a.reshape(-1, self.n), (kmat @ self.a).reshape(-1, self.n))
 
     def g_update(self, A: Tensor) -> Tensor:
         """``Σ_{n,v} M A M^T`` (``= Σ_n B_n (ā^T A ā)`` when ``T = 1``)."""
@@ -121,10 +139,10 @@ class KronStats:
             d, a = self.d[:, :, 0], self.a[:, 0]
             u = ((a @ A) * a).sum(dim=1)
             dd = d.reshape(-1, self.o)
-            return dd.T @ (d * u.unsqueeze(-1)).reshape(-1, self.o)
+            return sym_tmm(dd, (d * u.unsqueeze(-1)).reshape(-1, self.o))
         lmat = (self.a @ A) @ self.a.transpose(1, 2)  # [N, T, T]
         ld = torch.matmul(lmat, self.d)  # [V, N, T, o]
-        return self.d.reshape(-1, self.o).T @ ld.reshape(-1, self.o)
+        return sym_tmm(self.d.reshape(-1, self.o), ld.reshape(-1, self.o))
 
     # -- diagonal, dense and Frobenius quantities -------------------------------------------------
     def diag(self) -> Tensor:
