@@ -106,7 +106,7 @@ class KronStats:
     def kfac_sums(self, with_g: bool = True) -> tuple[Tensor, Tensor, int]:
         """``(Σ_{n,t} ā ā^T, Σ_{n,v,t} δ δ^T, N·T)``; call before ``M`` replaces ``a``/``d``.
 
-        ``with_g=False`` returns zeros for the second sum (cached K-FOC does not need it).
+        ``with_g=False`` returns zeros for the second sum (K-FOC's Lanczos solver does not use it).
         """
         assert self.a is not None and self.d is not None
         a = self.a.reshape(-1, self.n)

@@ -229,7 +229,7 @@ def fit_curvature(
             iterating over its own shard); ``None`` detects an initialised group.
         dtype: accumulate statistics and factors in this dtype (e.g. ``torch.float64`` for a
             float32 or bfloat16 model); default: the model's dtype.
-        solver: cached K-FOC's solver: ``"lanczos"`` (default: Golub–Kahan–Lanczos from K-FAC's
+        solver: K-FOC's solver: ``"lanczos"`` (default: Golub–Kahan–Lanczos from K-FAC's
             ``A``, whose first ``G`` update replaces K-FAC's ``Σ B_n``; Ritz factors projected
             onto the PSD cone, the removed part ``O(tol)`` is ``info["psd_clamped"]``) or
             ``"power"`` (power iteration from K-FAC's ``(A, G)``, PSD at every step). Streaming
@@ -295,7 +295,10 @@ def _fit(
     estimate: int | None = None
     sums: dict[str, list[Any]] = {}
     num_data = 0
-    g_missing = False
+    # Lanczos starts from K-FAC's A alone (its first G update replaces Σ B_n, cached or
+    # streaming), so Σ B_n is only summed for K-FAC itself and for the power iteration's start.
+    need_g = s is Structure.KFAC or solver is Solver.POWER
+    copies = 2 * LANCZOS_RESTART + 4 if solver is Solver.LANCZOS else 4
     log_lik = torch.zeros((), dtype=fitter.dtype, device=fitter.device)
     gen = fitter.generator()
     for i, (x, y) in enumerate(fitter.batches("curvature")):
@@ -306,10 +309,7 @@ def _fit(
             st: Stats = stats[t.name]
             if t.name in kron:
                 assert isinstance(st, KronStats)
-                # Cached K-FOC starts from K-FAC's A alone: its first G update replaces Σ B_n.
-                skip_g = cache is not None and solver is Solver.LANCZOS
-                g_missing = g_missing or skip_g
-                a_sum, g_sum, count = st.kfac_sums(with_g=not skip_g)
+                a_sum, g_sum, count = st.kfac_sums(with_g=need_g)
                 _accumulate(sums, t.name, [a_sum, g_sum, count])
                 if cache is not None:
                     cache[t.name].append(st.compact())
@@ -320,10 +320,10 @@ def _fit(
             else:
                 _accumulate(sums, t.name, [st.diag()])
         if cache is not None and i == 0:
-            # Per-layer work besides the cache: the Lanczos bases and four more copies of the
-            # factors, and one batch's temporaries (about the size of that batch's statistics).
+            # Per-layer work besides the cache: ``copies`` of the factors (iterates, updates and
+            # the Lanczos bases) and one batch's temporaries (about that batch's statistics).
             work = cache_bytes + sum(
-                (2 * LANCZOS_RESTART + 4) * (st.n**2 + st.o**2) * st.a_dtype_size
+                copies * (st.n**2 + st.o**2) * st.a_dtype_size
                 for k, st in stats.items()
                 if k in kron and isinstance(st, KronStats)
             )
@@ -361,13 +361,10 @@ def _fit(
         info["peak_bytes_estimate"] = max(cache_bytes, estimate or 0) + work
     used_mode = "single-pass"
     factors: dict[str, tuple[Tensor, Tensor]] = {}
-    g_missing = red.any(g_missing, fitter.device)
     for t in targets:
         if t.name in kron:
             a_sum, g_sum, count = sums[t.name]
-            if g_missing:  # K-FOC: Σ B_n was skipped (or is partial after a fallback to streaming)
-                g_sum = torch.eye(g_sum.shape[0], dtype=g_sum.dtype, device=g_sum.device)
-            factors[t.name] = (a_sum / count, g_sum)
+            factors[t.name] = (a_sum / count, g_sum)  # g_sum is zeros (unused) under Lanczos
     results: dict[str, tuple[Tensor, Tensor, dict[str, Any]]] = {}
     if s is Structure.KFOC and kron:
         if cache is not None:
@@ -426,7 +423,7 @@ def _kfoc_cached(
 
     if solver is Solver.POWER:
         A, G, info = power_iteration(name, a_update, g_update, A0, G0, tol, max_iter)
-    else:  # starts from K-FAC's A; its first step is the G update (G0 was not computed)
+    else:  # starts from K-FAC's A; its first step is the G update (G0 was not summed)
         A, G, info = lanczos_bidiag(name, a_update, g_update, A0, tol, max_iter, LANCZOS_RESTART)
     info["mode"] = "cached"
     return A, G, info
