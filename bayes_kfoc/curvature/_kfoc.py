@@ -283,10 +283,8 @@ def lanczos_steps(
     if not bool(norm0 > 0):
         return _finish(name, A0, torch.zeros_like(A0), 0.0, 0, 0.0, tol, True, "lanczos")
     half, residual, sigma = 0, math.inf, 0.0
-    A_out: Tensor = v
-    G_out: Tensor | None = None
     stop = False
-    while not stop:
+    while True:
         V = _Basis(v, restart + 1)
         V.append(v)
         U: _Basis | None = None
@@ -327,8 +325,9 @@ def lanczos_steps(
             betas.append(beta)
         assert ritz is not None and U is not None
         A_out, G_out = V.combine(ritz[0]), U.combine(ritz[1])
+        if stop:
+            break
         v = _unit(A_out)[0]  # explicit restart from the Ritz vector
-    assert G_out is not None
     if bool(torch.trace(A_out) < 0):  # the singular pair's sign is arbitrary
         A_out, G_out = -A_out, -G_out
     A_psd, clamped_a = _psd_part(A_out)
