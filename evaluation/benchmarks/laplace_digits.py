@@ -107,7 +107,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, laplace-torch {version}")
     print(f"{'method':<34}{'acc':>7}{'NLL':>8}{'ECE':>8}  details")
     with torch.no_grad():
-        row("MAP", torch.softmax(model(xt), -1), yt)
+        p_map = torch.softmax(model(xt), -1)
+    row("MAP", p_map, yt)
 
     ours: dict[str, Laplace] = {}
     for subset in ["all", "last_layer"]:
@@ -126,8 +127,6 @@ def main() -> None:
             )
             ours[f"{structure}-{subset}"] = la
 
-    with torch.no_grad():
-        p_map = torch.softmax(model(xt), -1)
     for key in ["kfoc-all", "kfoc-last_layer"]:
         lo, mid, hi = ece_difference(ours[key].predict(xt), p_map, yt)
         print(
