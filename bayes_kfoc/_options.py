@@ -43,7 +43,7 @@ class Structure(StrEnum):
 
 
 class FisherType(StrEnum):
-    """Which Fisher is approximated (see ``MATH.md``, "Fisher directions").
+    """Which Fisher is approximated (see ``docs/math.md``, "Fisher directions").
 
     - ``exact``: the type-2 Fisher, every class weighted by its probability (``V = C − 1``).
     - ``mc``: ``mc_samples`` labels drawn from the model's predictive (``V = mc_samples``).

@@ -3,7 +3,7 @@
 Everything here is matrix-free: for a block ``K`` of module ``m`` and the exact summed block ``F``,
 
 - ``||F||_F² = Σ_{k,l} ⟨g_k, g_l⟩²`` over per-direction gradients ``g``; for Linear layers this is
-  ``Σ_{n,m} (ā_n·ā_m)² ||Δ_n Δ_m^T||_F²`` (``MATH.md``, certificate), computed batch pair by
+  ``Σ_{n,m} (ā_n·ā_m)² ||Δ_n Δ_m^T||_F²`` (``docs/math.md``, "Certificate"), computed batch pair by
   batch pair;
 - ``⟨F, K⟩_F = Σ_k g_k^T K g_k`` (for ``G ⊗ A`` and ``T = 1``: ``Σ_n (ā^T A ā) Σ_v δ^T G δ``);
 - ``||F − K||_F² = ||F||² − 2⟨F, K⟩ + ||K||²``.
@@ -25,8 +25,8 @@ from torch import Tensor, nn
 
 from ._options import Structure
 from .curvature import Curvature, fit_curvature
-from .curvature._collect import Collector, Stats
 from .curvature.fit import prepare
+from .stats import Collector, Stats
 
 
 @dataclass

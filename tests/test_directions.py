@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bayes_kfoc._options import FisherType
-from bayes_kfoc.curvature._directions import logit_directions, num_directions
+from bayes_kfoc.stats import logit_directions, num_directions
 
 
 @pytest.mark.parametrize("num_classes", [2, 3, 10])

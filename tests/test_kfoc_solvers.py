@@ -127,7 +127,7 @@ def test_basis_grows_and_projects_out_its_span() -> None:
 
 @pytest.mark.parametrize(("m", "panel"), [(10, 3), (12, 4), (5, 256), (600, 256)])
 def test_symmetric_gram_by_panels_equals_the_full_product(m: int, panel: int) -> None:
-    from bayes_kfoc.curvature._stats import sym_tmm
+    from bayes_kfoc.stats import sym_tmm
 
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(40, m, generator=gen, dtype=torch.float64)

@@ -1,6 +1,6 @@
 """A Kronecker-factored curvature block ``G ⊗ A`` for Linear and Conv2d weights.
 
-Conventions (see ``MATH.md``):
+Conventions (see ``docs/math.md``, "Notation"):
 
 - The layer computes ``z = W̄ ā`` with ``W̄ = [W b]`` (``d_out x n``, ``n = d_in + 1`` with a bias)
   and ``ā = [a; 1]``. For Conv2d, ``d_in = C_in·k_h·k_w`` in ``F.unfold`` order, which matches
@@ -154,7 +154,8 @@ class KronBlock(CurvatureBlock):
     ) -> Tensor:
         """``W̄ − W̄* = Q_G (E ⊘ √S) Q_A^T`` with ``E`` standard normal ``[n, d_out, n_in]``.
 
-        ``E`` is already white in the eigenbasis, so two GEMMs per draw suffice (``MATH.md``).
+        ``E`` is already white in the eigenbasis, so two GEMMs per draw suffice
+        (``docs/math.md``, "Kronecker posterior with exact damping").
         """
         _, qa, _, qg = self.eigh()
         s = self.damped_eigenvalues(damping)

@@ -12,6 +12,17 @@ from tqdm.auto import tqdm
 
 from .._options import FisherType, Mode, Solver, Structure
 from ..blocks import CurvatureBlock, DenseBlock, DiagBlock, KronBlock
+from ..stats import (
+    Collector,
+    KronStats,
+    LinearStats,
+    SharedStats,
+    Stats,
+    Target,
+    probe,
+    select,
+    unpack_batch,
+)
 from ._checks import (
     check_determinism as _check_determinism,
 )
@@ -21,7 +32,6 @@ from ._checks import (
     human_bytes,
     snapshot_buffers,
 )
-from ._collect import Collector, Stats, probe, unpack_batch
 from ._kfoc import (
     Request,
     lanczos_bidiag,
@@ -29,10 +39,8 @@ from ._kfoc import (
     power_iteration,
     power_iteration_jacobi,
 )
-from ._modules import Target, select
 from ._reduce import Reducer
 from ._result import Curvature
-from ._stats import KronStats
 
 LANCZOS_RESTART = 8  # Krylov steps kept before an explicit restart (memory: up to 9 A, 8 G)
 
@@ -308,9 +316,10 @@ def _fit(
         for t in targets:
             st: Stats = stats[t.name]
             if t.name in kron:
-                assert isinstance(st, KronStats)
-                a_sum, g_sum, count = st.kfac_sums(with_g=need_g)
-                _accumulate(sums, t.name, [a_sum, g_sum, count])
+                assert isinstance(st, LinearStats | SharedStats)
+                ks = st.kfac_sums(with_g=need_g)
+                g_part = ks.g if ks.g is not None else 0
+                _accumulate(sums, t.name, [ks.a, g_part, ks.count])
                 if cache is not None:
                     cache[t.name].append(st.compact())
                     cache_bytes += cache[t.name][-1].nbytes
@@ -323,7 +332,7 @@ def _fit(
             # Per-layer work besides the cache: ``copies`` of the factors (iterates, updates and
             # the Lanczos bases) and one batch's temporaries (about that batch's statistics).
             work = cache_bytes + sum(
-                copies * (st.n**2 + st.o**2) * st.a_dtype_size
+                copies * (st.n**2 + st.o**2) * st.element_size
                 for k, st in stats.items()
                 if k in kron and isinstance(st, KronStats)
             )
@@ -452,8 +461,8 @@ def _stream_pass(
         for k, fn in work.items():
             st = stats[k]
             assert isinstance(st, KronStats)
-            st.compact()  # per-direction gradients M when they make the updates cheaper
-            _accumulate(acc, k, fn(st))
+            # per-direction gradients M when they make the updates cheaper
+            _accumulate(acc, k, fn(st.compact()))
     return {k: [fitter.reducer.sum(t) for t in v] for k, v in acc.items()}
 
 

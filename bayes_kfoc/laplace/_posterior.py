@@ -12,15 +12,6 @@ from torch import Tensor
 from ..blocks import CurvatureBlock
 
 
-def check_prior_precision(tau: Tensor, what: str = "prior_precision") -> Tensor:
-    if not bool(torch.isfinite(tau).all()) or bool((tau <= 0).any()):
-        raise ValueError(
-            f"Laplace: {what} must be positive and finite, got {tau.tolist()}; the prior is "
-            "N(0, 1/τ), so τ > 0."
-        )
-    return tau
-
-
 def logdet_precision(blocks: list[CurvatureBlock], tau: Tensor) -> Tensor:
     """``Σ_b log det(F_b + τ_b I)``, differentiable in ``τ`` (``tau``: one value per block)."""
     total = tau.new_zeros(())

@@ -22,17 +22,17 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parameters_to_vector
 
-from .._options import FisherType, StrEnum
+from .._options import StrEnum
 from .._version import __version__
 from ..blocks import CurvatureBlock, DenseBlock, DiagBlock, KronBlock
 from ..curvature import Curvature, fit_curvature
-from ..curvature._collect import Collector, Stats
-from ..curvature._modules import targets_for
+from ..stats import Collector, Stats, targets_for
 from ._glm import block_covariance, probit, sample_logits
 from ._layout import Layout, architecture
 from ._mc import head_features, head_logits, logits_at
-from ._posterior import check_prior_precision, logdet_precision, sample_blocks
+from ._posterior import logdet_precision, sample_blocks
 from ._prior import marglik_root
+from .prior import PriorPrecision, check_prior_precision, prior_precision_vector
 
 Metric = Callable[[Tensor, Tensor], float]
 
@@ -194,30 +194,9 @@ class Laplace:
         return self._tau
 
     @prior_precision.setter
-    def prior_precision(self, value: float | Tensor | dict[str, float]) -> None:
+    def prior_precision(self, value: PriorPrecision) -> None:
         self._require_fit("prior_precision")
-        n = len(self.blocks)
-        if isinstance(value, dict):
-            unknown = sorted(set(value) - set(self.blocks))
-            if unknown:
-                raise ValueError(
-                    f"Laplace: prior_precision names unknown module(s) {unknown}; blocks are "
-                    f"{list(self.blocks)}."
-                )
-            missing = sorted(set(self.blocks) - set(value))
-            if missing:
-                raise ValueError(f"Laplace: prior_precision lacks module(s) {missing}.")
-            tau = torch.tensor([float(value[k]) for k in self.blocks], dtype=torch.float64)
-        else:
-            tau = torch.as_tensor(value, dtype=torch.float64).detach().flatten().cpu()
-            if tau.numel() == 1:
-                tau = tau.expand(n).clone()
-            elif tau.numel() != n:
-                raise ValueError(
-                    f"Laplace: prior_precision has {tau.numel()} values but there are {n} blocks "
-                    f"({list(self.blocks)}); pass a scalar, one value per block, or a dict."
-                )
-        self._tau = check_prior_precision(tau).to(self.device)
+        self._tau = prior_precision_vector(value, list(self.blocks)).to(self.device)
 
     def prior_precision_dict(self) -> dict[str, float]:
         return {k: float(t) for k, t in zip(self.blocks, self.prior_precision, strict=True)}
@@ -375,8 +354,7 @@ class Laplace:
     def _jacobians(self, x: Tensor) -> list[tuple[dict[str, Stats], Tensor]]:
         """Per-chunk Jacobian statistics and MAP logits at ``x`` (independent of ``τ``)."""
         x = self._check_x(x)
-        # jacobians() uses the directions e_c; the Fisher type is not consulted
-        with Collector(self.model, self._targets, FisherType.EXACT, 1) as col:
+        with Collector(self.model, self._targets) as col:
             return [col.jacobians(xb) for xb in torch.split(x, self.chunk_size)]
 
     def _glm_from(self, chunks: list[tuple[dict[str, Stats], Tensor]]) -> tuple[Tensor, Tensor]:

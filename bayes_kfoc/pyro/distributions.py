@@ -1,6 +1,6 @@
 """A matrix-normal distribution with Kronecker precision and exact damping.
 
-Conventions (``MATH.md``, "Kronecker posterior with exact damping"):
+Conventions (``docs/math.md``, "Kronecker posterior with exact damping"):
 
 - The event is a matrix ``X`` of shape ``(d_out, n)``. For a layer's posterior it is
   ``W̄ = [W b]``: the weight flattened to ``d_out x d_in`` (Conv2d: ``weight.flatten(1)``) with the

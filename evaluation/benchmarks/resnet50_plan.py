@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bayes_kfoc.curvature._stats import KronStats
+from bayes_kfoc.stats import GradientStats, SharedStats, kron_stats
 
 
 @dataclass
@@ -84,10 +84,10 @@ def resnet50() -> list[Layer]:
     return layers
 
 
-def stats_meta(layer: Layer, v: int, batch: int = 1) -> KronStats:
+def stats_meta(layer: Layer, v: int, batch: int = 1) -> SharedStats:
     a = torch.empty(batch, layer.t, layer.n, device="meta")
     d = torch.empty(v, batch, layer.t, layer.o, device="meta")
-    return KronStats(a, d, layer.bias)
+    return SharedStats(a, d, layer.bias)  # the unfold form, for its cost model
 
 
 def per_sample(layer: Layer, v: int) -> dict[str, float]:
@@ -126,11 +126,10 @@ def measure(layers: list[Layer], v: int, batch: int) -> None:
         if lay.bias:
             a[..., -1] = 1
         d = torch.randn(v, batch, lay.t, lay.o)
-        st = KronStats(a, d, lay.bias)
-        st.compact()
+        st = kron_stats(a, d, lay.bias).compact()
         A = torch.eye(lay.n) + 0.01 * torch.randn(lay.n, lay.n)
         G = torch.eye(lay.o) + 0.01 * torch.randn(lay.o, lay.o)
-        form = "M" if st.m is not None else "a,d"
+        form = "M" if isinstance(st, GradientStats) else "a,d"
         meta = stats_meta(lay, v, batch)
         flops = meta._m_flops() if form == "M" else meta._unfold_flops()
         st.a_update(G), st.g_update(A)

@@ -1,7 +1,7 @@
 """Fisher directions at the logits: the rows of a square root of each per-point Fisher.
 
 With ``p = softmax(f)`` and ``V`` directions per point, ``B = Σ_v δ_v δ_v^T`` at the logits is
-(see ``MATH.md``, "Fisher directions"):
+(see ``docs/math.md``, "Fisher directions"):
 
 - ``exact``: ``δ_c = √p_c (e_c − p)`` gives ``Σ_c δ_c δ_c^T = diag(p) − p p^T``. These ``C`` rows
   are dependent (``Σ_c √p_c δ_c = 0``), so they are rotated by the Householder reflection ``H``

@@ -14,6 +14,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 
+from ..blocks import CurvatureBlock
+from .kron import grads_quad
+
 
 def _norm_grads(module: nn.Module, x: Tensor, cot: Tensor, names: list[str]) -> Tensor | None:
     """Closed-form per-point gradients of eval-mode BatchNorm and of LayerNorm (``None`` else).
@@ -99,3 +102,39 @@ def per_sample_param_grads(
         ) from err
     v = cotangents.shape[0]
     return torch.cat([grads[k].reshape(v, num, -1) for k in names], dim=-1).detach()
+
+
+class GradStats:
+    """Per-direction parameter gradients ``[V, N, P]`` of a generic module (diag/dense blocks),
+    with the same consumer interface as :class:`~bayes_kfoc.stats.KronStats`."""
+
+    def __init__(self, g: Tensor):
+        self.g = g
+        self.V, self.num_points = g.shape[0], g.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.g.numel() * self.g.element_size()
+
+    def diag(self) -> Tensor:
+        return self.g.square().sum(dim=(0, 1))
+
+    def grads(self) -> Tensor:
+        """``[V·N, P]`` in ``parameters_to_vector`` order of the module's own parameters."""
+        return self.g.reshape(-1, self.g.shape[-1])
+
+    def quad(
+        self,
+        block: CurvatureBlock,
+        power: float = 1.0,
+        damping: float | Tensor = 0.0,
+        diagonal: bool = False,
+    ) -> Tensor:
+        """``g_{n,v}^T (K + δI)^p g_{n,w}`` per point (see ``KronStats.quad``)."""
+        return grads_quad(self.grads(), self.num_points, block, power, damping, diagonal)
+
+    def inner(self, block: CurvatureBlock) -> Tensor:
+        return self.quad(block, diagonal=True).sum()
+
+    def gram_cross(self, other: GradStats) -> Tensor:
+        return (self.grads() @ other.grads().T).square().sum()

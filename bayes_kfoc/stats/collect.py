@@ -1,4 +1,8 @@
-"""Forward/backward over one batch with module hooks: inputs and output directions per module."""
+"""Forward/backward over one batch with module hooks: inputs and output directions per module.
+
+One :class:`Collector` feeds every consumer: the curvature fit (Fisher directions), the GLM
+predictive (Jacobian directions ``e_c``) and the diagnostics, each through :data:`Stats`.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +14,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._options import FisherType
-from ._directions import logit_directions
-from ._generic import per_sample_param_grads
-from ._modules import CONV2D, GENERIC, LINEAR, Target, owners
-from ._stats import GradStats, KronStats
+from .directions import logit_directions
+from .generic import GradStats, per_sample_param_grads
+from .kron import KronStats, kron_stats
+from .targets import CONV2D, GENERIC, LINEAR, Target, owners
 
 Stats = KronStats | GradStats
+"""The statistics of one module for one batch: Kronecker-capable, or explicit gradients."""
 
 
 def unpack_batch(batch: Any, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -98,14 +103,21 @@ class Collector:
     The output of each target is captured for ``torch.autograd.grad``; if a later in-place
     operation (e.g. ``ReLU(inplace=True)``) modifies it, the batch is re-run with the outputs
     cloned, so the directions are always taken at the module's true output.
+
+    Args:
+        model, targets: the model and the modules whose statistics are collected.
+        fisher: the Fisher type :meth:`batch` uses (``None``: a collector for
+            :meth:`jacobians` only, e.g. the GLM predictive).
+        mc_samples: labels sampled per point for ``fisher="mc"``.
+        stats_dtype: accumulate the statistics in this dtype (default: the model's).
     """
 
     def __init__(
         self,
         model: nn.Module,
         targets: Sequence[Target],
-        fisher: FisherType,
-        mc_samples: int,
+        fisher: FisherType | None = None,
+        mc_samples: int = 1,
         stats_dtype: torch.dtype | None = None,
     ):
         self.model = model
@@ -181,6 +193,9 @@ class Collector:
         names: set[str] | None = None,
     ) -> tuple[dict[str, Stats], Tensor]:
         """Fisher statistics of the targets in ``names`` (default: all), and the logits."""
+        fisher = self.fisher
+        if fisher is None:
+            raise ValueError("Collector.batch: this collector has no Fisher type; pass fisher=.")
 
         def directions(logits: Tensor) -> Tensor:
             num_classes = logits.shape[1]
@@ -189,7 +204,7 @@ class Collector:
                     f"fit_curvature: targets must lie in [0, {num_classes}); got values in "
                     f"[{int(y.min())}, {int(y.max())}]."
                 )
-            return logit_directions(logits, y, self.fisher, self.mc_samples, generator)
+            return logit_directions(logits, y, fisher, self.mc_samples, generator)
 
         return self._run(x, names, directions)
 
@@ -283,4 +298,4 @@ class Collector:
             d = g.reshape(v, n, g.shape[2], -1).transpose(2, 3)  # [V, N, T, C_out]
         else:
             d = g.reshape(v, n, -1, g.shape[-1])
-        return KronStats(a, d, bias)
+        return kron_stats(a, d, bias)
