@@ -8,10 +8,26 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+Architecture = list[tuple[str, tuple[int, ...]]]
 
-def architecture(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+
+def architecture(model: nn.Module) -> Architecture:
     """``[(name, shape)]`` of every parameter, in ``named_parameters`` order."""
     return [(k, tuple(p.shape)) for k, p in model.named_parameters()]
+
+
+def check_architecture(expected: Architecture, model: nn.Module, what: str, fix: str) -> None:
+    """Raise a ``ValueError`` naming the first parameter where ``model`` differs from
+    ``expected`` (``[(name, shape)]``); ``what`` prefixes the message, ``fix`` ends it."""
+    ours = architecture(model)
+    for i in range(max(len(expected), len(ours))):
+        a = expected[i] if i < len(expected) else None
+        b = ours[i] if i < len(ours) else None
+        if a != b:
+            raise ValueError(
+                f"{what}: architecture mismatch at parameter #{i}: the posterior has {a}, the "
+                f"model has {b}. {fix}"
+            )
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from ..blocks import CurvatureBlock, DenseBlock, DiagBlock, KronBlock
 from ..curvature import Curvature, fit_curvature
 from ..stats import Collector, Stats, targets_for
 from ._glm import block_covariance, probit, sample_logits
-from ._layout import Layout, architecture
+from ._layout import Layout, architecture, check_architecture
 from ._mc import head_features, head_logits, logits_at
 from ._posterior import logdet_precision, sample_blocks
 from ._prior import marglik_root
@@ -462,15 +462,9 @@ class Laplace:
         if state.get("format") != "bayes_kfoc.Laplace":
             raise ValueError("Laplace.load_state_dict: not a bayes_kfoc Laplace state.")
         saved = [(k, tuple(s)) for k, s in state["architecture"]]
-        ours = architecture(self.model)
-        for i in range(max(len(saved), len(ours))):
-            a = saved[i] if i < len(saved) else None
-            b = ours[i] if i < len(ours) else None
-            if a != b:
-                raise ValueError(
-                    f"Laplace.load: architecture mismatch at parameter #{i}: the posterior has "
-                    f"{a}, the model has {b}. Load it onto the model it was fitted on."
-                )
+        check_architecture(
+            saved, self.model, "Laplace.load", "Load it onto the model it was fitted on."
+        )
         map_vector = state["map_vector"]
         current = parameters_to_vector(self.model.parameters()).detach().cpu()
         if check_weights and not torch.allclose(current, map_vector.to(current.dtype)):
