@@ -23,9 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._options import Structure
-from .curvature import Curvature, fit_curvature
-from .curvature.fit import prepare
+from .curvature import Curvature, FitOptions, fit_curvature, prepare
 from .stats import Collector, Stats
 
 
@@ -59,26 +57,22 @@ def _collect(
     seed: int,
     progress: bool,
 ) -> tuple[list[str], list[dict[str, Stats]]]:
-    fitter, targets, _ = prepare(
-        model,
-        loader,
-        Structure.FULL,
+    opts = FitOptions.parse(
+        "full",
         fisher,
         modules,
-        (),
-        mc_samples,
-        seed,
-        None,
-        progress,
-        True,
-        False,
+        mc_samples=mc_samples,
+        seed=seed,
+        progress=progress,
+        distributed=False,
     )
+    setup = prepare(model, loader, opts)
     batches: list[dict[str, Stats]] = []
-    gen = fitter.generator()
-    with Collector(model, targets, fitter.fisher, mc_samples) as col:
-        for x, y in fitter.batches("fidelity"):
+    gen = setup.passes.generator()
+    with Collector(model, setup.targets, opts.fisher, mc_samples) as col:
+        for x, y in setup.passes.batches("fidelity"):
             batches.append(col.batch(x, y, gen)[0])
-    return [t.name for t in targets], batches
+    return [t.name for t in setup.targets], batches
 
 
 def fisher_sq_norms(batches: list[dict[str, Stats]], names: list[str]) -> dict[str, Tensor]:
@@ -153,17 +147,3 @@ def fisher_fidelity(
         num = next(iter(curvatures.values())).blocks[name].num_params
         rows.append(Fidelity(name, num, float(f2.sqrt()), errors, captured, certificate))
     return rows
-
-
-def format_fidelity(rows: list[Fidelity]) -> str:
-    """A plain-text table of :func:`fisher_fidelity` rows."""
-    structures = list(rows[0].errors) if rows else []
-    head = f"{'module':<16}{'params':>9}" + "".join(f"{s:>10}" for s in structures)
-    head += f"{'certificate':>13}"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        line = f"{r.module or '<root>':<16}{r.num_params:>9}"
-        line += "".join(f"{r.errors[s]:>10.4f}" for s in structures)
-        cert = "" if r.kfoc_certificate is None else f"{r.kfoc_certificate:.4f}"
-        lines.append(line + f"{cert:>13}")
-    return "\n".join(lines)

@@ -8,6 +8,7 @@ All powers are taken with *exact* damping, ``(B + δI)^p``, through the block's 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -50,7 +51,7 @@ class CurvatureBlock(ABC):
     def __init__(self, name: str, param_shapes: dict[str, torch.Size]):
         self.name = name
         self.param_shapes = dict(param_shapes)
-        self.info: dict[str, Any] = {}
+        self.info: Mapping[str, Any] = {}  # how the fit ended (K-FOC: a SolverInfo)
         self.round_off: float | None = None  # unit round-off of the dtype the block was fit in
 
     @property
@@ -103,7 +104,7 @@ class CurvatureBlock(ABC):
     ) -> CurvatureBlock:
         """A copy on ``device`` / in ``dtype`` (PyTorch's ``.to`` habit)."""
         out = self._to(torch.device(device) if device is not None else None, dtype)
-        out.info = dict(self.info)
+        out.info = self.info
         out.round_off = max(self.round_off or 0.0, torch.finfo(self.dtype).eps)
         return out
 

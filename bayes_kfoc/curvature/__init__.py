@@ -1,7 +1,25 @@
-"""The curvature engine: statistics collection, K-FOC (Lanczos / power), K-FAC, diagonal, dense."""
+"""The curvature fit: K-FOC (Lanczos / power iteration), K-FAC, diagonal and dense blocks.
+
+:func:`fit_curvature` orchestrates; :class:`FitOptions` validates its options, :func:`prepare`
+checks the model and first batch, and the result is a :class:`Curvature` with typed
+:class:`FitInfo` and per-block :class:`SolverInfo`.
+"""
 
 from ._kfoc import ConvergenceWarning
 from ._result import Curvature
 from .fit import fit_curvature
+from .info import FitInfo, SolverInfo
+from .options import FitOptions
+from .passes import DataPasses, FitSetup, prepare
 
-__all__ = ["ConvergenceWarning", "Curvature", "fit_curvature"]
+__all__ = [
+    "ConvergenceWarning",
+    "Curvature",
+    "DataPasses",
+    "FitInfo",
+    "FitOptions",
+    "FitSetup",
+    "SolverInfo",
+    "fit_curvature",
+    "prepare",
+]

@@ -11,7 +11,7 @@ adjoint ``Rᵀ(A) = Σ B_n (ā^T A ā)`` (the ``G`` update):
   and one ``G`` update per step, like a power iteration) from K-FAC's ``A``. The Krylov space
   converges like a Chebyshev polynomial in the gap, so a slowly converging layer needs a fraction
   of the steps; the Ritz factors are projected onto the PSD cone at the end (the part removed
-  is ``O(tol)`` and reported as ``info["psd_clamped"]``).
+  is ``O(tol)`` and reported as ``info.psd_clamped``).
 
 At convergence ``||A||_F = 1`` and ``G' = Rᵀ(A)`` give ``σ₁ = ||G'||_F`` and the optimum
 ``G' ⊗ A``; the scale is then split evenly, ``||A||_F = ||G||_F = √σ₁``.
@@ -19,17 +19,39 @@ At convergence ``||A||_F = 1`` and ``G' = Rᵀ(A)`` give ``σ₁ = ||G'||_F`` an
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
-from collections.abc import Callable, Generator
-from typing import Any
+from collections.abc import Callable, Generator, Sequence
 
 import torch
 from torch import Tensor
 
+from .info import SolverInfo
+
+Result = tuple[Tensor, Tensor, SolverInfo]  # balanced (A, G) and how the solver ended
+
 
 class ConvergenceWarning(UserWarning):
-    """A K-FOC power iteration stopped at ``max_iter`` before reaching ``tol``."""
+    """A K-FOC solver stopped at ``max_iter`` before reaching ``tol``."""
+
+
+def warn_unconverged(results: Sequence[tuple[str, SolverInfo]], stacklevel: int = 2) -> None:
+    """One :class:`ConvergenceWarning` for every block in ``results`` that did not converge,
+    pointing ``stacklevel`` frames above the caller."""
+    bad = [(k, i) for k, i in results if not i.converged]
+    if not bad:
+        return
+    parts = "; ".join(
+        f"module {k!r} ({i.scheme}): relative factor change {i.residual:.3e} > tol {i.tol:.1e} "
+        f"after {i.iterations} iterations"
+        for k, i in bad
+    )
+    warnings.warn(
+        f"K-FOC did not converge for {len(bad)} module(s): {parts}. Raise max_iter, or loosen tol.",
+        ConvergenceWarning,
+        stacklevel=stacklevel + 1,
+    )
 
 
 def effective_tol(tol: float, dtype: torch.dtype) -> float:
@@ -47,7 +69,6 @@ def _change(new: Tensor, old: Tensor) -> float:
 
 
 def _finish(
-    name: str,
     A: Tensor,
     G: Tensor,
     sigma: float,
@@ -56,23 +77,11 @@ def _finish(
     tol: float,
     converged: bool,
     scheme: str,
-) -> tuple[Tensor, Tensor, dict[str, Any]]:
+) -> Result:
     """Balanced factors ``(√σ A, √σ G)`` from unit-norm ``A``, ``G`` and ``σ₁``, plus info."""
-    if not converged:
-        warnings.warn(
-            f"K-FOC ({scheme}) for module {name!r} did not converge: relative factor change "
-            f"{change:.3e} > tol {tol:.1e} after {it} iterations. Raise max_iter, or loosen tol.",
-            ConvergenceWarning,
-            stacklevel=6,  # the caller of fit_curvature
-        )
-    info = {
-        "iterations": it,
-        "converged": converged,
-        "residual": change,
-        "sigma1": sigma,
-        "tol": tol,
-        "scheme": scheme,
-    }
+    info = SolverInfo(
+        iterations=it, converged=converged, residual=change, sigma1=sigma, tol=tol, scheme=scheme
+    )
     if sigma <= 0:
         return torch.zeros_like(A), torch.zeros_like(G), info
     root = math.sqrt(sigma)
@@ -87,7 +96,8 @@ def power_iteration(
     G0: Tensor,
     tol: float,
     max_iter: int,
-) -> tuple[Tensor, Tensor, dict[str, Any]]:
+    warn: bool = True,
+) -> Result:
     """Gauss–Seidel power iteration for one layer (cached statistics): ``A`` then ``G``.
 
     ``a_update(G)`` must return ``Σ ā ā^T ⟨G, B_n⟩`` summed over all data (and ranks);
@@ -96,25 +106,40 @@ def power_iteration(
     Convergence is tested after every half-step: when the factor just updated changed by less
     than ``tol`` (relative Frobenius), the pair (that factor, the other one) is returned. That
     factor is then the exact optimum given the other, so ``||F − G⊗A||² = ||F||² − σ₁²`` holds
-    with ``σ₁`` the norm of its unnormalised update. Returns balanced ``(A, G, info)``.
+    with ``σ₁`` the norm of its unnormalised update. Returns balanced ``(A, G, info)``; warns
+    (``warn``) when ``max_iter`` is reached first.
     """
+    out = _power_iteration(a_update, g_update, A0, G0, tol, max_iter)
+    if warn:
+        warn_unconverged([(name, out[2])])
+    return out
+
+
+def _power_iteration(
+    a_update: Callable[[Tensor], Tensor],
+    g_update: Callable[[Tensor], Tensor],
+    A0: Tensor,
+    G0: Tensor,
+    tol: float,
+    max_iter: int,
+) -> Result:
     tol = effective_tol(tol, G0.dtype)
     A, G = _unit(A0)[0], _unit(G0)[0]
     change = math.inf
     for it in range(1, max_iter + 1):
         A_new, s = _unit(a_update(G))
         if not bool(s > 0):
-            return _finish(name, A, G, 0.0, it, 0.0, tol, True, "gauss-seidel")
+            return _finish(A, G, 0.0, it, 0.0, tol, True, "gauss-seidel")
         change = _change(A_new, A)
         A = A_new
         if change < tol:
-            return _finish(name, A, G, float(s), it, change, tol, True, "gauss-seidel")
+            return _finish(A, G, float(s), it, change, tol, True, "gauss-seidel")
         G_new, s = _unit(g_update(A))
         change = _change(G_new, G)
         G = G_new
         if change < tol:
-            return _finish(name, A, G, float(s), it, change, tol, True, "gauss-seidel")
-    return _finish(name, A, G, float(s), max_iter, change, tol, False, "gauss-seidel")
+            return _finish(A, G, float(s), it, change, tol, True, "gauss-seidel")
+    return _finish(A, G, float(s), max_iter, change, tol, False, "gauss-seidel")
 
 
 def power_iteration_jacobi(
@@ -124,7 +149,8 @@ def power_iteration_jacobi(
     tol: float,
     max_iter: int,
     on_iteration: Callable[[int, int], None] | None = None,
-) -> dict[str, tuple[Tensor, Tensor, dict[str, Any]]]:
+    warn: bool = True,
+) -> dict[str, Result]:
     """Jacobi power iteration for several layers at once (streaming: one data pass per step).
 
     ``updates({name: (A, G)})`` returns ``{name: (Σ ā ā^T ⟨G, B_n⟩, Σ B_n (ā^T A ā))}`` for the
@@ -133,7 +159,7 @@ def power_iteration_jacobi(
     fixed point and certificate as :func:`power_iteration`).
     """
     state = {k: (_unit(a)[0], _unit(g)[0]) for k, (a, g) in init.items()}
-    done: dict[str, tuple[Tensor, Tensor, dict[str, Any]]] = {}
+    done: dict[str, Result] = {}
     for it in range(1, max_iter + 1):
         active = [k for k in names if k not in done]
         if not active:
@@ -145,18 +171,20 @@ def power_iteration_jacobi(
             A_new, sa = _unit(ups[k][0])
             G_new, sg = _unit(ups[k][1])
             if not bool(sa > 0) or not bool(sg > 0):
-                done[k] = _finish(k, A, G, 0.0, it, 0.0, tol_k, True, "jacobi")
+                done[k] = _finish(A, G, 0.0, it, 0.0, tol_k, True, "jacobi")
                 continue
             da, dg = _change(A_new, A), _change(G_new, G)
             if da < tol_k and da <= dg:
-                done[k] = _finish(k, A_new, G, float(sa), it, da, tol_k, True, "jacobi")
+                done[k] = _finish(A_new, G, float(sa), it, da, tol_k, True, "jacobi")
             elif dg < tol_k:
-                done[k] = _finish(k, A, G_new, float(sg), it, dg, tol_k, True, "jacobi")
+                done[k] = _finish(A, G_new, float(sg), it, dg, tol_k, True, "jacobi")
             elif it == max_iter:
-                done[k] = _finish(k, A, G_new, float(sg), it, min(da, dg), tol_k, False, "jacobi")
+                done[k] = _finish(A, G_new, float(sg), it, min(da, dg), tol_k, False, "jacobi")
             state[k] = (A_new, G_new)
         if on_iteration is not None:
             on_iteration(it, len(done))
+    if warn:
+        warn_unconverged([(k, r[2]) for k, r in done.items()])
     return done
 
 
@@ -223,7 +251,6 @@ def _psd_part(x: Tensor) -> tuple[Tensor, float]:
 
 
 Request = tuple[str, Tensor]  # ("g", A) asks for Rᵀ(A); ("a", G) asks for R(G)
-Result = tuple[Tensor, Tensor, dict[str, Any]]
 
 
 def lanczos_bidiag(
@@ -234,22 +261,27 @@ def lanczos_bidiag(
     tol: float,
     max_iter: int,
     restart: int = 8,
+    warn: bool = True,
 ) -> Result:
     """Golub–Kahan–Lanczos bidiagonalisation for one layer's top singular pair (cached statistics).
 
-    Drives :func:`lanczos_steps` with the two maps; see there for the algorithm.
+    Drives :func:`lanczos_steps` with the two maps; see there for the algorithm. Warns
+    (``warn``) when ``max_iter`` is reached first.
     """
-    steps = lanczos_steps(name, A0, tol, max_iter, restart)
+    steps = lanczos_steps(A0, tol, max_iter, restart)
     try:
         kind, x = next(steps)
         while True:
             kind, x = steps.send(g_update(x) if kind == "g" else a_update(x))
     except StopIteration as done:
-        return done.value
+        result: Result = done.value
+    if warn:
+        warn_unconverged([(name, result[2])])
+    return result
 
 
 def lanczos_steps(
-    name: str, A0: Tensor, tol: float, max_iter: int, restart: int = 8
+    A0: Tensor, tol: float, max_iter: int, restart: int = 8
 ) -> Generator[Request, Tensor, Result]:
     """Golub–Kahan–Lanczos bidiagonalisation as a generator of operator requests.
 
@@ -274,14 +306,15 @@ def lanczos_steps(
     ``restart + 1`` copies of each factor, grown as used). ``max_iter`` bounds the steps (pairs of
     half-steps).
 
-    Returns balanced, PSD ``(A, G, info)``; ``info["psd_clamped"]`` is the relative Frobenius
+    Returns balanced, PSD ``(A, G, info)`` (it does not warn; its driver does);
+    ``info.psd_clamped`` is the relative Frobenius
     norm of the negative eigenvalues removed from the Ritz factors (``O(tol)``; eigenvalues
     within round-off of zero are left to the block's clamp, see :func:`_psd_part`).
     """
     tol = effective_tol(tol, A0.dtype)
     v, norm0 = _unit(0.5 * (A0 + A0.T))
     if not bool(norm0 > 0):
-        return _finish(name, A0, torch.zeros_like(A0), 0.0, 0, 0.0, tol, True, "lanczos")
+        return _finish(A0, torch.zeros_like(A0), 0.0, 0, 0.0, tol, True, "lanczos")
     half, residual, sigma = 0, math.inf, 0.0
     stop = False
     while True:
@@ -308,7 +341,7 @@ def lanczos_steps(
                     stop = True
                     break
             elif not alpha > 0:  # Rᵀ(A0) = 0 on the data: the layer's Fisher is zero
-                return _finish(name, v, torch.zeros_like(u), 0.0, 1, 0.0, tol, True, "lanczos")
+                return _finish(v, torch.zeros_like(u), 0.0, 1, 0.0, tol, True, "lanczos")
             U.append(u)
             alphas.append(alpha)
             w = (yield ("a", u)) - alpha * V.last()  # A half-step
@@ -334,7 +367,6 @@ def lanczos_steps(
     G_psd, clamped_g = _psd_part(G_out)
     converged = residual < tol
     A, G, info = _finish(
-        name,
         _unit(A_psd)[0],
         _unit(G_psd)[0],
         sigma,
@@ -344,8 +376,7 @@ def lanczos_steps(
         converged,
         "lanczos",
     )
-    info["half_steps"] = half
-    info["psd_clamped"] = max(clamped_a, clamped_g)
+    info = dataclasses.replace(info, half_steps=half, psd_clamped=max(clamped_a, clamped_g))
     return A, G, info
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..blocks import CurvatureBlock
+from .info import FitInfo
 
 
 @dataclass
@@ -24,8 +25,9 @@ class Curvature:
         mode: ``"cached"`` or ``"streaming"`` (how K-FOC saw the data); ``"single-pass"`` else.
         coverage: ``{parameter_name: how it is covered}`` for every trainable parameter of the
             model, so that nothing is silently dropped.
-        info: fit details: ``log_likelihood`` (summed ``log p(y|x, θ)`` over the data, at the
-            fitted weights), ``input_shape``, ``base_seed`` and the cache estimate.
+        info: fit details (:class:`FitInfo`): ``log_likelihood`` (summed ``log p(y|x, θ)`` over
+            the data, at the fitted weights), ``input_shape``, ``base_seed`` and the cache
+            estimates.
     """
 
     blocks: dict[str, CurvatureBlock]
@@ -33,8 +35,8 @@ class Curvature:
     fisher: str
     num_data: int
     mode: str
-    coverage: dict[str, str] = field(default_factory=dict)
-    info: dict[str, Any] = field(default_factory=dict)
+    coverage: dict[str, str]
+    info: FitInfo
 
     def __getitem__(self, name: str) -> CurvatureBlock:
         return self.blocks[name]
@@ -72,5 +74,5 @@ class Curvature:
             self.num_data,
             self.mode,
             dict(self.coverage),
-            dict(self.info),
+            self.info,
         )

@@ -1,63 +1,30 @@
-"""``fit_curvature``: K-FOC, K-FAC, diagonal or dense Fisher blocks of a trained classifier."""
+"""``fit_curvature``: K-FOC, K-FAC, diagonal or dense Fisher blocks of a trained classifier.
+
+The fit is short orchestration: options parsed (:class:`FitOptions`), the model and first batch
+checked (:func:`~bayes_kfoc.curvature.passes.prepare`), one first pass
+(:func:`~bayes_kfoc.curvature.first_pass.first_pass`), K-FOC's solver driven from the cache or by
+streaming (:mod:`~bayes_kfoc.curvature.drivers`), then the blocks.
+"""
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from .._options import FisherType, Mode, Solver, Structure
+from .._options import Solver, Structure
 from ..blocks import CurvatureBlock, DenseBlock, DiagBlock, KronBlock
-from ..stats import (
-    Collector,
-    KronStats,
-    LinearStats,
-    SharedStats,
-    Stats,
-    Target,
-    probe,
-    select,
-    unpack_batch,
-)
-from ._checks import (
-    check_determinism as _check_determinism,
-)
-from ._checks import (
-    check_train_mode,
-    default_memory_budget,
-    human_bytes,
-    snapshot_buffers,
-)
-from ._kfoc import (
-    Request,
-    lanczos_bidiag,
-    lanczos_steps,
-    power_iteration,
-    power_iteration_jacobi,
-)
-from ._reduce import Reducer
+from ..stats import Collector
+from ._kfoc import Result, warn_unconverged
 from ._result import Curvature
-
-LANCZOS_RESTART = 8  # Krylov steps kept before an explicit restart (memory: up to 9 A, 8 G)
-
-
-def _dataset_size(loader: Iterable[Any]) -> int | None:
-    ds = getattr(loader, "dataset", None)
-    try:
-        return len(ds) if ds is not None else None
-    except TypeError:
-        return None
-
-
-def _len(loader: Iterable[Any]) -> int | None:
-    try:
-        return len(loader)  # type: ignore[arg-type]
-    except TypeError:
-        return None
+from .coverage import coverage
+from .drivers import jacobi_streaming, kfoc_cached, lanczos_streaming
+from .first_pass import FirstPass, first_pass, kron_names
+from .info import FitInfo
+from .options import FitOptions
+from .passes import FitSetup, prepare
 
 
 def _finite(name: str, tensors: dict[str, Tensor]) -> None:
@@ -67,105 +34,6 @@ def _finite(name: str, tensors: dict[str, Tensor]) -> None:
                 f"fit_curvature: the curvature of module {name!r} ({k}) contains NaN/Inf; check "
                 "the model's weights and inputs, or fit in float64."
             )
-
-
-class _Fitter:
-    """One fit: holds the options and runs the passes over the loader."""
-
-    def __init__(
-        self,
-        model: nn.Module,
-        loader: Iterable[Any],
-        structure: Structure,
-        fisher: FisherType,
-        mc_samples: int,
-        base_seed: int,
-        progress: bool,
-        reducer: Reducer,
-    ):
-        self.model = model
-        self.loader = loader
-        self.structure = structure
-        self.fisher = fisher
-        self.mc_samples = mc_samples
-        self.base_seed = base_seed
-        self.progress = progress
-        self.reducer = reducer
-        p = next(model.parameters())
-        self.device, self.dtype = p.device, p.dtype
-        self.skipped: dict[str, str] = {}
-        self.resume: Iterator[Any] | None = None
-
-    def generator(self) -> torch.Generator:
-        """The same MC labels in every pass: a fresh generator from one base seed."""
-        g = torch.Generator(device=self.device)
-        g.manual_seed(self.base_seed)
-        return g
-
-    def batches(self, desc: str) -> Iterator[tuple[Tensor, Tensor]]:
-        """One pass over the loader; the first pass resumes the iterator ``prepare`` started, so
-        a shuffling loader is not re-drawn (and its first batch not loaded twice)."""
-        it: Iterable[Any] = self.loader if self.resume is None else self.resume
-        self.resume = None
-        bar = tqdm(it, desc=desc, total=_len(self.loader), disable=not self.progress, leave=False)
-        for batch in bar:
-            x, y = unpack_batch(batch, self.device, self.dtype)
-            if x.shape[0] == 0:
-                continue
-            yield x, y
-
-
-def prepare(
-    model: nn.Module,
-    loader: Iterable[Any],
-    structure: Structure,
-    fisher: str,
-    modules: str | Sequence[str],
-    exclude: Sequence[str],
-    mc_samples: int,
-    seed: int | None,
-    generator: torch.Generator | None,
-    progress: bool,
-    check_determinism: bool,
-    distributed: bool | None,
-) -> tuple[_Fitter, list[Target], Any]:
-    """Validate the options, model and first batch; resolve the target modules."""
-    f = FisherType.parse(fisher, "fit_curvature: fisher")
-    if not isinstance(mc_samples, int) or mc_samples < 1:
-        raise ValueError(f"fit_curvature: mc_samples must be a positive integer, got {mc_samples}.")
-    if not any(True for _ in model.parameters()):
-        raise ValueError(f"fit_curvature: {type(model).__name__} has no parameters.")
-    check_train_mode(model)
-    reducer = Reducer.detect(distributed)
-    if generator is not None:
-        base_seed = int(torch.randint(2**62, (1,), generator=generator).item())
-    elif seed is not None:
-        base_seed = int(seed)
-    else:
-        base_seed = int(torch.randint(2**62, (1,)).item())
-    fitter = _Fitter(model, loader, structure, f, mc_samples, base_seed, progress, reducer)
-
-    started = iter(loader)
-    first = next(started, None)
-    if first is None:
-        raise ValueError(
-            "fit_curvature: the loader yielded no batches; pass a loader over the training data."
-        )
-    x0, _ = unpack_batch(first, fitter.device, fitter.dtype)
-    buffers = snapshot_buffers(model)
-    order, counts, out0 = probe(model, x0)
-    targets, _skipped = select(model, modules, exclude, order)
-    fitter.skipped = _skipped
-    shared = [t.name for t in targets if counts.get(t.name, 0) > 1]
-    if shared:
-        raise RuntimeError(
-            f"fit_curvature: module(s) {shared} are called more than once per forward pass "
-            "(weight sharing), which is not supported; exclude them with exclude=[...]."
-        )
-    if check_determinism:
-        _check_determinism(model, x0, out0, buffers)
-    fitter.resume = itertools.chain([first], started)
-    return fitter, targets, first
 
 
 def fit_curvature(
@@ -228,9 +96,10 @@ def fit_curvature(
         tol: stop when the relative change that one more power half-step would make to a factor
             falls below ``tol`` (floored at 50 ulp of the dtype). Power iteration measures that
             change; Lanczos its exact upper bound, the relative residual of its Ritz pair.
-        max_iter: most iterations (pairs of ``A``/``G`` updates); a run that stops there warns
-            with its residual. ``blocks[name].info`` has ``iterations``, ``residual``,
-            ``converged``, ``sigma1``, ``scheme`` and ``mode`` per K-FOC block.
+        max_iter: most iterations (pairs of ``A``/``G`` updates); a fit in which some block
+            stops there warns once (a :class:`ConvergenceWarning` naming every such block and
+            its residual). ``blocks[name].info`` is a :class:`SolverInfo` per K-FOC block
+            (``iterations``, ``residual``, ``converged``, ``sigma1``, ``scheme``, ``mode``).
         progress: show tqdm progress bars.
         check_determinism: re-run the first batch and raise if outputs or buffers change.
         distributed: all-reduce every sum over data across ``torch.distributed`` ranks (each rank
@@ -239,7 +108,7 @@ def fit_curvature(
             float32 or bfloat16 model); default: the model's dtype.
         solver: K-FOC's solver: ``"lanczos"`` (default: Golub–Kahan–Lanczos from K-FAC's
             ``A``, whose first ``G`` update replaces K-FAC's ``Σ B_n``; Ritz factors projected
-            onto the PSD cone, the removed part ``O(tol)`` is ``info["psd_clamped"]``) or
+            onto the PSD cone, the removed part ``O(tol)`` is ``info.psd_clamped``) or
             ``"power"`` (power iteration from K-FAC's ``(A, G)``, PSD at every step). Streaming
             Lanczos runs one data pass per half-step for all layers at once; streaming power
             iteration is Jacobi (both updates of every layer from one pass).
@@ -250,312 +119,86 @@ def fit_curvature(
     .. warning:: The Fisher is **summed** over data points, not averaged: a loss with mean
        reduction corresponds to ``1/N`` times these blocks.
     """
-    s = Structure.parse(structure, "fit_curvature: structure")
-    m = Mode.parse(mode, "fit_curvature: mode")
-    solver_ = Solver.parse(solver, "fit_curvature: solver")
-    if not tol > 0:
-        raise ValueError(f"fit_curvature: tol must be positive, got {tol}.")
-    if not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"fit_curvature: max_iter must be a positive integer, got {max_iter}.")
-    fitter, targets, first = prepare(
-        model,
-        loader,
-        s,
+    opts = FitOptions.parse(
+        structure,
         fisher,
         modules,
-        exclude,
-        mc_samples,
-        seed,
-        generator,
-        progress,
-        check_determinism,
-        distributed,
+        exclude=exclude,
+        mc_samples=mc_samples,
+        seed=seed,
+        generator=generator,
+        mode=mode,
+        memory_budget=memory_budget,
+        tol=tol,
+        max_iter=max_iter,
+        progress=progress,
+        check_determinism=check_determinism,
+        distributed=distributed,
+        dtype=dtype,
+        solver=solver,
     )
-    f = fitter.fisher
-    budget = default_memory_budget(fitter.device) if memory_budget is None else memory_budget
-    if dtype is not None and not dtype.is_floating_point:
-        raise ValueError(f"fit_curvature: dtype must be a floating dtype, got {dtype}.")
-    with Collector(model, targets, f, mc_samples, dtype) as collector:
-        blocks, used_mode, info = _fit(
-            fitter, collector, targets, first, m, budget, tol, max_iter, solver_
-        )
-    coverage = _coverage(model, blocks, targets, fitter.skipped)
-    return Curvature(blocks, s.value, f.value, info.pop("num_data"), used_mode, coverage, info)
+    setup = prepare(model, loader, opts)
+    with Collector(model, setup.targets, opts.fisher, opts.mc_samples, opts.dtype) as collector:
+        first = first_pass(setup, collector)
+        solved, used_mode = _solve(setup, collector, first)
+    warn_unconverged([(k, r[2]) for k, r in solved.items()], stacklevel=2)
+    blocks = _blocks(setup, first, solved)
+    info = FitInfo(
+        log_likelihood=first.log_likelihood,
+        input_shape=tuple(setup.first[0].shape[1:]),
+        base_seed=opts.base_seed,
+        cache_bytes_estimate=first.cache_bytes_estimate,
+        peak_bytes_estimate=first.peak_bytes_estimate,
+    )
+    return Curvature(
+        blocks,
+        opts.structure.value,
+        opts.fisher.value,
+        first.num_data,
+        used_mode,
+        coverage(model, blocks, setup.targets, setup.skipped),
+        info,
+    )
 
 
-def _fit(
-    fitter: _Fitter,
-    collector: Collector,
-    targets: list[Target],
-    first: Any,
-    mode: Mode,
-    budget: int,
-    tol: float,
-    max_iter: int,
-    solver: Solver,
-) -> tuple[dict[str, CurvatureBlock], str, dict[str, Any]]:
-    s = fitter.structure
-    red = fitter.reducer
-    kron = {t.name for t in targets if t.kron_capable and s in (Structure.KFOC, Structure.KFAC)}
-    want_cache = s is Structure.KFOC and mode is not Mode.STREAMING and kron
-    cache: dict[str, list[KronStats]] | None = {k: [] for k in kron} if want_cache else None
-    cache_bytes = work = 0
-    estimate: int | None = None
-    sums: dict[str, list[Any]] = {}
-    num_data = 0
-    # Lanczos starts from K-FAC's A alone (its first G update replaces Σ B_n, cached or
-    # streaming), so Σ B_n is only summed for K-FAC itself and for the power iteration's start.
-    need_g = s is Structure.KFAC or solver is Solver.POWER
-    copies = 2 * LANCZOS_RESTART + 4 if solver is Solver.LANCZOS else 4
-    log_lik = torch.zeros((), dtype=fitter.dtype, device=fitter.device)
-    gen = fitter.generator()
-    for i, (x, y) in enumerate(fitter.batches("curvature")):
-        stats, logits = collector.batch(x, y, gen)
-        num_data += x.shape[0]
-        log_lik += torch.log_softmax(logits, dim=-1).gather(1, y.unsqueeze(1)).sum()
-        for t in targets:
-            st: Stats = stats[t.name]
-            if t.name in kron:
-                assert isinstance(st, LinearStats | SharedStats)
-                ks = st.kfac_sums(with_g=need_g)
-                g_part = ks.g if ks.g is not None else 0
-                _accumulate(sums, t.name, [ks.a, g_part, ks.count])
-                if cache is not None:
-                    cache[t.name].append(st.compact())
-                    cache_bytes += cache[t.name][-1].nbytes
-            elif s is Structure.FULL:
-                g = st.grads()
-                _accumulate(sums, t.name, [g.T @ g])
-            else:
-                _accumulate(sums, t.name, [st.diag()])
-        if cache is not None and i == 0:
-            # Per-layer work besides the cache: ``copies`` of the factors (iterates, updates and
-            # the Lanczos bases) and one batch's temporaries (about that batch's statistics).
-            work = cache_bytes + sum(
-                copies * (st.n**2 + st.o**2) * st.element_size
-                for k, st in stats.items()
-                if k in kron and isinstance(st, KronStats)
-            )
-            size = _dataset_size(fitter.loader)
-            if size is not None:
-                estimate = int(cache_bytes / x.shape[0] * size)
-        if cache is not None and max(cache_bytes, estimate or 0) + work > budget:
-            need = human_bytes(max(cache_bytes, estimate or 0) + work)
-            if mode is Mode.CACHED:
-                raise MemoryError(
-                    f"fit_curvature: mode='cached' needs about {need} (statistics cache plus "
-                    f"per-layer work), over the memory_budget of {human_bytes(budget)}; use "
-                    "mode='auto' or 'streaming', or raise memory_budget."
-                )
-            cache = None  # auto: fall back to streaming
-    if num_data == 0:
-        raise ValueError("fit_curvature: the loader yielded only empty batches.")
-    if want_cache and red.any(cache is None, fitter.device):
-        cache = None  # every rank must take the same path (the collectives differ)
-    num_data = red.sum_int(num_data, fitter.device)
-    for k, vals in sums.items():
-        sums[k] = [
-            red.sum(v) if isinstance(v, Tensor) else red.sum_int(v, fitter.device) for v in vals
-        ]
+def _solve(
+    setup: FitSetup, collector: Collector, first: FirstPass
+) -> tuple[dict[str, Result], str]:
+    """K-FOC's factors per Kronecker module, and how the solver saw the data."""
+    opts = setup.passes.opts
+    names = kron_names(setup)
+    if opts.structure is not Structure.KFOC or not names:
+        return {}, "single-pass"
+    if first.cache is not None:
+        red = setup.passes.reducer
+        return {k: kfoc_cached(first.cache[k], first.kron[k], red, opts) for k in names}, "cached"
+    stream = lanczos_streaming if opts.solver is Solver.LANCZOS else jacobi_streaming
+    return stream(setup.passes, collector, {k: first.kron[k] for k in names}), "streaming"
 
+
+def _blocks(
+    setup: FitSetup, first: FirstPass, solved: dict[str, Result]
+) -> dict[str, CurvatureBlock]:
+    opts = setup.passes.opts
     blocks: dict[str, CurvatureBlock] = {}
-    info: dict[str, Any] = {
-        "num_data": num_data,
-        "base_seed": fitter.base_seed,
-        "log_likelihood": float(red.sum(log_lik)),
-        "input_shape": tuple(first[0].shape[1:]),
-    }
-    if estimate is not None or cache_bytes:
-        info["cache_bytes_estimate"] = max(cache_bytes, estimate or 0)
-        info["peak_bytes_estimate"] = max(cache_bytes, estimate or 0) + work
-    used_mode = "single-pass"
-    factors: dict[str, tuple[Tensor, Tensor]] = {}
-    for t in targets:
-        if t.name in kron:
-            a_sum, g_sum, count = sums[t.name]
-            factors[t.name] = (a_sum / count, g_sum)  # g_sum is zeros (unused) under Lanczos
-    results: dict[str, tuple[Tensor, Tensor, dict[str, Any]]] = {}
-    if s is Structure.KFOC and kron:
-        if cache is not None:
-            used_mode = "cached"
-            for name in [t.name for t in targets if t.name in kron]:
-                results[name] = _kfoc_cached(
-                    name, cache[name], *factors[name], red, tol, max_iter, solver
-                )
-        else:
-            used_mode = "streaming"
-            stream = _lanczos_streaming if solver is Solver.LANCZOS else _jacobi_streaming
-            results = stream(fitter, collector, sorted(kron), factors, tol, max_iter)
-    for t in targets:
+    for t in setup.targets:
         block: CurvatureBlock
-        if t.name in kron:
-            if s is Structure.KFOC:
-                A, G, it_info = results[t.name]
-            else:
-                (A, G), it_info = factors[t.name], {}
+        if t.name in first.kron:
+            if t.name in solved:
+                A, G, info = solved[t.name]
+            else:  # K-FAC
+                sums = first.kron[t.name]
+                assert sums.g is not None
+                A, G, info = sums.kfac_a, sums.g, None
             _finite(t.name, {"A": A, "G": G})
             block = KronBlock(t.name, t.param_shapes, A, G)
-            block.info = it_info
-        elif s is Structure.FULL:
-            _finite(t.name, {"dense": sums[t.name][0]})
-            block = DenseBlock(t.name, t.param_shapes, sums[t.name][0])
+            if info is not None:
+                block.info = info
+        elif opts.structure is Structure.FULL:
+            _finite(t.name, {"dense": first.exact[t.name]})
+            block = DenseBlock(t.name, t.param_shapes, first.exact[t.name])
         else:
-            _finite(t.name, {"diag": sums[t.name][0]})
-            block = DiagBlock(t.name, t.param_shapes, sums[t.name][0])
+            _finite(t.name, {"diag": first.exact[t.name]})
+            block = DiagBlock(t.name, t.param_shapes, first.exact[t.name])
         blocks[t.name] = block
-    return blocks, used_mode, info
-
-
-def _accumulate(sums: dict[str, list[Any]], name: str, vals: list[Any]) -> None:
-    if name not in sums:
-        sums[name] = list(vals)
-    else:
-        for i, v in enumerate(vals):
-            sums[name][i] = sums[name][i] + v
-
-
-def _kfoc_cached(
-    name: str,
-    stats: list[KronStats],
-    A0: Tensor,
-    G0: Tensor,
-    red: Reducer,
-    tol: float,
-    max_iter: int,
-    solver: Solver,
-) -> tuple[Tensor, Tensor, dict[str, Any]]:
-    def a_update(G: Tensor) -> Tensor:
-        return red.sum(sum((st.a_update(G) for st in stats[1:]), stats[0].a_update(G)))
-
-    def g_update(A: Tensor) -> Tensor:
-        return red.sum(sum((st.g_update(A) for st in stats[1:]), stats[0].g_update(A)))
-
-    if solver is Solver.POWER:
-        A, G, info = power_iteration(name, a_update, g_update, A0, G0, tol, max_iter)
-    else:  # starts from K-FAC's A; its first step is the G update (G0 was not summed)
-        A, G, info = lanczos_bidiag(name, a_update, g_update, A0, tol, max_iter, LANCZOS_RESTART)
-    info["mode"] = "cached"
-    return A, G, info
-
-
-Update = Callable[[KronStats], list[Tensor]]
-
-
-def _both_updates(A: Tensor, G: Tensor) -> Update:
-    return lambda st: [st.a_update(G), st.g_update(A)]
-
-
-def _requested_update(kind: str, mat: Tensor) -> Update:
-    return lambda st: [st.g_update(mat) if kind == "g" else st.a_update(mat)]
-
-
-def _stream_pass(
-    fitter: _Fitter, collector: Collector, work: dict[str, Update]
-) -> dict[str, list[Tensor]]:
-    """One pass over the loader: ``work[k](stats)`` for every batch and layer ``k``, summed over
-    the batches and all-reduced over the ranks (in the same order on every rank)."""
-    acc: dict[str, list[Any]] = {}
-    gen = fitter.generator()  # the same MC labels in every pass
-    for x, y in fitter.batches("K-FOC pass"):
-        stats, _ = collector.batch(x, y, gen, names=set(work))
-        for k, fn in work.items():
-            st = stats[k]
-            assert isinstance(st, KronStats)
-            # per-direction gradients M when they make the updates cheaper
-            _accumulate(acc, k, fn(st.compact()))
-    return {k: [fitter.reducer.sum(t) for t in v] for k, v in acc.items()}
-
-
-def _jacobi_streaming(
-    fitter: _Fitter,
-    collector: Collector,
-    names: list[str],
-    factors: dict[str, tuple[Tensor, Tensor]],
-    tol: float,
-    max_iter: int,
-) -> dict[str, tuple[Tensor, Tensor, dict[str, Any]]]:
-    def updates(state: dict[str, tuple[Tensor, Tensor]]) -> dict[str, tuple[Tensor, Tensor]]:
-        work = {k: _both_updates(A, G) for k, (A, G) in state.items()}
-        return {k: (v[0], v[1]) for k, v in _stream_pass(fitter, collector, work).items()}
-
-    bar = tqdm(total=max_iter, desc="K-FOC iterations", disable=not fitter.progress, leave=False)
-
-    def tick(it: int, done: int) -> None:
-        bar.update(1)
-        bar.set_postfix(converged=f"{done}/{len(names)}")
-
-    try:
-        out = power_iteration_jacobi(names, updates, factors, tol, max_iter, tick)
-    finally:
-        bar.close()
-    for v in out.values():
-        v[2]["mode"] = "streaming"
-    return out
-
-
-def _lanczos_streaming(
-    fitter: _Fitter,
-    collector: Collector,
-    names: list[str],
-    factors: dict[str, tuple[Tensor, Tensor]],
-    tol: float,
-    max_iter: int,
-) -> dict[str, tuple[Tensor, Tensor, dict[str, Any]]]:
-    """Lanczos bidiagonalisation of every layer at once, one data pass per half-step.
-
-    Each pass answers the pending request (``Rᵀ(A)`` or ``R(G)``) of every layer still iterating.
-    """
-    steps = {k: lanczos_steps(k, factors[k][0], tol, max_iter, LANCZOS_RESTART) for k in names}
-    pending: dict[str, Request] = {}
-    out: dict[str, tuple[Tensor, Tensor, dict[str, Any]]] = {}
-
-    def advance(k: str, value: Tensor | None) -> None:
-        try:
-            pending[k] = next(steps[k]) if value is None else steps[k].send(value)
-        except StopIteration as done:
-            out[k] = done.value
-            pending.pop(k, None)
-
-    for k in names:
-        advance(k, None)
-    bar = tqdm(total=2 * max_iter, desc="K-FOC passes", disable=not fitter.progress, leave=False)
-    try:
-        while pending:
-            work = {k: _requested_update(kind, mat) for k, (kind, mat) in pending.items()}
-            sums = _stream_pass(fitter, collector, work)
-            for k in list(pending):
-                advance(k, sums[k][0])
-            bar.update(1)
-            bar.set_postfix(converged=f"{len(out)}/{len(names)}")
-    finally:
-        bar.close()
-    for v in out.values():
-        v[2]["mode"] = "streaming"
-    return out
-
-
-def _coverage(
-    model: nn.Module,
-    blocks: dict[str, CurvatureBlock],
-    targets: list[Target],
-    skipped: dict[str, str],
-) -> dict[str, str]:
-    notes = {t.name: t.note for t in targets}
-    owner_of: dict[str, str] = {}
-    for mname, module in model.named_modules():
-        for pname, _ in module.named_parameters(recurse=False):
-            owner_of.setdefault(f"{mname}.{pname}" if mname else pname, mname)
-    out: dict[str, str] = {}
-    for full, p in model.named_parameters():
-        owner = owner_of[full]
-        if not p.requires_grad:
-            out[full] = "frozen (requires_grad=False): not part of the curvature"
-        elif owner in blocks:
-            kind = {"kron": "Kronecker", "diag": "diagonal", "full": "dense"}[
-                blocks[owner].structure
-            ]
-            extra = f"; {notes[owner]}" if notes.get(owner) else ""
-            out[full] = f"{kind} block {owner!r}{extra}"
-        else:
-            out[full] = skipped.get(owner, "not covered")
-    return out
+    return blocks

@@ -1,0 +1,37 @@
+"""How every trainable parameter of a model is covered by a fit (nothing dropped silently)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from torch import nn
+
+from ..blocks import CurvatureBlock
+from ..stats import Target
+
+_KIND = {"kron": "Kronecker", "diag": "diagonal", "full": "dense"}
+
+
+def coverage(
+    model: nn.Module,
+    blocks: Mapping[str, CurvatureBlock],
+    targets: list[Target],
+    skipped: Mapping[str, str],
+) -> dict[str, str]:
+    """``{parameter_name: how it is covered}`` for every parameter of ``model``."""
+    notes = {t.name: t.note for t in targets}
+    owner_of: dict[str, str] = {}
+    for mname, module in model.named_modules():
+        for pname, _ in module.named_parameters(recurse=False):
+            owner_of.setdefault(f"{mname}.{pname}" if mname else pname, mname)
+    out: dict[str, str] = {}
+    for full, p in model.named_parameters():
+        owner = owner_of[full]
+        if not p.requires_grad:
+            out[full] = "frozen (requires_grad=False): not part of the curvature"
+        elif owner in blocks:
+            extra = f"; {notes[owner]}" if notes.get(owner) else ""
+            out[full] = f"{_KIND[blocks[owner].structure]} block {owner!r}{extra}"
+        else:
+            out[full] = skipped.get(owner, "not covered")
+    return out

@@ -1,0 +1,156 @@
+"""The first pass over the data: every structure's sums, and K-FOC's statistics cache.
+
+It sums, per target module, what its structure needs (K-FAC's ``Σ ā āᵀ`` and, when needed,
+``Σ δ δᵀ``; the exact diagonal; the dense block), the log-likelihood and the point count, and
+for K-FOC keeps each batch's statistics while they fit the memory budget (else the solver
+streams). Every sum is all-reduced over ``torch.distributed`` ranks at the end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .._options import Mode, Structure
+from ..stats import Collector, KronStats, LinearStats, SharedStats, Target
+from ._checks import default_memory_budget, human_bytes
+from .passes import FitSetup, dataset_size
+
+
+@dataclass
+class KronSums:
+    """K-FAC's sums of one module over the data: ``Σ ā āᵀ``, ``Σ δ δᵀ`` (``None`` unless
+    K-FAC or power iteration needs it) and the count ``N·T`` that averages the first."""
+
+    a: Tensor
+    g: Tensor | None
+    count: int
+
+    @property
+    def kfac_a(self) -> Tensor:
+        """K-FAC's input factor ``(1/(N·T)) Σ ā āᵀ``."""
+        return self.a / self.count
+
+
+@dataclass
+class FirstPass:
+    """The result of :func:`first_pass` (all sums over every rank).
+
+    Attributes:
+        num_data: points summed over.
+        log_likelihood: ``Σ_n log p(y_n | x_n)`` at the fitted weights.
+        kron: K-FAC sums of the Kronecker modules.
+        exact: the exact diagonal (``diag`` and non-Kronecker modules) or dense block
+            (``full``) of every other module.
+        cache: K-FOC's per-batch statistics per Kronecker module, or ``None`` (streaming, or not
+            K-FOC).
+        cache_bytes_estimate / peak_bytes_estimate: K-FOC's estimated cache for the whole loader
+            and that plus the per-layer solver work (``None`` when nothing was cached).
+    """
+
+    num_data: int
+    log_likelihood: float
+    kron: dict[str, KronSums]
+    exact: dict[str, Tensor]
+    cache: dict[str, list[KronStats]] | None
+    cache_bytes_estimate: int | None
+    peak_bytes_estimate: int | None
+
+
+def kron_names(setup: FitSetup) -> list[str]:
+    """The target modules that get Kronecker blocks (K-FOC / K-FAC on Linear / Conv2d)."""
+    opts = setup.passes.opts
+    return [t.name for t in setup.targets if t.kron_capable and opts.kronecker]
+
+
+def _add(acc: dict[str, Tensor], name: str, value: Tensor) -> None:
+    acc[name] = value if name not in acc else acc[name] + value
+
+
+def first_pass(setup: FitSetup, collector: Collector) -> FirstPass:
+    """One pass over the loader (see the module docstring); decides cached vs streaming."""
+    passes, opts = setup.passes, setup.passes.opts
+    red = passes.reducer
+    kron = set(kron_names(setup))
+    want_cache = opts.structure is Structure.KFOC and opts.mode is not Mode.STREAMING and kron
+    budget = (
+        default_memory_budget(passes.device) if opts.memory_budget is None else opts.memory_budget
+    )
+    cache: dict[str, list[KronStats]] | None = {k: [] for k in kron} if want_cache else None
+    cache_bytes = work = 0
+    estimate: int | None = None
+    sums: dict[str, KronSums] = {}
+    exact: dict[str, Tensor] = {}
+    num_data = 0
+    log_lik = torch.zeros((), dtype=passes.dtype, device=passes.device)
+    gen = passes.generator()
+    for i, (x, y) in enumerate(passes.batches("curvature")):
+        stats, logits = collector.batch(x, y, gen)
+        num_data += x.shape[0]
+        log_lik += torch.log_softmax(logits, dim=-1).gather(1, y.unsqueeze(1)).sum()
+        for t in setup.targets:
+            st = stats[t.name]
+            if t.name in kron:
+                assert isinstance(st, LinearStats | SharedStats)
+                _accumulate_kron(sums, t, st, opts.needs_g_sum)
+                if cache is not None:
+                    cache[t.name].append(st.compact())
+                    cache_bytes += cache[t.name][-1].nbytes
+            elif opts.structure is Structure.FULL:
+                g = st.grads()
+                _add(exact, t.name, g.T @ g)
+            else:
+                _add(exact, t.name, st.diag())
+        if cache is not None and i == 0:
+            # Per-layer work besides the cache: factor-sized copies (iterates, updates and the
+            # Lanczos bases) and one batch's temporaries (about that batch's statistics).
+            work = cache_bytes + sum(
+                opts.factor_copies * (st.n**2 + st.o**2) * st.element_size
+                for k, st in stats.items()
+                if k in kron and isinstance(st, KronStats)
+            )
+            size = dataset_size(passes.loader)
+            if size is not None:
+                estimate = int(cache_bytes / x.shape[0] * size)
+        if cache is not None and max(cache_bytes, estimate or 0) + work > budget:
+            need = human_bytes(max(cache_bytes, estimate or 0) + work)
+            if opts.mode is Mode.CACHED:
+                raise MemoryError(
+                    f"fit_curvature: mode='cached' needs about {need} (statistics cache plus "
+                    f"per-layer work), over the memory_budget of {human_bytes(budget)}; use "
+                    "mode='auto' or 'streaming', or raise memory_budget."
+                )
+            cache = None  # auto: fall back to streaming
+    if num_data == 0:
+        raise ValueError("fit_curvature: the loader yielded only empty batches.")
+    if want_cache and red.any(cache is None, passes.device):
+        cache = None  # every rank must take the same path (the collectives differ)
+    for s in sums.values():
+        s.a = red.sum(s.a)
+        s.g = None if s.g is None else red.sum(s.g)
+        s.count = red.sum_int(s.count, passes.device)
+    cached = estimate is not None or cache_bytes > 0
+    return FirstPass(
+        num_data=red.sum_int(num_data, passes.device),
+        log_likelihood=float(red.sum(log_lik)),
+        kron=sums,
+        exact={k: red.sum(v) for k, v in exact.items()},
+        cache=cache,
+        cache_bytes_estimate=max(cache_bytes, estimate or 0) if cached else None,
+        peak_bytes_estimate=max(cache_bytes, estimate or 0) + work if cached else None,
+    )
+
+
+def _accumulate_kron(
+    sums: dict[str, KronSums], t: Target, st: LinearStats | SharedStats, with_g: bool
+) -> None:
+    ks = st.kfac_sums(with_g=with_g)
+    if t.name not in sums:
+        sums[t.name] = KronSums(ks.a, ks.g, ks.count)
+        return
+    acc = sums[t.name]
+    acc.a = acc.a + ks.a
+    acc.g = None if ks.g is None or acc.g is None else acc.g + ks.g
+    acc.count += ks.count
