@@ -210,3 +210,48 @@ def test_peak_estimate_covers_cache_and_per_layer_work() -> None:
     # A budget between the cache alone and cache + work streams instead of caching.
     between = fit_curvature(model, loader, memory_budget=(cache + peak) // 2, progress=False)
     assert between.mode == "streaming"
+
+
+@pytest.mark.parametrize("solver", ["lanczos", "power"])
+@pytest.mark.parametrize("mode", ["cached", "streaming"])
+def test_non_convergence_warns_once_at_the_callers_line(solver: str, mode: str) -> None:
+    import warnings
+
+    model, loader = _mlp()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit_curvature(
+            model, loader, max_iter=1, tol=1e-14, progress=False, solver=solver, mode=mode
+        )
+    conv = [w for w in caught if issubclass(w.category, ConvergenceWarning)]
+    assert len(conv) == 1, [str(w.message) for w in conv]  # one warning for every layer
+    assert conv[0].filename == __file__
+    assert "'0'" in str(conv[0].message) and "'2'" in str(conv[0].message)
+
+
+class _Untouchable:
+    """A loader that must not be iterated."""
+
+    def __iter__(self) -> None:
+        raise AssertionError("the loader was touched before the options were validated")
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"structure": "kfc"}, "structure"),
+        ({"fisher": "typ2"}, "fisher"),
+        ({"mc_samples": 0}, "mc_samples"),
+        ({"tol": 0.0}, "tol"),
+        ({"max_iter": 0}, "max_iter"),
+        ({"mode": "lazy"}, "mode"),
+        ({"solver": "arnoldi"}, "solver"),
+        ({"dtype": torch.int64}, "dtype"),
+    ],
+)
+def test_options_are_validated_before_the_loader_is_touched(
+    kwargs: dict[str, object], match: str
+) -> None:
+    model, _ = _mlp()
+    with pytest.raises(ValueError, match=match):
+        fit_curvature(model, _Untouchable(), progress=False, **kwargs)  # type: ignore[arg-type]

@@ -14,7 +14,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 from bayes_kfoc import fit_curvature
-from bayes_kfoc.curvature._kfoc import ConvergenceWarning, lanczos_bidiag, power_iteration
+from bayes_kfoc.curvature._kfoc import ConvergenceWarning, power_iteration
+from bayes_kfoc.curvature._lanczos import lanczos_bidiag
 
 RTOL = 1e-8  # factor agreement with the dense SVD at tol=1e-12 (float64)
 
@@ -109,7 +110,7 @@ def test_fit_solvers_agree(case: Case, mode: str) -> None:
 
 
 def test_basis_grows_and_projects_out_its_span() -> None:
-    from bayes_kfoc.curvature._kfoc import _Basis
+    from bayes_kfoc.curvature._lanczos import _Basis
 
     gen = torch.Generator().manual_seed(1)
     q, _ = torch.linalg.qr(torch.randn(16, 7, generator=gen, dtype=torch.float64))

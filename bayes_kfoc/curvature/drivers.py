@@ -10,14 +10,8 @@ from tqdm.auto import tqdm
 
 from .._options import Solver
 from ..stats import Collector, KronStats
-from ._kfoc import (
-    Request,
-    Result,
-    lanczos_bidiag,
-    lanczos_steps,
-    power_iteration,
-    power_iteration_jacobi,
-)
+from ._kfoc import Result, power_iteration, power_iteration_jacobi
+from ._lanczos import Request, lanczos_bidiag, lanczos_steps
 from ._reduce import Reducer
 from .first_pass import KronSums
 from .options import LANCZOS_RESTART, FitOptions

@@ -57,7 +57,7 @@ def _is_identity_power(power: float, damping: float | Tensor) -> bool:
 
 def _spectrum_power(block: KronBlock, power: float, damping: float | Tensor) -> Tensor:
     """``S^p`` with ``S = λ_G λ_A^T + δ`` (``[d_out, n]``), in the block's dtype."""
-    s = block.damped_eigenvalues(torch.as_tensor(damping).to(block.dtype))
+    s = block.damped_eigenvalues(torch.as_tensor(damping, dtype=block.dtype))
     return s.reciprocal() if power == -1.0 else s.pow(power)
 
 
@@ -75,7 +75,7 @@ def grads_quad(
     if _is_identity_power(power, damping):
         kg = block.matvec(g)
     else:
-        kg = block.matpow(g, power, torch.as_tensor(damping).to(dtype))
+        kg = block.matpow(g, power, torch.as_tensor(damping, dtype=dtype))
     return torch.einsum("cbp,cbp->bc" if diagonal else "cbp,ebp->bce", g, kg)
 
 
@@ -233,7 +233,7 @@ class LinearStats(KronStats):
             return torch.einsum(eq, k, k, s)
         if isinstance(block, DiagBlock):
             prec = vec_to_mat(
-                block.values + torch.as_tensor(damping).to(dtype),
+                block.values + torch.as_tensor(damping, dtype=dtype),
                 self.o,
                 self.n - int(self.bias),
                 self.bias,
