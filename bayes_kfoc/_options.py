@@ -82,3 +82,37 @@ class Solver(StrEnum):
 
     LANCZOS = "lanczos"
     POWER = "power"
+
+
+class BlockKind(StrEnum):
+    """How a fitted block represents its module's curvature (what ``Structure`` becomes).
+
+    - ``kron``: ``G ⊗ A`` (K-FOC and K-FAC on Linear / Conv2d);
+    - ``diag``: a diagonal (``diag``, and modules without Kronecker structure);
+    - ``full``: a dense matrix (``full``).
+    """
+
+    KRON = "kron"
+    DIAG = "diag"
+    FULL = "full"
+
+
+class PredMethod(StrEnum):
+    """``glm``: the linearised network (default); ``mc``: the network at sampled weights."""
+
+    GLM = "glm"
+    MC = "mc"
+
+
+class Link(StrEnum):
+    """How the GLM's Gaussian over logits becomes probabilities: ``probit`` or ``mc``."""
+
+    PROBIT = "probit"
+    MC = "mc"
+
+
+class TuneMethod(StrEnum):
+    """``marglik``: maximise the Laplace evidence; ``gridsearch``: a validation metric."""
+
+    MARGLIK = "marglik"
+    GRIDSEARCH = "gridsearch"

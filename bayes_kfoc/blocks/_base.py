@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._options import BlockKind
+
 
 def clamp_psd(evals: Tensor, name: str, eps: float | None = None) -> Tensor:
     """Clamp round-off negatives of a PSD spectrum to zero; raise on a truly negative one.
@@ -46,7 +48,12 @@ def as_damping(damping: float | Tensor, like: Tensor) -> Tensor:
 class CurvatureBlock(ABC):
     """One module's curvature block; subclasses hold a structured representation."""
 
-    structure: str = "abstract"
+    kind: BlockKind  # kron, diag or full: set by each subclass
+
+    @property
+    def structure(self) -> str:
+        """The block's kind as a string (an alias of :attr:`kind`)."""
+        return self.kind.value
 
     def __init__(self, name: str, param_shapes: dict[str, torch.Size]):
         self.name = name

@@ -5,13 +5,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._options import BlockKind
 from ._base import CurvatureBlock, as_damping, clamp_psd
 
 
 class DenseBlock(CurvatureBlock):
     """A dense symmetric PSD block ``B`` (``[P, P]``) in ``parameters_to_vector`` order."""
 
-    structure = "full"
+    kind = BlockKind.FULL
 
     def __init__(self, name: str, param_shapes: dict[str, torch.Size], matrix: Tensor):
         super().__init__(name, param_shapes)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._options import BlockKind
 from ._base import CurvatureBlock, as_damping, clamp_psd
 
 
 class DiagBlock(CurvatureBlock):
     """A diagonal block ``diag(d)``, ``d`` of shape ``[P]`` in ``parameters_to_vector`` order."""
 
-    structure = "diag"
+    kind = BlockKind.DIAG
 
     def __init__(self, name: str, param_shapes: dict[str, torch.Size], values: Tensor):
         super().__init__(name, param_shapes)

@@ -22,6 +22,7 @@ import math
 import torch
 from torch import Tensor
 
+from .._options import BlockKind
 from ._base import CurvatureBlock, as_damping, clamp_psd
 
 
@@ -59,7 +60,7 @@ class KronBlock(CurvatureBlock):
         G: output factor, ``[d_out, d_out]`` symmetric PSD.
     """
 
-    structure = "kron"
+    kind = BlockKind.KRON
 
     def __init__(self, name: str, param_shapes: dict[str, torch.Size], A: Tensor, G: Tensor):
         super().__init__(name, param_shapes)

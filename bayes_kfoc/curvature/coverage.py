@@ -31,7 +31,7 @@ def coverage(
             out[full] = "frozen (requires_grad=False): not part of the curvature"
         elif owner in blocks:
             extra = f"; {notes[owner]}" if notes.get(owner) else ""
-            out[full] = f"{_KIND[blocks[owner].structure]} block {owner!r}{extra}"
+            out[full] = f"{_KIND[blocks[owner].kind]} block {owner!r}{extra}"
         else:
             out[full] = skipped.get(owner, "not covered")
     return out

@@ -66,13 +66,13 @@ class FitInfo(_RecordMapping):
         log_likelihood: ``Σ_n log p(y_n | x_n, θ)`` over the data (all ranks), at the fitted
             weights (the Laplace evidence's data term).
         input_shape: the shape of one input (``x.shape[1:]`` of the first batch).
-        base_seed: the seed every pass drew its MC labels from.
+        base_seed: the seed every pass drew its MC labels from (``None`` for a loaded posterior).
         cache_bytes_estimate: K-FOC's estimated statistics cache for the whole loader (bytes).
         peak_bytes_estimate: that cache plus the per-layer solver work (bytes).
     """
 
     log_likelihood: float
     input_shape: tuple[int, ...]
-    base_seed: int
+    base_seed: int | None
     cache_bytes_estimate: int | None = None
     peak_bytes_estimate: int | None = None

@@ -17,10 +17,30 @@ from torch import Tensor
 from ..blocks import CurvatureBlock
 from ..stats import Stats
 
+Chunk = tuple[dict[str, Stats], Tensor]
+"""One chunk of points: per-module Jacobian statistics (directions ``e_c``) and MAP logits."""
+
 
 def block_covariance(st: Stats, block: CurvatureBlock, tau: Tensor) -> Tensor:
     """``[B, C, C]``: this block's contribution ``J_b (F_b + τ I)^{-1} J_b^T`` per point."""
     return st.quad(block, power=-1.0, damping=tau.to(block.dtype))
+
+
+def glm_moments(
+    chunks: list[Chunk], blocks: dict[str, CurvatureBlock], tau: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Mean ``[B, C]`` and covariance ``[B, C, C]`` of the linearised logits over all chunks,
+    with ``τ`` one value per block (block order); nothing here depends on ``τ`` but the sum."""
+    means, covs = [], []
+    for stats, logits in chunks:
+        cov: Tensor | None = None
+        for (name, block), t in zip(blocks.items(), tau, strict=True):
+            c = block_covariance(stats[name], block, t)
+            cov = c if cov is None else cov + c
+        assert cov is not None
+        means.append(logits.to(cov.dtype))
+        covs.append(cov)
+    return torch.cat(means), torch.cat(covs)
 
 
 def probit(mean: Tensor, cov: Tensor) -> Tensor:

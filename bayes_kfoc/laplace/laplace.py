@@ -4,17 +4,18 @@ diagonal or dense curvature blocks.
 The posterior over the selected parameters is ``N(θ*, P^{-1})`` with the block-diagonal
 precision ``P_b = F_b + τ_b I``: ``F_b`` the **summed** Fisher block of module ``b`` (from
 :func:`bayes_kfoc.fit_curvature`) and ``τ_b`` the prior precision of an isotropic Gaussian prior at
-zero. Parameters outside ``subset`` stay at the MAP. Every power of ``P_b`` (sampling, variances,
+zero. Parameters outside ``modules`` stay at the MAP. Every power of ``P_b`` (sampling, variances,
 log-determinants) goes through the eigendecomposition of its factors, with exact damping.
+
+A ``Laplace`` holds a :class:`~bayes_kfoc.Curvature` (on the model's device, in ``eig_dtype``) and
+the prior; tuning lives in :mod:`.tuning`, persistence in :mod:`.serialization`.
 
 Vectors returned by :meth:`Laplace.sample` follow ``parameters_to_vector(model.parameters())``.
 """
 
 from __future__ import annotations
 
-import math
-import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,52 +23,16 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parameters_to_vector
 
-from .._options import StrEnum
-from .._version import __version__
-from ..blocks import CurvatureBlock, DenseBlock, DiagBlock, KronBlock
+from .._options import Link, PredMethod, TuneMethod
+from ..blocks import CurvatureBlock
 from ..curvature import Curvature, fit_curvature
-from ..stats import Collector, Stats, targets_for
-from ._glm import block_covariance, probit, sample_logits
-from ._layout import Layout, architecture, check_architecture
-from ._mc import head_features, head_logits, logits_at
-from ._posterior import logdet_precision, sample_blocks
-from ._prior import marglik_root
+from ..stats import Target, targets_for
+from . import predictive, serialization
+from ._layout import Layout
+from ._posterior import logdet_precision
+from .predictive import PosteriorView
 from .prior import PriorPrecision, check_prior_precision, prior_precision_vector
-
-Metric = Callable[[Tensor, Tensor], float]
-
-
-class PredMethod(StrEnum):
-    """``glm``: linearised network (default); ``mc``: the network at sampled weights."""
-
-    GLM = "glm"
-    MC = "mc"
-
-
-class Link(StrEnum):
-    """How the GLM's Gaussian over logits becomes probabilities: ``probit`` or ``mc``."""
-
-    PROBIT = "probit"
-    MC = "mc"
-
-
-class TuneMethod(StrEnum):
-    """``marglik``: maximise the Laplace evidence; ``gridsearch``: validation metric."""
-
-    MARGLIK = "marglik"
-    GRIDSEARCH = "gridsearch"
-
-
-_BLOCK_TYPES: dict[str, type[CurvatureBlock]] = {
-    "kron": KronBlock,
-    "diag": DiagBlock,
-    "full": DenseBlock,
-}
-
-
-def _nll(probs: Tensor, labels: Tensor) -> float:
-    p = probs.gather(1, labels.unsqueeze(1)).clamp_min(1e-12)
-    return float(-p.log().mean())
+from .tuning import Metric, TuningResult, nll, tune_marglik, tune_on_loader
 
 
 class Laplace:
@@ -78,7 +43,9 @@ class Laplace:
         likelihood: ``"classification"`` (softmax / categorical); the only one supported.
         structure: ``"kfoc"`` (default), ``"kfac"``, ``"diag"`` or ``"full"``.
         fisher: ``"exact"``, ``"mc"`` or ``"empirical"`` (see :func:`fit_curvature`).
-        subset: ``"all"``, ``"last_layer"`` or a list of module names; only these are random.
+        modules: ``"all"``, ``"last_layer"`` or a list of module names; only these are random
+            (the same argument as :func:`fit_curvature`'s ``modules``). ``subset`` is accepted
+            as its laplace-torch-style alias.
         prior_precision: ``τ``; a scalar, one value per module (dict by module name, or a tensor
             in block order).
         eig_dtype: dtype of the posterior's eigendecompositions (e.g. ``torch.float64`` for
@@ -96,9 +63,10 @@ class Laplace:
         likelihood: str = "classification",
         structure: str = "kfoc",
         fisher: str = "exact",
-        subset: str | Sequence[str] = "all",
-        prior_precision: float | Tensor | dict[str, float] = 1.0,
+        subset: str | Sequence[str] | None = None,
+        prior_precision: PriorPrecision = 1.0,
         *,
+        modules: str | Sequence[str] | None = None,
         eig_dtype: torch.dtype | None = None,
         chunk_size: int = 256,
         progress: bool = True,
@@ -109,11 +77,14 @@ class Laplace:
                 f"Laplace: likelihood={likelihood!r} is not supported; only 'classification' "
                 "(softmax logits with integer labels) is."
             )
+        if subset is not None and modules is not None:
+            raise ValueError("Laplace: pass modules= or its alias subset=, not both.")
+        chosen = modules if modules is not None else subset if subset is not None else "all"
         self.model = model
         self.likelihood = likelihood
         self.structure = structure
         self.fisher = fisher
-        self.subset = subset if isinstance(subset, str) else list(subset)
+        self.modules: str | list[str] = chosen if isinstance(chosen, str) else list(chosen)
         self.eig_dtype = eig_dtype
         self.chunk_size = chunk_size
         self.progress = progress
@@ -121,18 +92,24 @@ class Laplace:
         self._prior_init = prior_precision
         if not isinstance(prior_precision, dict):
             check_prior_precision(torch.as_tensor(prior_precision, dtype=torch.float64))
-        self.blocks: dict[str, CurvatureBlock] = {}
-        self._tau: Tensor | None = None
         self.curvature: Curvature | None = None
+        self.tuning: TuningResult | None = None
+        self._tau: Tensor | None = None
+
+    @property
+    def subset(self) -> str | list[str]:
+        """Alias of :attr:`modules` (laplace-torch's name)."""
+        return self.modules
 
     # -- fitting --------------------------------------------------------------------------------
     @property
     def fitted(self) -> bool:
-        return bool(self.blocks)
+        return self.curvature is not None
 
-    def _require_fit(self, what: str) -> None:
-        if not self.fitted:
+    def _require_fit(self, what: str) -> Curvature:
+        if self.curvature is None:
             raise RuntimeError(f"Laplace.{what}: call fit(train_loader) first.")
+        return self.curvature
 
     def fit(self, train_loader: Iterable[Any]) -> Laplace:
         """Fit the curvature over every batch of ``train_loader`` (``(x, y)`` pairs)."""
@@ -141,47 +118,54 @@ class Laplace:
             train_loader,
             self.structure,
             self.fisher,
-            self.subset,
+            self.modules,
             progress=self.progress,
             **self.fit_kwargs,
         )
-        self._install(
-            curv.blocks, curv.num_data, curv.info["log_likelihood"], tuple(curv.info["input_shape"])
-        )
-        self.curvature = curv
+        self._install(curv)
         self.prior_precision = self._prior_init
         return self
 
-    def _install(
-        self,
-        blocks: dict[str, CurvatureBlock],
-        num_data: int,
-        log_lik: float,
-        input_shape: tuple[int, ...],
-    ) -> None:
+    def _install(self, curv: Curvature) -> None:
         p = next(self.model.parameters())
         self.device = p.device
-        dtype = self.eig_dtype or p.dtype
-        self.blocks = {k: b.to(self.device, dtype) for k, b in blocks.items()}
-        for b in self.blocks.values():
+        curv = curv.to(self.device, self.eig_dtype or p.dtype)
+        for b in curv.blocks.values():
             b.eigenvalues()  # decompose once, up front; raises on a non-PSD factor
-        self.num_data = num_data
-        self.log_likelihood = log_lik
-        self.input_shape = input_shape
+        self.curvature = curv
+        self.tuning = None
         self.layout = Layout.build(
-            self.model, {k: list(b.param_shapes) for k, b in self.blocks.items()}, self.device
+            self.model, {k: list(b.param_shapes) for k, b in curv.blocks.items()}, self.device
         )
         self.map_vector = parameters_to_vector(self.model.parameters()).detach().clone()
-        self._targets = targets_for(self.model, list(self.blocks))
+        self._targets: list[Target] = targets_for(self.model, list(curv.blocks))
+
+    @property
+    def blocks(self) -> dict[str, CurvatureBlock]:
+        """The posterior's curvature blocks by module name, in block (forward-call) order."""
+        return {} if self.curvature is None else self.curvature.blocks
+
+    @property
+    def num_data(self) -> int:
+        return self._require_fit("num_data").num_data
+
+    @property
+    def log_likelihood(self) -> float:
+        """``Σ_n log p(y_n | x_n, θ*)`` over the training data (the evidence's data term)."""
+        return self._require_fit("log_likelihood").info.log_likelihood
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self._require_fit("input_shape").info.input_shape
 
     @property
     def num_params(self) -> int:
-        """Number of random (subset) parameters."""
+        """Number of random (``modules``) parameters."""
         return sum(b.num_params for b in self.blocks.values())
 
     @property
     def mean(self) -> Tensor:
-        """``θ*`` of the subset, block after block."""
+        """``θ*`` of the random parameters, block after block."""
         self._require_fit("mean")
         return torch.cat([self.map_vector[i] for i in self.layout.block_index.values()])
 
@@ -242,7 +226,8 @@ class Laplace:
         link: str = "probit",
         n_samples: int = 100,
     ) -> Tensor:
-        """Tune ``τ`` and return it (one value per block).
+        """Tune ``τ``, install it, and return it (one value per block); the full outcome is
+        :attr:`tuning` (a :class:`~bayes_kfoc.laplace.tuning.TuningResult`).
 
         - ``"marglik"``: maximise :meth:`log_marginal_likelihood` exactly (bisection on its
           monotone derivative in ``log τ``), per module (``per_module=True``) or one shared τ.
@@ -253,126 +238,57 @@ class Laplace:
 
         .. warning:: Post-hoc marglik on *all* weights of a network trained with weak weight
            decay picks a small τ and a grossly underconfident predictive (on the digits MLP:
-           ECE 0.33 against the MAP's 0.02). The validation grid is the calibrated default;
-           marglik is reliable for last-layer posteriors.
+           ECE 0.33 against the MAP's 0.02). The validation grid is the calibrated default.
         """
         self._require_fit("optimize_prior_precision")
         if method is None:
             method = "gridsearch" if val_loader is not None else "marglik"
         m = TuneMethod.parse(method, "Laplace.optimize_prior_precision: method")
         if m is TuneMethod.MARGLIK:
-            evals = [b.eigenvalues().double() for b in self.blocks.values()]
-            norms = self._block_sq_norms()
-            if per_module:
-                tau = marglik_root(evals, norms)
-            else:
-                tau = marglik_root([torch.cat(evals)], norms.sum().reshape(1)).expand(len(evals))
-            self.prior_precision = tau
-            return self.prior_precision
-        if val_loader is None:
-            raise ValueError("Laplace.optimize_prior_precision: gridsearch needs val_loader.")
-        grid_t = torch.as_tensor(
-            torch.logspace(-2, 5, 29) if grid is None else grid, dtype=torch.float64
-        )
-        metric = metric or _nll
-        xs, ys = [], []
-        for batch in val_loader:
-            if not isinstance(batch, list | tuple) or len(batch) != 2:
-                raise TypeError("Laplace: val_loader must yield (x, y) pairs.")
-            xs.append(batch[0])
-            ys.append(batch[1])
-        x, y = torch.cat(xs), torch.cat(ys).to(self.device)
-        scores: dict[float, float] = {}
-
-        glm_probit = (
-            PredMethod.parse(pred_method, "pred_method") is PredMethod.GLM
-            and Link.parse(link, "link") is Link.PROBIT
-        )
-        chunks = self._jacobians(x) if glm_probit else None  # one Jacobian pass serves every τ
-
-        def score(t: float) -> float:
-            self.prior_precision = t
-            if chunks is not None:
-                probs = probit(*self._glm_from(chunks))
-            else:
-                probs = self.predict(
-                    x,
-                    method=pred_method,
-                    link=link,
-                    n_samples=n_samples,
-                    generator=torch.Generator(self.device).manual_seed(0),
-                )
-            value = metric(probs, y)
-            scores[t] = math.inf if math.isnan(value) else value
-            return scores[t]
-
-        coarse = [score(float(t)) for t in grid_t]
-        best = min(range(len(coarse)), key=coarse.__getitem__)
-        if len(grid_t) > 2:
-            lo = grid_t[max(best - 1, 0)].log()
-            hi = grid_t[min(best + 1, len(grid_t) - 1)].log()
-            for t in torch.linspace(float(lo), float(hi), 9)[1:-1].exp():
-                score(float(t))
-        best_tau = min(scores, key=scores.__getitem__)
-        if best_tau in (float(grid_t.min()), float(grid_t.max())):
-            warnings.warn(
-                f"Laplace.optimize_prior_precision: the best τ ({best_tau:.3g}) is at the edge of "
-                f"the grid [{float(grid_t.min()):.3g}, {float(grid_t.max()):.3g}]; widen the grid "
-                "(a τ at the upper edge means the validation data favour the MAP).",
-                stacklevel=2,
-            )
-        self.prior_precision = best_tau
-        self.gridsearch_scores = dict(sorted(scores.items()))
+            result = tune_marglik(list(self.blocks.values()), self._block_sq_norms(), per_module)
+        else:
+            if val_loader is None:
+                raise ValueError("Laplace.optimize_prior_precision: gridsearch needs val_loader.")
+            pm = PredMethod.parse(pred_method, "Laplace.optimize_prior_precision: pred_method")
+            lk = Link.parse(link, "Laplace.optimize_prior_precision: link")
+            view = self.view()
+            result = tune_on_loader(view, val_loader, grid, metric or nll, pm, lk, n_samples)
+        self.prior_precision = result.prior_precision
+        self.tuning = result
         return self.prior_precision
 
-    # -- sampling ---------------------------------------------------------------------------------
+    @property
+    def gridsearch_scores(self) -> dict[float, float]:
+        """``{τ: metric}`` of the last grid search (an alias of ``tuning.scores``)."""
+        return {} if self.tuning is None else dict(self.tuning.scores)
+
+    # -- sampling and prediction ------------------------------------------------------------------
+    def view(self, prior_precision: Tensor | None = None) -> PosteriorView:
+        """The fitted posterior as a :class:`~bayes_kfoc.laplace.predictive.PosteriorView`
+        (at the current ``τ``, or at ``prior_precision``: one value per block)."""
+        self._require_fit("view")
+        tau = self.prior_precision if prior_precision is None else prior_precision
+        return PosteriorView(
+            self.model,
+            self.blocks,
+            tau.to(self.device),
+            self.map_vector,
+            self.layout,
+            self._targets,
+            self.input_shape,
+            self.chunk_size,
+        )
+
     def sample(self, n_samples: int = 100, generator: torch.Generator | None = None) -> Tensor:
         """``[n, P]`` full parameter vectors (``parameters_to_vector`` order) from the posterior.
 
-        Subset parameters are ``θ* + P_b^{-1/2} ε``; all others stay at the MAP.
+        Random parameters are ``θ* + P_b^{-1/2} ε``; all others stay at the MAP.
         """
-        self._require_fit("sample")
-        draws = sample_blocks(
-            list(self.blocks.values()), self.prior_precision, n_samples, generator
-        )
-        thetas = self.map_vector.unsqueeze(0).repeat(n_samples, 1)
-        for name, d in zip(self.blocks, draws, strict=True):
-            self.layout.scatter_add_(name, thetas, d.to(thetas.dtype))
-        return thetas
-
-    # -- prediction -------------------------------------------------------------------------------
-    def _check_x(self, x: Tensor) -> Tensor:
-        if not isinstance(x, Tensor):
-            raise TypeError(f"Laplace.predict: x must be a tensor, got {type(x).__name__}.")
-        if tuple(x.shape[1:]) != self.input_shape:
-            raise ValueError(
-                f"Laplace.predict: inputs have shape {tuple(x.shape)}, but the model was fitted "
-                f"on inputs [N, {', '.join(map(str, self.input_shape))}]."
-            )
-        return x.to(self.device)
-
-    def _jacobians(self, x: Tensor) -> list[tuple[dict[str, Stats], Tensor]]:
-        """Per-chunk Jacobian statistics and MAP logits at ``x`` (independent of ``τ``)."""
-        x = self._check_x(x)
-        with Collector(self.model, self._targets) as col:
-            return [col.jacobians(xb) for xb in torch.split(x, self.chunk_size)]
-
-    def _glm_from(self, chunks: list[tuple[dict[str, Stats], Tensor]]) -> tuple[Tensor, Tensor]:
-        means, covs = [], []
-        for stats, logits in chunks:
-            cov = None
-            for (name, block), tau in zip(self.blocks.items(), self.prior_precision, strict=True):
-                c = block_covariance(stats[name], block, tau)
-                cov = c if cov is None else cov + c
-            assert cov is not None
-            means.append(logits.to(cov.dtype))
-            covs.append(cov)
-        return torch.cat(means), torch.cat(covs)
+        return predictive.sample(self.view(), n_samples, generator)
 
     def glm_distribution(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Mean ``[B, C]`` and covariance ``[B, C, C]`` of the linearised logits at ``x``."""
-        self._require_fit("glm_distribution")
-        return self._glm_from(self._jacobians(x))
+        return predictive.glm_distribution(self.view(), x)
 
     def predictive_samples(
         self,
@@ -382,29 +298,8 @@ class Laplace:
         generator: torch.Generator | None = None,
     ) -> Tensor:
         """``[n, B, C]`` probability samples: GLM logit draws, or the network at sampled weights."""
-        self._require_fit("predictive_samples")
         m = PredMethod.parse(method, "Laplace.predictive_samples: method")
-        if m is PredMethod.GLM:
-            mean, cov = self.glm_distribution(x)
-            return torch.softmax(sample_logits(mean, cov, n_samples, generator), dim=-1)
-        x = self._check_x(x)
-        if len(self.blocks) == 1:  # e.g. last layer: run the deterministic trunk once
-            (name, block), target = next(iter(self.blocks.items())), self._targets[0]
-            feats = head_features(self.model, target.module, x)
-            if feats is not None:
-                (draw,) = sample_blocks([block], self.prior_precision, n_samples, generator)
-                mean = self.map_vector[self.layout.block_index[name]]
-                shapes = list(block.param_shapes.values())
-                logits = head_logits(
-                    target.module,
-                    list(block.param_shapes),
-                    shapes,
-                    mean + draw.to(mean.dtype),
-                    feats,
-                )
-                return torch.softmax(logits, dim=-1)
-        thetas = self.sample(n_samples, generator)
-        return torch.softmax(logits_at(self.model, thetas, x), dim=-1)
+        return predictive.predictive_samples(self.view(), x, m, n_samples, generator)
 
     def predict(
         self,
@@ -420,84 +315,49 @@ class Laplace:
         (default, closed form) or ``link="mc"`` (``n_samples`` logit draws). ``method="mc"``
         averages the softmax of the network at ``n_samples`` sampled weight vectors.
         """
-        self._require_fit("predict")
+        view = self.view()
         m = PredMethod.parse(method, "Laplace.predict: method")
         lk = Link.parse(link, "Laplace.predict: link")
-        if m is PredMethod.GLM and lk is Link.PROBIT:
-            mean, cov = self.glm_distribution(x)
-            return probit(mean, cov)
-        return self.predictive_samples(x, n_samples, m.value, generator).mean(0)
+        return predictive.predict(view, x, m, lk, n_samples, generator)
 
     __call__ = predict
 
     # -- persistence ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to rebuild the posterior, as tensors and plain Python values."""
-        self._require_fit("state_dict")
-        return {
-            "format": "bayes_kfoc.Laplace",
-            "version": __version__,
-            "likelihood": self.likelihood,
-            "structure": self.structure,
-            "fisher": self.fisher,
-            "subset": self.subset,
-            "architecture": [[k, list(s)] for k, s in architecture(self.model)],
-            "blocks": {
-                k: {
-                    "kind": b.structure,
-                    "param_shapes": {p: list(s) for p, s in b.param_shapes.items()},
-                    "tensors": {t: v.detach() for t, v in b.tensors().items()},
-                }
-                for k, b in self.blocks.items()
-            },
-            "prior_precision": self.prior_precision.detach().cpu(),
-            "map_vector": self.map_vector.detach().cpu(),
-            "num_data": self.num_data,
-            "log_likelihood": self.log_likelihood,
-            "input_shape": list(self.input_shape),
-        }
+        curv = self._require_fit("state_dict")
+        return serialization.posterior_state(
+            self.likelihood,
+            self.structure,
+            self.fisher,
+            self.modules,
+            self.model,
+            curv,
+            self.prior_precision,
+            self.map_vector,
+        )
 
     def load_state_dict(self, state: dict[str, Any], check_weights: bool = True) -> Laplace:
         """Restore a posterior; the architecture must match, the model's weights the MAP."""
-        if state.get("format") != "bayes_kfoc.Laplace":
-            raise ValueError("Laplace.load_state_dict: not a bayes_kfoc Laplace state.")
-        saved = [(k, tuple(s)) for k, s in state["architecture"]]
-        check_architecture(
-            saved, self.model, "Laplace.load", "Load it onto the model it was fitted on."
-        )
-        map_vector = state["map_vector"]
-        current = parameters_to_vector(self.model.parameters()).detach().cpu()
-        if check_weights and not torch.allclose(current, map_vector.to(current.dtype)):
-            raise ValueError(
-                "Laplace.load: the model's weights differ from the posterior's MAP; load the "
-                "trained weights first, or pass check_weights=False."
-            )
+        curv, map_vector = serialization.posterior_from_state(state, self.model, check_weights)
         for key in ("likelihood", "structure", "fisher"):
             setattr(self, key, state[key])
-        self.subset = state["subset"]
-        p = next(self.model.parameters())
-        blocks: dict[str, CurvatureBlock] = {}
-        for name, spec in state["blocks"].items():
-            shapes = {k: torch.Size(v) for k, v in spec["param_shapes"].items()}
-            cls = _BLOCK_TYPES[spec["kind"]]
-            tensors = {k: v.to(p.device) for k, v in spec["tensors"].items()}
-            blocks[name] = cls(name, shapes, **tensors)
-        self.eig_dtype = next(iter(blocks.values())).dtype
-        self._install(
-            blocks, state["num_data"], state["log_likelihood"], tuple(state["input_shape"])
-        )
-        self.map_vector = map_vector.to(self.device, p.dtype)
+        self.modules = state["subset"]
+        self.eig_dtype = next(iter(curv.blocks.values())).dtype
+        self._install(curv)
+        self.map_vector = map_vector.to(self.device, self.map_vector.dtype)
         self.prior_precision = state["prior_precision"]
         return self
 
     def save(self, path: str | Path) -> None:
-        """Write :meth:`state_dict` with ``torch.save``."""
-        torch.save(self.state_dict(), path)
+        """Write :meth:`state_dict` atomically, with a checksum (see :mod:`.serialization`)."""
+        serialization.write_state(self.state_dict(), path)
 
     @classmethod
     def load(cls, path: str | Path, model: nn.Module, check_weights: bool = True) -> Laplace:
-        """Read a saved posterior (``torch.load(weights_only=True)``) onto ``model``."""
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        """Read a saved posterior (``torch.load(weights_only=True)``, checksum verified) onto
+        ``model``."""
+        state = serialization.read_state(path)
         la = cls(
             model,
             state["likelihood"],

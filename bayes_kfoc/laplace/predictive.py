@@ -1,0 +1,125 @@
+"""Predictions and samples of a fitted posterior: the GLM (linearised) predictive with the probit
+or MC link, and the network at sampled weights.
+
+Everything here is a function of a :class:`PosteriorView` (blocks, ``τ``, MAP, layout), so the
+grid search can score another ``τ`` without touching the posterior.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .._options import Link, PredMethod
+from ..blocks import CurvatureBlock
+from ..stats import Collector, Target
+from ._glm import Chunk, glm_moments, probit, sample_logits
+from ._layout import Layout
+from ._mc import head_features, head_logits, logits_at
+from ._posterior import sample_blocks
+
+
+@dataclass(frozen=True)
+class PosteriorView:
+    """What the predictive needs of a fitted posterior ``N(θ*, (F + τI)^{-1})``.
+
+    Attributes:
+        model: the network (evaluated at ``θ*``, or functionally at samples).
+        blocks: curvature blocks by module name (block order).
+        tau: ``τ`` per block (block order).
+        map_vector: ``θ*`` in ``parameters_to_vector`` order.
+        layout: where each block's parameters sit in ``map_vector``.
+        targets: the blocks' modules (for the Jacobian collector).
+        input_shape: the shape of one input the posterior was fitted on.
+        chunk_size: points per chunk of Jacobians.
+    """
+
+    model: nn.Module
+    blocks: dict[str, CurvatureBlock]
+    tau: Tensor
+    map_vector: Tensor
+    layout: Layout
+    targets: list[Target]
+    input_shape: tuple[int, ...]
+    chunk_size: int
+
+    def with_tau(self, tau: Tensor) -> PosteriorView:
+        return dataclasses.replace(self, tau=tau)
+
+    @property
+    def device(self) -> torch.device:
+        return self.map_vector.device
+
+
+def check_inputs(view: PosteriorView, x: Tensor) -> Tensor:
+    """``x`` on the posterior's device; raises unless it is a batch of fitted-shape inputs."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"Laplace.predict: x must be a tensor, got {type(x).__name__}.")
+    if tuple(x.shape[1:]) != view.input_shape:
+        raise ValueError(
+            f"Laplace.predict: inputs have shape {tuple(x.shape)}, but the model was fitted "
+            f"on inputs [N, {', '.join(map(str, view.input_shape))}]."
+        )
+    return x.to(view.device)
+
+
+def jacobians(view: PosteriorView, x: Tensor) -> list[Chunk]:
+    """Per-chunk Jacobian statistics and MAP logits at ``x`` (independent of ``τ``)."""
+    x = check_inputs(view, x)
+    with Collector(view.model, view.targets) as col:
+        return [col.jacobians(xb) for xb in torch.split(x, view.chunk_size)]
+
+
+def glm_distribution(view: PosteriorView, x: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean ``[B, C]`` and covariance ``[B, C, C]`` of the linearised logits at ``x``."""
+    return glm_moments(jacobians(view, x), view.blocks, view.tau)
+
+
+def sample(view: PosteriorView, n: int, generator: torch.Generator | None) -> Tensor:
+    """``[n, P]`` full parameter vectors: ``θ* + P_b^{-1/2} ε`` on the blocks, MAP elsewhere."""
+    draws = sample_blocks(list(view.blocks.values()), view.tau, n, generator)
+    thetas = view.map_vector.unsqueeze(0).repeat(n, 1)
+    for name, d in zip(view.blocks, draws, strict=True):
+        view.layout.scatter_add_(name, thetas, d.to(thetas.dtype))
+    return thetas
+
+
+def predictive_samples(
+    view: PosteriorView, x: Tensor, method: PredMethod, n: int, generator: torch.Generator | None
+) -> Tensor:
+    """``[n, B, C]`` probabilities: GLM logit draws, or the network at sampled weights (a
+    single-block posterior whose module produces the logits runs the deterministic trunk
+    once)."""
+    if method is PredMethod.GLM:
+        mean, cov = glm_distribution(view, x)
+        return torch.softmax(sample_logits(mean, cov, n, generator), dim=-1)
+    x = check_inputs(view, x)
+    if len(view.blocks) == 1:  # e.g. last layer: run the deterministic trunk once
+        (name, block), target = next(iter(view.blocks.items())), view.targets[0]
+        feats = head_features(view.model, target.module, x)
+        if feats is not None:
+            (draw,) = sample_blocks([block], view.tau, n, generator)
+            mean = view.map_vector[view.layout.block_index[name]]
+            shapes = list(block.param_shapes.values())
+            logits = head_logits(
+                target.module, list(block.param_shapes), shapes, mean + draw.to(mean.dtype), feats
+            )
+            return torch.softmax(logits, dim=-1)
+    return torch.softmax(logits_at(view.model, sample(view, n, generator), x), dim=-1)
+
+
+def predict(
+    view: PosteriorView,
+    x: Tensor,
+    method: PredMethod,
+    link: Link,
+    n: int,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """Predictive class probabilities ``[B, C]`` (GLM probit in closed form, else MC)."""
+    if method is PredMethod.GLM and link is Link.PROBIT:
+        return probit(*glm_distribution(view, x))
+    return predictive_samples(view, x, method, n, generator).mean(0)
