@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
-from bayes_kfoc._options import FisherType
+from bayes_kfoc.options import FisherType
 
 
 def per_point_jacobians(model: nn.Module, x: Tensor) -> dict[str, Tensor]:

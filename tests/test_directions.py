@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bayes_kfoc._options import FisherType
+from bayes_kfoc.options import FisherType
 from bayes_kfoc.stats import logit_directions, num_directions
 
 

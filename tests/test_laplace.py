@@ -167,7 +167,7 @@ def test_mc_predictive_is_vectorised_functional_call() -> None:
     la = _fit(CASES[3], "kfoc")  # non-Sequential model with a bare parameter
     x = CASES[3].make()[1][:3]
     thetas = la.sample(4, generator=torch.Generator().manual_seed(0))
-    from bayes_kfoc.laplace._mc import logits_at
+    from bayes_kfoc.laplace.predictive import logits_at
 
     out = logits_at(la.model, thetas, x, chunk=3)
     names = [k for k, _ in la.model.named_parameters()]
@@ -177,6 +177,24 @@ def test_mc_predictive_is_vectorised_functional_call() -> None:
         torch.testing.assert_close(out[s], functional_call(la.model, params, (x,)))
 
 
+def _dense_probit_nll(la: Laplace, x: torch.Tensor, y: torch.Tensor, tau: float) -> float:
+    """The validation NLL of the GLM probit predictive at ``τ``, from dense Jacobians and a
+    dense posterior covariance (independent of the library's predictive)."""
+    eye_blocks = [
+        b.to_dense() + tau * torch.eye(b.num_params, dtype=torch.float64)
+        for b in la.blocks.values()
+    ]
+    sigma = torch.linalg.inv(torch.block_diag(*eye_blocks))
+    jac = per_point_jacobians(la.model, x)
+    names = [f"{k}.{p}" if k else p for k, b in la.blocks.items() for p in b.param_shapes]
+    j = torch.cat([jac[n].reshape(len(x), jac[n].shape[1], -1) for n in names], dim=2)
+    var = torch.einsum("bcp,pq,bcq->bc", j, sigma, j)
+    with torch.no_grad():
+        logits = la.model(x)
+    probs = torch.softmax(logits / torch.sqrt(1 + math.pi / 8 * var), dim=-1)
+    return float(-probs.gather(1, y[:, None]).log().mean())
+
+
 def test_gridsearch_picks_the_best_validation_nll() -> None:
     la = _fit(CASES[0], "kfoc")
     _, x, y = CASES[0].make(seed=9)
@@ -184,13 +202,19 @@ def test_gridsearch_picks_the_best_validation_nll() -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         tau = la.optimize_prior_precision(val_loader=val, grid=[0.01, 1.0, 100.0])
-    scores = la.gridsearch_scores
-    assert float(tau[0]) == min(scores, key=scores.__getitem__)
-    assert len(scores) == 3 + 7
+    assert la.tuning is not None and la.tuning.method == "gridsearch"
+    scores = la.tuning.scores
+    assert len(scores) == 3 + 7  # the grid, then 7 points between the best one's neighbours
+    dense = {t: _dense_probit_nll(la, x, y, t) for t in scores}
+    for t, value in scores.items():
+        assert value == pytest.approx(dense[t], rel=1e-8)
+    assert float(tau[0]) == min(dense, key=dense.__getitem__)
     at_edge = float(tau[0]) in (0.01, 100.0)
+    assert at_edge == la.tuning.at_edge
     assert at_edge == any("edge of the grid" in str(w.message) for w in caught)
     with pytest.warns(UserWarning, match="edge of the grid"):
         la.optimize_prior_precision(val_loader=val, grid=[1e6, 1e7, 1e8])
+    assert la.tuning.at_edge and la.gridsearch_scores == la.tuning.scores
 
 
 def test_bad_input_gets_clear_errors() -> None:
@@ -245,7 +269,7 @@ def test_float32_factors_decomposed_in_float64() -> None:
 def test_last_layer_mc_runs_the_trunk_once_and_equals_the_full_network() -> None:
     la = _fit(CASES[0], "kfoc", subset="last_layer")
     x = CASES[0].make()[1]
-    from bayes_kfoc.laplace._mc import head_features, logits_at
+    from bayes_kfoc.laplace.predictive import head_features, logits_at
 
     assert head_features(la.model, la._targets[0].module, x) is not None
     fast = la.predictive_samples(x, 6, method="mc", generator=torch.Generator().manual_seed(2))

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._options import BlockKind
+from ..options import BlockKind
 
 
 def clamp_psd(evals: Tensor, name: str, eps: float | None = None) -> Tensor:

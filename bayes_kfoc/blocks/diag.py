@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._options import BlockKind
+from ..options import BlockKind
 from ._base import CurvatureBlock, as_damping, clamp_psd
 
 

@@ -22,7 +22,7 @@ import math
 import torch
 from torch import Tensor
 
-from .._options import BlockKind
+from ..options import BlockKind
 from ._base import CurvatureBlock, as_damping, clamp_psd
 
 

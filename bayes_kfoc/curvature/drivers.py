@@ -8,7 +8,7 @@ import dataclasses
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .._options import Solver
+from ..options import Solver
 from ..stats import Collector, KronStats
 from ._kfoc import Result, power_iteration, power_iteration_jacobi
 from ._lanczos import Request, lanczos_bidiag, lanczos_steps

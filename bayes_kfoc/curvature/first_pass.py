@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .._options import Mode, Structure
+from ..options import Mode, Structure
 from ..stats import Collector, KronStats, LinearStats, SharedStats, Target
 from ._checks import default_memory_budget, human_bytes
 from .passes import FitSetup, dataset_size

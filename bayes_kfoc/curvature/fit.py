@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._options import Solver, Structure
 from ..blocks import CurvatureBlock, DenseBlock, DiagBlock, KronBlock
+from ..options import Solver, Structure
 from ..stats import Collector
 from ._kfoc import Result, warn_unconverged
 from ._result import Curvature

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._options import FisherType, Mode, Solver, Structure
+from ..options import FisherType, Mode, Solver, Structure
 
 LANCZOS_RESTART = 8  # Krylov steps kept before an explicit restart (memory: up to 9 A, 8 G)
 

@@ -23,9 +23,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parameters_to_vector
 
-from .._options import Link, PredMethod, TuneMethod
 from ..blocks import CurvatureBlock
 from ..curvature import Curvature, fit_curvature
+from ..options import Link, PredMethod, TuneMethod
 from ..stats import Target, targets_for
 from . import predictive, serialization
 from ._layout import Layout

@@ -13,13 +13,25 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .._options import Link, PredMethod
 from ..blocks import CurvatureBlock
+from ..options import Link, PredMethod
 from ..stats import Collector, Target
 from ._glm import Chunk, glm_moments, probit, sample_logits
 from ._layout import Layout
 from ._mc import head_features, head_logits, logits_at
 from ._posterior import sample_blocks
+
+__all__ = [
+    "PosteriorView",
+    "check_inputs",
+    "glm_distribution",
+    "head_features",
+    "jacobians",
+    "logits_at",
+    "predict",
+    "predictive_samples",
+    "sample",
+]
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parameters_to_vector
 
-from .._options import BlockKind
 from .._version import __version__
 from ..blocks import CurvatureBlock, DenseBlock, DiagBlock, KronBlock
 from ..curvature import Curvature, FitInfo
+from ..options import BlockKind
 from ._layout import architecture, check_architecture
 
 FORMAT = "bayes_kfoc.Laplace"

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._options import Link, PredMethod
 from ..blocks import CurvatureBlock
+from ..options import Link, PredMethod
 from . import predictive
 from ._glm import glm_moments, probit
 from ._prior import marglik_root

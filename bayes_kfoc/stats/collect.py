@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._options import FisherType
+from ..options import FisherType
 from .directions import logit_directions
 from .generic import GradStats, per_sample_param_grads
 from .kron import KronStats, kron_stats

@@ -22,7 +22,7 @@ import math
 import torch
 from torch import Tensor
 
-from .._options import FisherType
+from ..options import FisherType
 
 
 def logit_directions(

@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from bayes_kfoc import Laplace
-from bayes_kfoc.laplace._mc import logits_at
+from bayes_kfoc.laplace.predictive import logits_at
 from datasets import load_dataset
 from evaluation.metrics import accuracy, ece, nll
 from evaluation.models import mlp

@@ -162,7 +162,7 @@ def _laplace_fit(structure: str, subset: str) -> FitFn:
         la.optimize_prior_precision(val_loader=_loader(splits.val))
         tuned = time.perf_counter()
         tau = [float(t) for t in la.prior_precision.flatten()]
-        grid = sorted(getattr(la, "gridsearch_scores", {}))
+        grid = la.tuning.grid if la.tuning is not None else []
         if grid and tau[0] >= grid[-1]:
             warnings.warn(
                 f"the prior precision chosen on the validation NLL is the largest of the default "

@@ -1,0 +1,73 @@
+"""The library's seams: packages meet through public modules, modules stay small, and every
+document the library cites is in the project."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LIB = ROOT / "bayes_kfoc"
+SOURCES = sorted(LIB.rglob("*.py"))
+MAX_LINES = 400
+
+
+def _package(path: Path) -> str:
+    rel = path.relative_to(LIB).parts
+    return rel[0] if len(rel) > 1 else ""  # "" for the root package's own modules
+
+
+def _imported_modules(path: Path) -> list[str]:
+    """Absolute dotted names of the ``bayes_kfoc`` modules ``path`` imports from."""
+    tree = ast.parse(path.read_text())
+    here = ["bayes_kfoc", *path.relative_to(LIB).with_suffix("").parts]
+    if here[-1] == "__init__":
+        here = here[:-1]
+    else:
+        here = here[:-1]  # the module's package
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = here[: len(here) - (node.level - 1)]
+                name = ".".join(base + ([node.module] if node.module else []))
+            else:
+                name = node.module or ""
+            out.append(name)
+        elif isinstance(node, ast.Import):
+            out.extend(a.name for a in node.names)
+    return [n for n in out if n.startswith("bayes_kfoc")]
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_packages_use_each_others_public_modules_only(path: Path) -> None:
+    mine = _package(path)
+    for name in _imported_modules(path):
+        parts = name.split(".")[1:]
+        if not parts or parts[0] == mine:
+            continue  # own package (or the root's public re-exports)
+        private = [p for p in parts if p.startswith("_") and p != "_version"]
+        assert not private, f"{path.relative_to(ROOT)} imports the private module {name}"
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_modules_stay_small(path: Path) -> None:
+    n = len(path.read_text().splitlines())
+    assert n <= MAX_LINES, f"{path.relative_to(ROOT)} has {n} lines (> {MAX_LINES})"
+
+
+def test_cited_documents_exist_and_have_the_cited_sections() -> None:
+    text = "\n".join(p.read_text() for p in SOURCES)
+    assert "MATH.md" not in text, "cite the project's docs/math.md, not an outside file"
+    cites = re.findall(r"``docs/([\w./-]+)``(?:,\s*\"([^\"]+)\")?", text)
+    assert cites, "the library cites its maths note"
+    for doc, section in cites:
+        target = ROOT / "docs" / doc
+        assert target.is_file(), f"the library cites docs/{doc}, which is not in the project"
+        section = " ".join(section.split())
+        if section:
+            headings = re.findall(r"^#+\s+(.+?)\s*$", target.read_text(), flags=re.M)
+            assert section in headings, f"docs/{doc} has no section {section!r}"
