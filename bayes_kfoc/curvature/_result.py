@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from ..blocks import CurvatureBlock
+from ..options import FisherType, Structure
 from .info import FitInfo
 
 
@@ -22,7 +23,8 @@ class Curvature:
         structure: ``"kfoc"``, ``"kfac"``, ``"diag"`` or ``"full"``.
         fisher: ``"exact"``, ``"mc"`` or ``"empirical"``.
         num_data: number of data points summed over (all ranks).
-        mode: ``"cached"`` or ``"streaming"`` (how K-FOC saw the data); ``"single-pass"`` else.
+        mode: ``"cached"`` or ``"streaming"`` (how K-FOC saw the data); ``"single-pass"`` else
+            (``"loaded"`` for a posterior read from a file that did not record it).
         coverage: ``{parameter_name: how it is covered}`` for every trainable parameter of the
             model, so that nothing is silently dropped.
         info: fit details (:class:`FitInfo`): ``log_likelihood`` (summed ``log p(y|x, θ)`` over
@@ -31,8 +33,8 @@ class Curvature:
     """
 
     blocks: dict[str, CurvatureBlock]
-    structure: str
-    fisher: str
+    structure: Structure
+    fisher: FisherType
     num_data: int
     mode: str
     coverage: dict[str, str]

@@ -152,8 +152,8 @@ def fit_curvature(
     )
     return Curvature(
         blocks,
-        opts.structure.value,
-        opts.fisher.value,
+        opts.structure,
+        opts.fisher,
         first.num_data,
         used_mode,
         coverage(model, blocks, setup.targets, setup.skipped),

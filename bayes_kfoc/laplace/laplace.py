@@ -25,7 +25,7 @@ from torch.nn.utils import parameters_to_vector
 
 from ..blocks import CurvatureBlock
 from ..curvature import Curvature, fit_curvature
-from ..options import Link, PredMethod, TuneMethod
+from ..options import FisherType, Link, PredMethod, Structure, TuneMethod
 from ..stats import Target, targets_for
 from . import predictive, serialization
 from ._layout import Layout
@@ -82,8 +82,8 @@ class Laplace:
         chosen = modules if modules is not None else subset if subset is not None else "all"
         self.model = model
         self.likelihood = likelihood
-        self.structure = structure
-        self.fisher = fisher
+        self.structure = Structure.parse(structure, "Laplace: structure")
+        self.fisher = FisherType.parse(fisher, "Laplace: fisher")
         self.modules: str | list[str] = chosen if isinstance(chosen, str) else list(chosen)
         self.eig_dtype = eig_dtype
         self.chunk_size = chunk_size
@@ -340,8 +340,8 @@ class Laplace:
     def load_state_dict(self, state: dict[str, Any], check_weights: bool = True) -> Laplace:
         """Restore a posterior; the architecture must match, the model's weights the MAP."""
         curv, map_vector = serialization.posterior_from_state(state, self.model, check_weights)
-        for key in ("likelihood", "structure", "fisher"):
-            setattr(self, key, state[key])
+        self.likelihood = state["likelihood"]
+        self.structure, self.fisher = curv.structure, curv.fisher
         self.modules = state["subset"]
         self.eig_dtype = next(iter(curv.blocks.values())).dtype
         self._install(curv)
@@ -370,4 +370,4 @@ class Laplace:
 
     def __repr__(self) -> str:
         status = f"{len(self.blocks)} blocks, {self.num_params} params" if self.fitted else "unfit"
-        return f"Laplace(structure={self.structure!r}, fisher={self.fisher!r}, {status})"
+        return f"Laplace(structure='{self.structure}', fisher='{self.fisher}', {status})"

@@ -22,7 +22,7 @@ from torch.nn.utils import parameters_to_vector
 from .._version import __version__
 from ..blocks import CurvatureBlock, DenseBlock, DiagBlock, KronBlock
 from ..curvature import Curvature, FitInfo
-from ..options import BlockKind
+from ..options import BlockKind, FisherType, Structure
 from ._layout import architecture, check_architecture
 
 FORMAT = "bayes_kfoc.Laplace"
@@ -132,8 +132,8 @@ def posterior_state(
         "format": FORMAT,
         "version": __version__,
         "likelihood": likelihood,
-        "structure": structure,
-        "fisher": fisher,
+        "structure": str(structure),
+        "fisher": str(fisher),
         "subset": modules,
         "mode": curv.mode,
         "coverage": dict(curv.coverage),
@@ -171,8 +171,8 @@ def posterior_from_state(
     )
     curv = Curvature(
         blocks,
-        str(state["structure"]),
-        str(state["fisher"]),
+        Structure.parse(state["structure"], "Laplace.load: structure"),
+        FisherType.parse(state["fisher"], "Laplace.load: fisher"),
         int(state["num_data"]),
         str(state.get("mode", "loaded")),
         dict(state.get("coverage", {})),
