@@ -49,6 +49,26 @@ def test_glm_covariance_equals_dense_j_sigma_jt(case: Case, structure: str) -> N
 
 
 @pytest.mark.parametrize("structure", STRUCTURES)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_chunked_glm_variances_equal_the_dense_diagonal(case: Case, structure: str) -> None:
+    from bayes_kfoc.laplace.predictive import glm_mean_variance
+
+    la = _fit(case, structure)
+    la.chunk_size = 2  # several chunks
+    x = case.make()[1][:5]
+    sigma = torch.linalg.inv(dense_posterior_precision(la))
+    jac = per_point_jacobians(la.model, x)
+    names = [f"{k}.{p}" if k else p for k, b in la.blocks.items() for p in b.param_shapes]
+    j = torch.cat([jac[n].reshape(5, jac[n].shape[1], -1) for n in names], dim=2)  # [B, C, P]
+    mean, var = glm_mean_variance(la.view(), x)
+    torch.testing.assert_close(
+        var, torch.einsum("bcp,pq,bcq->bc", j, sigma, j), rtol=RTOL, atol=1e-10
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(mean, la.model(x))
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
 def test_logdet_and_marglik_equal_dense_computation(structure: str) -> None:
     case = CASES[0]
     la = _fit(case, structure, tau=0.9)

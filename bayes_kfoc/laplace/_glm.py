@@ -14,8 +14,9 @@ import math
 import torch
 from torch import Tensor
 
-from ..blocks import CurvatureBlock
-from ..stats import Stats
+from ..blocks import CurvatureBlock, DenseBlock, DiagBlock, KronBlock
+from ..blocks.kron import vec_to_mat
+from ..stats import KronStats, LinearStats, Stats
 
 Chunk = tuple[dict[str, Stats], Tensor]
 """One chunk of points: per-module Jacobian statistics (directions ``e_c``) and MAP logits."""
@@ -43,10 +44,87 @@ def glm_moments(
     return torch.cat(means), torch.cat(covs)
 
 
-def probit(mean: Tensor, cov: Tensor) -> Tensor:
-    """``softmax(μ / sqrt(1 + π/8 · diag Σ))`` (the probit / mean-field approximation)."""
-    var = torch.diagonal(cov, dim1=-2, dim2=-1)
-    return torch.softmax(mean / torch.sqrt(1 + math.pi / 8 * var), dim=-1)
+class BlockVariance:
+    """The τ-independent part of one block's GLM logit variances at a chunk of points.
+
+    ``diag(J_b (F_b + τI)^{-1} J_bᵀ)`` is a contraction of squared Jacobian coordinates in the
+    block's eigenbasis with the inverse damped spectrum ``1/S(τ)``: the coordinates are computed
+    once here, and :meth:`__call__` applies ``τ`` (``docs/math.md``, "GLM predictive"). Kronecker
+    blocks on rank-one statistics keep ``(J_z f · Q_G)²`` ``[C, B, d_out]`` and
+    ``(Q_Aᵀ ā)²`` ``[B, n]``; shared-weight statistics keep ``(Q_Gᵀ M_c Q_A)²``; diagonal and
+    dense blocks keep ``(Qᵀ g)²`` per class.
+    """
+
+    def __init__(self, st: Stats, block: CurvatureBlock):
+        self.block = block
+        dtype = block.dtype
+        self.left: Tensor
+        self.right: Tensor | None = None
+        self.evals: Tensor | None = None
+        if isinstance(block, KronBlock):
+            _, qa, _, qg = block.eigh()
+            if isinstance(st, LinearStats):
+                self.left = (st.d.to(dtype) @ qg).square()  # [C, B, o]
+                self.right = (st.a.to(dtype) @ qa).square()  # [B, n]
+            else:
+                if not isinstance(st, KronStats):
+                    raise TypeError(f"GLM: block {block.name!r} is Kronecker, its statistics not.")
+                m = st.per_direction_grads().to(dtype)
+                m = m.reshape(st.V, st.num_points, *m.shape[1:])
+                self.left = (qg.T @ m @ qa).square()  # [C, B, o, n]
+        elif isinstance(block, DiagBlock) and isinstance(st, LinearStats):
+            self.left = st.d.to(dtype).square()  # [C, B, o]
+            self.right = st.a.to(dtype).square()  # [B, n]
+            self.evals = vec_to_mat(block.values, st.o, st.n - int(st.bias), st.bias)  # [o, n]
+        else:
+            g = st.grads().to(dtype)
+            g = g.reshape(-1, st.num_points, g.shape[-1])  # [C, B, P]
+            if isinstance(block, DenseBlock):
+                evals, q = block.eigh()
+                self.left, self.evals = (g @ q).square(), evals
+            elif isinstance(block, DiagBlock):
+                self.left, self.evals = g.square(), block.values
+            else:
+                raise TypeError(f"GLM: no variance rule for {type(block).__name__} blocks.")
+
+    def __call__(self, tau: Tensor) -> Tensor:
+        """``[B, C]`` variances of the logits contributed by this block at prior ``τ``."""
+        tau = tau.to(self.block.dtype)
+        if isinstance(self.block, KronBlock):
+            inv = self.block.damped_eigenvalues(tau).reciprocal()  # [o, n]
+            if self.right is not None:
+                return torch.einsum("cbi,bi->bc", self.left, self.right @ inv.T)
+            return torch.einsum("cbij,ij->bc", self.left, inv)
+        assert self.evals is not None
+        inv = (self.evals + tau).reciprocal()
+        if self.right is not None:
+            return torch.einsum("cbo,bo->bc", self.left, self.right @ inv.T)
+        return torch.einsum("cbp,p->bc", self.left, inv)
+
+
+def chunk_variances(chunk: Chunk, blocks: dict[str, CurvatureBlock]) -> list[BlockVariance]:
+    """The τ-independent variance terms of every block at one chunk (block order)."""
+    stats, _ = chunk
+    return [BlockVariance(stats[name], block) for name, block in blocks.items()]
+
+
+def total_variance(terms: list[BlockVariance], tau: Tensor) -> Tensor:
+    """``[B, C]``: the logit variances of all blocks at ``τ`` (one value per block)."""
+    out = terms[0](tau[0])
+    for term, t in zip(terms[1:], tau[1:], strict=True):
+        out = out + term(t)
+    return out
+
+
+def probit(mean: Tensor, var: Tensor, temperature: float | Tensor = 1.0) -> Tensor:
+    """``softmax(μ / sqrt(1 + π/8 · σ²))`` (the probit / mean-field approximation) from the
+    logits' mean ``[B, C]`` and variances ``[B, C]``.
+
+    With a predictive ``temperature`` ``T`` the logits are ``f / T``: mean ``μ/T`` and
+    variances ``σ²/T²``.
+    """
+    t = torch.as_tensor(temperature, dtype=mean.dtype, device=mean.device)
+    return torch.softmax((mean / t) / torch.sqrt(1 + math.pi / 8 * var / t.square()), dim=-1)
 
 
 def sample_logits(mean: Tensor, cov: Tensor, n: int, generator: torch.Generator | None) -> Tensor:

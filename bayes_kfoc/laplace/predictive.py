@@ -8,6 +8,7 @@ grid search can score another ``τ`` without touching the posterior.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +17,7 @@ from torch import Tensor, nn
 from ..blocks import CurvatureBlock
 from ..options import Link, PredMethod
 from ..stats import Collector, Target
-from ._glm import Chunk, glm_moments, probit, sample_logits
+from ._glm import Chunk, chunk_variances, glm_moments, probit, sample_logits, total_variance
 from ._layout import Layout
 from ._mc import head_features, head_logits, logits_at
 from ._posterior import sample_blocks
@@ -25,7 +26,9 @@ __all__ = [
     "PosteriorView",
     "check_inputs",
     "glm_distribution",
+    "glm_mean_variance",
     "head_features",
+    "iter_jacobians",
     "jacobians",
     "logits_at",
     "predict",
@@ -78,11 +81,29 @@ def check_inputs(view: PosteriorView, x: Tensor) -> Tensor:
     return x.to(view.device)
 
 
-def jacobians(view: PosteriorView, x: Tensor) -> list[Chunk]:
-    """Per-chunk Jacobian statistics and MAP logits at ``x`` (independent of ``τ``)."""
+def iter_jacobians(view: PosteriorView, x: Tensor) -> Iterator[Chunk]:
+    """Jacobian statistics and MAP logits at ``x``, one chunk of ``chunk_size`` points at a
+    time (independent of ``τ``)."""
     x = check_inputs(view, x)
     with Collector(view.model, view.targets) as col:
-        return [col.jacobians(xb) for xb in torch.split(x, view.chunk_size)]
+        for xb in torch.split(x, view.chunk_size):
+            yield col.jacobians(xb)
+
+
+def jacobians(view: PosteriorView, x: Tensor) -> list[Chunk]:
+    """Every chunk of :func:`iter_jacobians` (for reuse across ``τ``)."""
+    return list(iter_jacobians(view, x))
+
+
+def glm_mean_variance(view: PosteriorView, x: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and variances ``[B, C]`` of the linearised logits, chunk by chunk: memory
+    ``O(chunk_size · C)`` beyond one chunk's Jacobian statistics (no ``[B, C, C]``)."""
+    means, variances = [], []
+    for chunk in iter_jacobians(view, x):
+        var = total_variance(chunk_variances(chunk, view.blocks), view.tau)
+        means.append(chunk[1].to(var.dtype))
+        variances.append(var)
+    return torch.cat(means), torch.cat(variances)
 
 
 def glm_distribution(view: PosteriorView, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -133,5 +154,5 @@ def predict(
 ) -> Tensor:
     """Predictive class probabilities ``[B, C]`` (GLM probit in closed form, else MC)."""
     if method is PredMethod.GLM and link is Link.PROBIT:
-        return probit(*glm_distribution(view, x))
+        return probit(*glm_mean_variance(view, x))
     return predictive_samples(view, x, method, n, generator).mean(0)

@@ -19,7 +19,7 @@ from torch import Tensor
 from ..blocks import CurvatureBlock
 from ..options import Link, PredMethod
 from . import predictive
-from ._glm import glm_moments, probit
+from ._glm import chunk_variances, probit, total_variance
 from ._prior import marglik_root
 from .predictive import PosteriorView
 
@@ -149,13 +149,19 @@ def tune_on_loader(
         ys.append(batch[1])
     x, y = torch.cat(xs), torch.cat(ys).to(view.device)
     glm_probit = method is PredMethod.GLM and link is Link.PROBIT
-    chunks = predictive.jacobians(view, x) if glm_probit else None  # shared by every τ
+    # The τ-independent work, once: squared Jacobian coordinates in each block's eigenbasis.
+    terms = (
+        [(chunk_variances(c, view.blocks), c[1]) for c in predictive.iter_jacobians(view, x)]
+        if glm_probit
+        else None
+    )
     n = len(view.blocks)
 
     def score(t: float) -> float:
         tau = torch.full((n,), t, dtype=torch.float64, device=view.device)
-        if chunks is not None:
-            probs = probit(*glm_moments(chunks, view.blocks, tau))
+        if terms is not None:
+            var = torch.cat([total_variance(v, tau) for v, _ in terms])
+            probs = probit(torch.cat([m for _, m in terms]).to(var.dtype), var)
         else:
             gen = torch.Generator(view.device).manual_seed(0)
             probs = predictive.predict(view.with_tau(tau), x, method, link, n_samples, gen)
