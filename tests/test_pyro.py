@@ -167,7 +167,9 @@ def test_model_prior_precision_from_laplace_and_its_errors() -> None:
     model = bayesian_model(net, la.prior_precision * 3, laplace=la, default_prior_precision=1.0)
     expected = {"0.weight": 1.0, "0.bias": 1.0, "2.weight": 2.1, "2.bias": 2.1}
     assert model.prior_precision == pytest.approx(expected)
-    with pytest.raises(ValueError, match="has 3 values but the network has 2 blocks"):
+    with pytest.raises(ValueError, match=r"has 3 values but there are 1 blocks \(\[.2.\]\)"):
+        bayesian_model(net, torch.ones(3), laplace=la, default_prior_precision=1.0)
+    with pytest.raises(ValueError, match="tensor of 3 values, one per posterior block"):
         bayesian_model(net, torch.ones(3))
     with pytest.raises(ValueError, match="neither parameters nor modules"):
         bayesian_model(net, {"1": 1.0})
@@ -176,6 +178,24 @@ def test_model_prior_precision_from_laplace_and_its_errors() -> None:
     other, *_ = CASES[0].make(seed=1)
     with pytest.raises(ValueError, match="differ from the Laplace MAP"):
         bayesian_model(other, laplace=la, default_prior_precision=1.0)
+
+
+def test_model_per_block_tensor_follows_laplace_block_order_not_named_modules() -> None:
+    # SkipNet's root owns ``scale``: named_modules puts the root first, the forward-call order
+    # (Laplace's block order) puts it last, so a bare per-block tensor is ambiguous.
+    la = _fit(CASES[3], "kfoc")
+    net = la.model
+    tau = torch.arange(1.0, len(la.blocks) + 1, dtype=torch.float64)
+    assert list(la.blocks)[-1] == ""  # the orders really differ on this case
+    with pytest.raises(ValueError, match=r"laplace=la.*\{module: τ\}"):
+        bayesian_model(net, tau)
+    model = bayesian_model(net, tau, laplace=la)
+    for k, t in model.prior_precision.items():
+        module = k.rpartition(".")[0]
+        assert t == pytest.approx(float(tau[list(la.blocks).index(module)])), k
+    la.prior_precision = tau
+    by_dict = bayesian_model(net, la.prior_precision_dict())
+    assert by_dict.prior_precision == pytest.approx(model.prior_precision)
 
 
 def test_model_subsampling_and_minibatch_scaling() -> None:

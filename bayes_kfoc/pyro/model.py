@@ -24,9 +24,8 @@ particle; no Jacobian is formed.
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyro
 import pyro.distributions as dist
@@ -35,6 +34,12 @@ from pyro.nn import PyroModule, PyroSample
 from pyro.nn.module import to_pyro_module_
 from torch import Tensor, nn
 from torch.func import functional_call, jvp, vmap
+
+from ..laplace import PriorPrecision, architecture, check_architecture
+from ._prior import owner, resolve_prior_precision
+
+if TYPE_CHECKING:
+    from ..laplace import Laplace
 
 __all__ = ["BayesianClassifier", "bayesian_model"]
 
@@ -59,92 +64,11 @@ class GaussianPrior:
         return prior.to_event(len(self.shape))
 
 
-def _owner(name: str) -> tuple[str, str]:
-    module, _, param = name.rpartition(".")
-    return module, param
-
-
 def _get_path(root: nn.Module, name: str) -> Any:
     obj: Any = root
     for part in name.split("."):
         obj = getattr(obj, part)
     return obj
-
-
-def _parameter_owners(net: nn.Module) -> list[str]:
-    """Modules that own trainable parameters, in ``named_modules`` order (Laplace's block order
-    for ``subset="all"``)."""
-    out: list[str] = []
-    for name, module in net.named_modules():
-        if any(p.requires_grad for p in module.parameters(recurse=False)) and name not in out:
-            out.append(name)
-    return out
-
-
-def resolve_prior_precision(
-    net: nn.Module,
-    prior_precision: float | Tensor | Mapping[str, float] | None,
-    laplace: Any = None,
-    default: float | None = None,
-) -> dict[str, float]:
-    """``{param_name: τ}`` for every parameter of ``net``; see :func:`bayesian_model`."""
-    names = [k for k, _ in net.named_parameters()]
-    by_module: dict[str, float] = {}
-    by_param: dict[str, float] = {}
-    if prior_precision is None:
-        if laplace is None:
-            raise ValueError(
-                "bayesian_model: pass prior_precision (a scalar, a dict or la.prior_precision) or "
-                "laplace=la."
-            )
-        prior_precision = laplace.prior_precision
-    if isinstance(prior_precision, Mapping):
-        modules = {_owner(k)[0] for k in names}
-        unknown = sorted(set(prior_precision) - set(names) - modules)
-        if unknown:
-            raise ValueError(
-                f"bayesian_model: prior_precision names {unknown}, which are neither parameters "
-                f"nor modules with parameters of the network; parameters are {names}."
-            )
-        for k, v in prior_precision.items():
-            (by_param if k in names else by_module)[k] = float(v)
-    else:
-        tau = torch.as_tensor(prior_precision, dtype=torch.float64).detach().flatten().cpu()
-        per_block = laplace is not None and tau.numel() == len(laplace.blocks)
-        if tau.numel() == 1 and not (per_block and isinstance(prior_precision, Tensor)):
-            by_module = {m: float(tau) for m in _parameter_owners(net)}
-            default = float(tau) if default is None else default
-        else:
-            order = list(laplace.blocks) if laplace is not None else _parameter_owners(net)
-            if tau.numel() != len(order):
-                raise ValueError(
-                    f"bayesian_model: prior_precision has {tau.numel()} values but the "
-                    f"{'Laplace posterior has' if laplace is not None else 'network has'} "
-                    f"{len(order)} blocks {order}. Pass laplace=la together with "
-                    "la.prior_precision (block order), or a dict {module_or_param: τ}."
-                )
-            by_module = {m: float(t) for m, t in zip(order, tau, strict=True)}
-    out: dict[str, float] = {}
-    missing = []
-    for k in names:
-        tau_k = by_param.get(k, by_module.get(_owner(k)[0], default))
-        if tau_k is None:
-            missing.append(k)
-        else:
-            out[k] = tau_k
-    if missing:
-        raise ValueError(
-            f"bayesian_model: no prior precision for parameter(s) {missing} (outside the Laplace "
-            "subset or the dict). Pass default_prior_precision=... for them, or name them in a "
-            "dict."
-        )
-    bad = {k: v for k, v in out.items() if not (math.isfinite(v) and v > 0)}
-    if bad:
-        raise ValueError(
-            f"bayesian_model: prior precisions must be positive and finite, got {bad}; the prior "
-            "is N(0, 1/τ)."
-        )
-    return out
 
 
 def _params_to_buffers(module: nn.Module) -> None:
@@ -202,7 +126,7 @@ class BayesianClassifier(nn.Module):
         map_net = copy.deepcopy(net).eval()
         _params_to_buffers(map_net)
         prior_net = (net if inplace else copy.deepcopy(net)).eval()
-        owners = {k: _owner(k) for k in self.param_names}
+        owners = {k: owner(k) for k in self.param_names}
         ref = {k: p for k, p in prior_net.named_parameters()}
         to_pyro_module_(prior_net)
         modules = dict(prior_net.named_modules())
@@ -320,9 +244,9 @@ class BayesianClassifier(nn.Module):
 
 def bayesian_model(
     net: nn.Module,
-    prior_precision: float | Tensor | Mapping[str, float] | None = 1.0,
+    prior_precision: PriorPrecision | None = 1.0,
     *,
-    laplace: Any = None,
+    laplace: Laplace | None = None,
     linearized: bool = False,
     inplace: bool = False,
     default_prior_precision: float | None = None,
@@ -338,9 +262,10 @@ def bayesian_model(
         prior_precision: ``τ`` of the prior ``N(0, 1/τ)``, on the **summed** log-likelihood scale:
             a scalar; a dict keyed by parameter name (``"0.weight"``) or module name (``"0"``),
             a parameter name taking precedence; or a tensor with one value per block, in the
-            block order of ``laplace`` (``la.prior_precision``) or, without ``laplace``, of the
-            modules owning parameters (Laplace's order for ``subset="all"``). ``None``: take
-            ``laplace.prior_precision``.
+            block order of ``laplace`` (``la.prior_precision``), which then must be given: the
+            block order is the posterior's forward-call order, which the network alone does not
+            determine, so a per-block tensor without ``laplace=`` raises (pass
+            ``la.prior_precision_dict()`` instead). ``None``: take ``laplace.prior_precision``.
         laplace: the fitted :class:`~bayes_kfoc.Laplace` whose block order a tensor
             ``prior_precision`` follows; its MAP must equal the network's weights.
         linearized: make the forward ``f(x, θ*) + J(x)(θ − θ*)`` (the GLM of the Laplace
@@ -372,17 +297,18 @@ def bayesian_model(
     )
 
 
-def _check_laplace_matches(net: nn.Module, laplace: Any) -> None:
-    ours = [(k, tuple(p.shape)) for k, p in net.named_parameters()]
-    theirs = [(k, tuple(p.shape)) for k, p in laplace.model.named_parameters()]
-    if ours != theirs:
-        raise ValueError(
-            "bayesian_model: the network's parameters differ from the Laplace model's "
-            f"(first mismatch: {next((a, b) for a, b in zip(ours, theirs) if a != b)})."
-            if len(ours) == len(theirs)
-            else f"bayesian_model: the network has {len(ours)} parameters, the Laplace model "
-            f"{len(theirs)}."
+def _check_laplace_matches(net: nn.Module, laplace: Laplace) -> None:
+    if not laplace.fitted:
+        raise RuntimeError(
+            "bayesian_model: laplace= is not fitted (it has no posterior blocks and no MAP yet); "
+            "call la.fit(train_loader) first."
         )
+    check_architecture(
+        architecture(laplace.model),
+        net,
+        "bayesian_model",
+        "Build the model from the network the posterior was fitted on.",
+    )
     current = torch.nn.utils.parameters_to_vector(net.parameters()).detach()
     map_vector = laplace.map_vector.to(current)
     if not torch.allclose(current, map_vector):
