@@ -633,3 +633,21 @@ def test_fit_model_guide_and_predict_on_device(device: torch.device) -> None:
     guide = LaplaceGuide.from_model(bnn, loader, map_params=map_params)
     pred = Predictive(bnn, guide=guide, num_samples=2, return_sites=["_RETURN"])(x)
     assert pred["_RETURN"].device.type == device.type
+
+
+@pytest.mark.parametrize(
+    ("structure", "kinds"),
+    [
+        ("kfoc", {"KronPosterior", "DiagPosterior"}),
+        ("diag", {"DiagPosterior"}),
+        ("full", {"DensePosterior"}),
+    ],
+)
+def test_guide_holds_one_posterior_module_per_block(structure: str, kinds: set[str]) -> None:
+    la, _, guide = _guide(CASES[3], structure)
+    assert [p.module for p in guide.posteriors] == list(la.blocks)
+    assert {type(p).__name__ for p in guide.posteriors} == kinds
+    keys = guide.state_dict().keys()
+    assert {f"posteriors.{i}.damping" for i in range(len(la.blocks))} <= keys
+    for p, tau in zip(guide.posteriors, la.prior_precision, strict=True):
+        assert float(p.damping) == pytest.approx(float(tau))

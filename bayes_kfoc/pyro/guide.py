@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import pyro
@@ -30,31 +29,11 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoDelta, AutoGuide
 from pyro.infer.autoguide.initialization import init_to_sample
 from pyro.nn import PyroModule
-from torch import Tensor
+from torch import Tensor, nn
 
-from ..blocks import DenseBlock, DiagBlock, KronBlock
-from .distributions import KroneckerMatrixNormal
+from .posteriors import BlockPosterior, Site, block_posterior
 
 __all__ = ["LaplaceGuide"]
-
-
-@dataclass(frozen=True)
-class _Site:
-    """A model site fed by the guide: ``name`` in the model, ``param`` in the Laplace model."""
-
-    name: str
-    param: str
-    shape: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class _Block:
-    module: str
-    kind: str  # "kron" | "diag" | "full"
-    key: str  # buffer prefix
-    latent: str  # auxiliary site name
-    sites: tuple[_Site, ...]
-    d_in: int = 0  # kron: columns of W̄ that are the weight
 
 
 class LaplaceGuide(AutoGuide):
@@ -99,47 +78,24 @@ class LaplaceGuide(AutoGuide):
         self.register_buffer("map_reference", map_vector.new_zeros(0))
         offsets = laplace.layout.offsets
         shapes = {k: tuple(p.shape) for k, p in laplace.model.named_parameters()}
-        blocks: list[_Block] = []
+        posteriors: list[BlockPosterior] = []
         covered: set[str] = set()
-        for i, ((module, block), tau) in enumerate(
-            zip(laplace.blocks.items(), laplace.prior_precision, strict=True)
-        ):
-            key = f"block{i}"
+        taus = laplace.prior_precision
+        for (module, block), tau in zip(laplace.blocks.items(), taus, strict=True):
             full = [f"{module}.{p}" if module else p for p in block.param_shapes]
-            sites = tuple(_Site(prefix + k, k, shapes[k]) for k in full)
+            sites = tuple(Site(prefix + k, k, shapes[k]) for k in full)
             covered.update(full)
-            theta = map_vector[laplace.layout.block_index[module]].to(block.dtype)
-            tau_t = torch.as_tensor(tau, dtype=block.dtype, device=block.device)
-            self.register_buffer(f"{key}_damping", tau_t.clone())
+            theta = map_vector[laplace.layout.block_index[module]]
             latent = f"_{self._pyro_name}_latent[{module}]"
-            if isinstance(block, KronBlock):
-                la, qa, lg, qg = block.eigh()
-                self.register_buffer(f"{key}_loc", block.to_mat(theta).clone())
-                self.register_buffer(f"{key}_input_eigenvalues", la.clone())
-                self.register_buffer(f"{key}_input_eigenvectors", qa.clone())
-                self.register_buffer(f"{key}_output_eigenvalues", lg.clone())
-                self.register_buffer(f"{key}_output_eigenvectors", qg.clone())
-                blocks.append(_Block(module, "kron", key, latent, sites, block.d_in))
-            elif isinstance(block, DiagBlock):
-                self.register_buffer(f"{key}_loc", theta.clone())
-                self.register_buffer(f"{key}_curvature", block.values.clone())
-                blocks.append(_Block(module, "diag", key, latent, sites))
-            elif isinstance(block, DenseBlock):
-                self.register_buffer(f"{key}_loc", theta.clone())
-                self.register_buffer(f"{key}_curvature", block.matrix.clone())
-                blocks.append(_Block(module, "full", key, latent, sites))
-            else:
-                raise TypeError(
-                    f"LaplaceGuide: block {module!r} has unsupported type {type(block).__name__}."
-                )
-        self._blocks = tuple(blocks)
+            posteriors.append(block_posterior(module, latent, sites, block, theta, tau))
+        self.posteriors = nn.ModuleList(posteriors)
         fixed = []
         for j, (k, shape) in enumerate(shapes.items()):
             if k in covered:
                 continue
             a, b = offsets[k]
             self.register_buffer(f"fixed{j}", map_vector[a:b].reshape(shape).clone())
-            fixed.append((_Site(prefix + k, k, shape), f"fixed{j}"))
+            fixed.append((Site(prefix + k, k, shape), f"fixed{j}"))
         self._all_fixed = tuple(fixed)
         self._fixed = self._all_fixed  # those that are model sites; set by _setup_prototype
         if example_args is None:
@@ -257,7 +213,7 @@ class LaplaceGuide(AutoGuide):
     def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
         super()._setup_prototype(*args, **kwargs)
         assert self.prototype_trace is not None
-        block_sites = {s.name: s for b in self._blocks for s in b.sites}
+        block_sites = {s.name: s for b in self._posteriors() for s in b.sites}
         fixed_sites = {s.name: s for s, _ in self._all_fixed}
         seen = set()
         for name, site in self.prototype_trace.iter_stochastic_nodes():
@@ -298,51 +254,9 @@ class LaplaceGuide(AutoGuide):
         self._fixed = tuple((s, key) for s, key in self._all_fixed if s.name in seen)
 
     # -- posterior pieces -----------------------------------------------------------------------
-    def _buf(self, key: str, what: str) -> Tensor:
-        return getattr(self, f"{key}_{what}")
-
-    def _block_posterior(self, b: _Block) -> dist.TorchDistribution:
-        loc, tau = self._buf(b.key, "loc"), self._buf(b.key, "damping")
-        if b.kind == "kron":
-            return KroneckerMatrixNormal(
-                loc,
-                self._buf(b.key, "input_eigenvalues"),
-                self._buf(b.key, "input_eigenvectors"),
-                self._buf(b.key, "output_eigenvalues"),
-                self._buf(b.key, "output_eigenvectors"),
-                tau,
-            )
-        curv = self._buf(b.key, "curvature")
-        if b.kind == "diag":
-            return dist.Normal(loc, (curv + tau).rsqrt()).to_event(1)
-        eye = torch.eye(loc.shape[-1], dtype=loc.dtype, device=loc.device)
-        return dist.MultivariateNormal(loc, precision_matrix=curv + tau * eye)
-
-    def _block_variance(self, b: _Block) -> Tensor:
-        """Marginal posterior variances in the block latent's layout (exact, damped)."""
-        if b.kind == "full":
-            evals, evecs = torch.linalg.eigh(self._buf(b.key, "curvature"))
-            lam = evals.clamp_min(0) + self._buf(b.key, "damping")
-            return evecs.square() @ lam.reciprocal()
-        return self._block_posterior(b).variance
-
-    def _unpack(self, b: _Block, value: Tensor) -> dict[str, Tensor]:
-        """Split a block's latent ``[..., *event]`` into its sites' values ``[..., *shape]``."""
-        if b.kind == "kron":
-            lead = value.shape[:-2]
-            out = {}
-            for s in b.sites:
-                if s.param.endswith("weight"):
-                    out[s.name] = value[..., : b.d_in].reshape(lead + torch.Size(s.shape))
-                else:
-                    out[s.name] = value[..., b.d_in]
-            return out
-        sizes = [math.prod(s.shape) for s in b.sites]
-        parts = torch.split(value, sizes, dim=-1)
-        return {
-            s.name: p.reshape(value.shape[:-1] + torch.Size(s.shape))
-            for s, p in zip(b.sites, parts, strict=True)
-        }
+    def _posteriors(self) -> list[BlockPosterior]:
+        """The block posteriors, in block order (typed view of ``self.posteriors``)."""
+        return [p for p in self.posteriors if isinstance(p, BlockPosterior)]
 
     def _site_dtype(self) -> torch.dtype:
         """The dtype of the model's parameters (the MAP's), which the site values take."""
@@ -354,11 +268,11 @@ class LaplaceGuide(AutoGuide):
         Event shapes: ``(d_out, n)`` for Kronecker blocks (``W̄``, bias as the last column),
         ``(P,)`` in ``parameters_to_vector`` order for diagonal and dense blocks.
         """
-        return {b.module: self._block_posterior(b) for b in self._blocks}
+        return {b.module: b.distribution() for b in self._posteriors()}
 
     def latent_site_name(self, module: str) -> str:
         """The name of the auxiliary sample site of ``module``'s block."""
-        for b in self._blocks:
+        for b in self._posteriors():
             if b.module == module:
                 return b.latent
         raise KeyError(f"LaplaceGuide: no posterior block for module {module!r}.")
@@ -366,8 +280,8 @@ class LaplaceGuide(AutoGuide):
     def sample_latent(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
         """Sample every block's auxiliary latent (``is_auxiliary``); ``{module_name: value}``."""
         return {
-            b.module: pyro.sample(b.latent, self._block_posterior(b), infer={"is_auxiliary": True})
-            for b in self._blocks
+            b.module: pyro.sample(b.latent, b.distribution(), infer={"is_auxiliary": True})
+            for b in self._posteriors()
         }
 
     # -- the guide ------------------------------------------------------------------------------
@@ -378,11 +292,11 @@ class LaplaceGuide(AutoGuide):
         latents = self.sample_latent()
         result: dict[str, Tensor] = {}
         dtype = self._site_dtype()
-        for b in self._blocks:
-            for name, value in self._unpack(b, latents[b.module]).items():
-                spec = next(s for s in b.sites if s.name == name)
-                result[name] = pyro.sample(
-                    name, dist.Delta(value.to(dtype), event_dim=len(spec.shape))
+        for b in self._posteriors():
+            values = b.unpack(latents[b.module])
+            for s in b.sites:
+                result[s.name] = pyro.sample(
+                    s.name, dist.Delta(values[s.name].to(dtype), event_dim=len(s.shape))
                 )
         for s, key in self._fixed:
             result[s.name] = pyro.sample(
@@ -395,8 +309,8 @@ class LaplaceGuide(AutoGuide):
         """``{site_name: θ*}``: the posterior median (= mean = mode) of every site, the MAP."""
         dtype = self._site_dtype()
         out: dict[str, Tensor] = {}
-        for b in self._blocks:
-            for name, v in self._unpack(b, self._buf(b.key, "loc")).items():
+        for b in self._posteriors():
+            for name, v in b.unpack(b.loc).items():
                 out[name] = v.to(dtype).clone()
         for s, key in self._fixed:
             out[s.name] = getattr(self, key).clone()
@@ -412,13 +326,11 @@ class LaplaceGuide(AutoGuide):
         """
         dtype = self._site_dtype()
         out: dict[str, Tensor] = {}
-        for b in self._blocks:
-            loc = self._buf(b.key, "loc")
-            q = torch.as_tensor(quantiles, dtype=loc.dtype, device=loc.device)
+        for b in self._posteriors():
+            q = torch.as_tensor(quantiles, dtype=b.loc.dtype, device=b.loc.device)
             z = dist.Normal(torch.zeros_like(q), torch.ones_like(q)).icdf(q)
-            std = self._block_variance(b).sqrt()
-            values = loc + z.reshape(-1, *([1] * loc.ndim)) * std
-            for name, v in self._unpack(b, values).items():
+            values = b.loc + z.reshape(-1, *([1] * b.loc.ndim)) * b.variance().sqrt()
+            for name, v in b.unpack(values).items():
                 out[name] = v.to(dtype)
         for s, key in self._fixed:
             value = getattr(self, key)
