@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 
 import pyro
 import pyro.distributions as dist
@@ -508,8 +509,10 @@ class TinyBNN(PyroModule):
         scales: tuple[float, float] = (1.0, 0.5),
         prior: str = "normal",
         device: torch.device | str = "cpu",
+        num_data: int | None = None,
     ) -> None:
         super().__init__()
+        self.num_data = num_data  # the plate's size; default: the batch (full-batch loaders)
         self.net = PyroModule[nn.Sequential](
             PyroModule[nn.Linear](4, 5), PyroModule[nn.Tanh](), PyroModule[nn.Linear](5, 3)
         )
@@ -523,7 +526,7 @@ class TinyBNN(PyroModule):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         logits = self.net(x)
-        with pyro.plate("data", x.shape[0]):
+        with pyro.plate("data", self.num_data or x.shape[0], subsample_size=x.shape[0]):
             pyro.sample("obs", dist.Categorical(logits=logits), obs=y)
         return logits
 
@@ -531,7 +534,7 @@ class TinyBNN(PyroModule):
 def test_from_model_with_given_map_uses_the_model_priors() -> None:
     net, x, y = CASES[0].make()
     loader = DataLoader(TensorDataset(x, y), batch_size=4)
-    bnn = TinyBNN()
+    bnn = TinyBNN(num_data=len(x))
     map_params = {f"net.{k}": p.detach() for k, p in net.named_parameters()}
     guide = LaplaceGuide.from_model(bnn, loader, map_params=map_params, tol=1e-12, max_iter=500)
     la = guide.laplace
@@ -628,7 +631,7 @@ def test_fit_model_guide_and_predict_on_device(device: torch.device) -> None:
             )(x)
             assert pred["probs"].device.type == device.type
         assert math.isfinite(Trace_ELBO().loss(model, guide, x, y))
-    bnn = TinyBNN(device=device)
+    bnn = TinyBNN(device=device, num_data=len(x))
     map_params = {f"net.{k}": p.detach() for k, p in net.named_parameters()}
     guide = LaplaceGuide.from_model(bnn, loader, map_params=map_params)
     pred = Predictive(bnn, guide=guide, num_samples=2, return_sites=["_RETURN"])(x)
@@ -651,3 +654,79 @@ def test_guide_holds_one_posterior_module_per_block(structure: str, kinds: set[s
     assert {f"posteriors.{i}.damping" for i in range(len(la.blocks))} <= keys
     for p, tau in zip(guide.posteriors, la.prior_precision, strict=True):
         assert float(p.damping) == pytest.approx(float(tau))
+
+
+class TutorialBNN(PyroModule):
+    """Pyro's tutorial layout: the layers are the model's own attributes, ``forward(x, y)`` holds
+    the plate, and nothing is returned (the logits live only in the observed site)."""
+
+    def __init__(self, scales: tuple[float, float] = (1.0, 0.5), num_data: int | None = None):
+        super().__init__()
+        self.num_data = num_data
+        self.fc1 = PyroModule[nn.Linear](4, 5)
+        self.fc2 = PyroModule[nn.Linear](5, 3)
+        self.double()
+        for layer, s in zip([self.fc1, self.fc2], scales, strict=True):
+            for name, p in list(layer.named_parameters()):
+                prior = dist.Normal(p.new_zeros(()), p.new_tensor(s))
+                setattr(layer, name, PyroSample(prior.expand(p.shape).to_event(p.dim())))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
+        logits = self.fc2(torch.tanh(self.fc1(x)))
+        with pyro.plate("data", self.num_data or x.shape[0], subsample_size=x.shape[0]):
+            pyro.sample("obs", dist.Categorical(logits=logits), obs=y)
+
+
+def _tutorial_map(net: nn.Module) -> dict[str, torch.Tensor]:
+    """The MAP of ``CASES[0]``'s Sequential as :class:`TutorialBNN` sites."""
+    return {f"fc{1 + int(k[0]) // 2}{k[1:]}": p.detach() for k, p in net.named_parameters()}
+
+
+def test_from_model_supports_the_tutorial_layout() -> None:
+    net, x, y = CASES[0].make()
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    bnn = TutorialBNN(num_data=len(x))
+    guide = LaplaceGuide.from_model(bnn, loader, map_params=_tutorial_map(net))
+    la = guide.laplace
+    assert list(la.blocks) == ["fc1", "fc2"]
+    torch.testing.assert_close(la.prior_precision, torch.tensor([1.0, 4.0], dtype=torch.float64))
+    # The deterministic network's logits are the observed site's (normalised) logits.
+    with torch.no_grad():
+        torch.testing.assert_close(la.model(x), net(x).log_softmax(-1), rtol=RTOL, atol=1e-12)
+    # The same posterior as a Laplace fit of the trained net itself, and the same GLM predictive.
+    ref = _fit(CASES[0], "kfoc", tau=1.0)
+    ref.prior_precision = torch.tensor([1.0, 4.0])
+    for b, rb in zip(la.blocks.values(), ref.blocks.values(), strict=True):
+        torch.testing.assert_close(b.to_dense(), rb.to_dense(), rtol=1e-5, atol=1e-9)
+    # The GLM over log-softmax outputs: mean log_softmax(f), covariance M Σ Mᵀ with M = I − 1pᵀ
+    # (the Jacobian of log-softmax), so every GLM logit draw has the same softmax as the net's.
+    mean, cov = la.glm_distribution(x)
+    ref_mean, ref_cov = ref.glm_distribution(x)
+    p = ref_mean.softmax(-1)
+    m = torch.eye(3, dtype=p.dtype) - p[:, None, :].expand(-1, 3, -1)
+    torch.testing.assert_close(mean, ref_mean.log_softmax(-1), rtol=RTOL, atol=1e-12)
+    torch.testing.assert_close(cov, m @ ref_cov @ m.mT, rtol=1e-5, atol=1e-9)
+    assert sorted(guide.median()) == ["fc1.bias", "fc1.weight", "fc2.bias", "fc2.weight"]
+    pyro.set_rng_seed(0)
+    pred = Predictive(bnn, guide=guide, num_samples=3, return_sites=["obs", "fc2.weight"])(x)
+    assert pred["obs"].shape == (3, len(x)) and pred["fc2.weight"].shape[-2:] == (3, 5)
+    # The MAP by SVI works on this layout too.
+    fitted = LaplaceGuide.from_model(TutorialBNN(num_data=len(x)), loader, num_steps=30, lr=0.05)
+    assert list(fitted.laplace.blocks) == ["fc1", "fc2"]
+
+
+def test_from_model_refuses_a_likelihood_scaled_to_one_batch() -> None:
+    net, x, y = CASES[0].make()
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    fix = r"counts as 4 points .* covers 11.*size=11, subsample_size=x.shape\[0\]"
+    with pytest.raises(ValueError, match=fix):
+        LaplaceGuide.from_model(TutorialBNN(), loader, num_steps=5)
+    with pytest.raises(ValueError, match=fix):
+        LaplaceGuide.from_model(TinyBNN(), loader, num_steps=5)
+    with pytest.warns(UserWarning, match=fix):  # a given MAP: only the ELBO is mis-scaled
+        LaplaceGuide.from_model(TutorialBNN(), loader, map_params=_tutorial_map(net))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        LaplaceGuide.from_model(TutorialBNN(num_data=len(x)), loader, num_steps=5)
+        full = DataLoader(TensorDataset(x, y), batch_size=len(x))
+        LaplaceGuide.from_model(TutorialBNN(), full, num_steps=5)

@@ -17,21 +17,22 @@ Model sites of parameters outside the Laplace subset are ``Delta`` at the MAP.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import pyro
 import pyro.distributions as dist
-import pyro.optim
 import torch
-from pyro.infer import SVI, Trace_ELBO
-from pyro.infer.autoguide import AutoDelta, AutoGuide
+from pyro.infer.autoguide import AutoGuide
 from pyro.infer.autoguide.initialization import init_to_sample
 from pyro.nn import PyroModule
 from torch import Tensor, nn
 
+from ..laplace import PriorPrecision
 from .posteriors import BlockPosterior, Site, block_posterior
+
+if TYPE_CHECKING:
+    from ..laplace import Laplace
 
 __all__ = ["LaplaceGuide"]
 
@@ -62,8 +63,8 @@ class LaplaceGuide(AutoGuide):
 
     def __init__(
         self,
-        model: Any,
-        laplace: Any,
+        model: Callable[..., Any],
+        laplace: Laplace,
         *,
         prefix: str = "",
         example_args: Sequence[Any] | None = None,
@@ -73,7 +74,7 @@ class LaplaceGuide(AutoGuide):
         if not laplace.fitted:
             raise RuntimeError("LaplaceGuide: call laplace.fit(train_loader) first.")
         self.prefix = prefix
-        self.laplace: Any = None  # set by from_model; dropped when pickling
+        self.laplace: Laplace | None = None  # set by from_model; dropped when pickling
         map_vector = laplace.map_vector.detach()
         self.register_buffer("map_reference", map_vector.new_zeros(0))
         offsets = laplace.layout.offsets
@@ -110,30 +111,39 @@ class LaplaceGuide(AutoGuide):
     @classmethod
     def from_model(
         cls,
-        model: Any,
+        model: Callable[..., Any],
         train_loader: Iterable[Any],
         *,
         net: PyroModule | None = None,
         map_params: Mapping[str, Tensor] | None = None,
         structure: str = "kfoc",
         subset: str | Sequence[str] = "all",
-        prior_precision: float | Mapping[str, float] | None = None,
+        prior_precision: PriorPrecision | None = None,
+        obs_site: str | None = None,
         num_steps: int = 1000,
         lr: float = 1e-2,
-        init_loc_fn: Any = init_to_sample,
+        init_loc_fn: Callable[..., Any] = init_to_sample,
         seed: int = 0,
         progress: bool = False,
         **laplace_kwargs: Any,
     ) -> LaplaceGuide:
         """Fit a Laplace guide to a user-written Pyro BNN: MAP, curvature, guide.
 
-        Supported models (TyXe-style): ``model(x, y)`` whose only latent sites are
-        :class:`pyro.nn.PyroSample` weights of one network, a :class:`pyro.nn.PyroModule`
-        attribute of the model (found automatically, or ``net=``) that maps ``x`` to logits, with
-        zero-mean ``Normal`` priors over whole parameters (``.expand(shape).to_event(ndim)``) and
-        one prior scale per module (modules may differ). Ordinary ``nn.Parameter`` s of the network
-        stay deterministic (outside the posterior). Other latent sites, non-Gaussian or non-zero
-        mean priors, and scales that vary within a module raise errors naming the site.
+        Supported models: ``model(x, y)`` whose only latent sites are
+        :class:`pyro.nn.PyroSample` weights of one network, with zero-mean ``Normal`` priors over
+        whole parameters (``.expand(shape).to_event(ndim)``) and one prior scale per module
+        (modules may differ), and a ``Categorical`` likelihood. The network is either
+
+        - a :class:`pyro.nn.PyroModule` attribute of the model mapping ``x`` to logits (TyXe
+          layout; found automatically, or ``net=``), or
+        - the model itself (Pyro's tutorial layout: ``self.fc1 = PyroModule[nn.Linear](...)``
+          and ``forward(x, y=None)`` holding the plate): the logits are then read from the
+          observed ``Categorical`` site (``obs_site``, default: the only observed site), so the
+          forward may return anything.
+
+        Ordinary ``nn.Parameter`` s of the network stay deterministic (outside the posterior).
+        Other latent sites, non-Gaussian or non-zero mean priors, and scales that vary within a
+        module raise errors naming the site.
 
         Steps:
 
@@ -146,67 +156,36 @@ class LaplaceGuide(AutoGuide):
            precisions ``τ = 1/σ²`` (or ``prior_precision``: a scalar or ``{module: τ}``);
         3. the guide, traced with the first batch; the fitted posterior is ``guide.laplace``.
 
-        The likelihood should be on the summed scale of the data ``train_loader`` yields (a plate
-        of the full data-set size), as the Laplace posterior's Fisher is summed.
+        The likelihood must be on the summed scale of the data ``train_loader`` yields, as the
+        Laplace posterior's Fisher is summed: with mini-batches, declare the plate over the data
+        set, ``pyro.plate("data", size=N, subsample_size=x.shape[0])``. A likelihood that counts
+        one batch as anything but ``N`` points raises a ``ValueError`` (a ``UserWarning`` when
+        ``map_params`` is given, as then only the model's ELBO is affected).
 
-        .. warning:: ``Predictive(parallel=True)`` calls the model with weights that carry a
-           leading particle dimension; a user network built from ``nn.Linear`` does not broadcast
-           over it. Use ``parallel=False`` for such models, or :func:`bayesian_model`.
+        For ``Predictive(parallel=True)`` and the GLM (linearised) predictive, use
+        :meth:`network_model`: the user's own network (``nn.Linear``) does not broadcast over
+        the particle dimension that vectorised sampling gives the weights.
         """
-        from ..laplace import Laplace
         from . import _user_model as um
 
-        x0, y0 = um.first_batch(train_loader)
-        sites = um.latent_sites(model, x0, y0)
-        if not sites:
-            raise ValueError("LaplaceGuide.from_model: the model has no latent sites.")
-        net = net if net is not None else um.find_network(model, sites)
-        prefix = um.site_prefix(net)
-        names = um.sample_names(net)
-        for name in sites:
-            if not name.startswith(prefix) or name[len(prefix) :] not in names:
-                raise ValueError(
-                    f"LaplaceGuide.from_model: latent site {name!r} is not a PyroSample weight of "
-                    f"the network (sites {sorted(prefix + k for k in names)[:8]}); only network "
-                    "weights can be latent. Observe it, or make it a deterministic parameter."
-                )
-        taus = um.module_precisions(prefix, sites, names)
-        if prior_precision is not None:
-            taus = (
-                {k: float(v) for k, v in prior_precision.items()}
-                if isinstance(prior_precision, Mapping)
-                else dict.fromkeys(taus, float(prior_precision))
-            )
-        if map_params is None:
-            map_params = _svi_map(model, train_loader, num_steps, lr, init_loc_fn, seed, x0)
-        missing = sorted(set(sites) - set(map_params))
-        if missing:
-            raise ValueError(f"LaplaceGuide.from_model: map_params lacks site(s) {missing}.")
-        values = {}
-        for name, site in sites.items():
-            v = torch.as_tensor(map_params[name]).detach()
-            if tuple(v.shape) != tuple(site["value"].shape):
-                raise ValueError(
-                    f"LaplaceGuide.from_model: map_params[{name!r}] has shape {tuple(v.shape)}, "
-                    f"the site {tuple(site['value'].shape)}."
-                )
-            values[name[len(prefix) :]] = v.to(site["value"])
-        plain = um.deterministic_network(net, values)
-        modules = list(dict.fromkeys(m for m, _ in names.values()))
-        subset_arg = modules if subset == "all" else subset
-        la = Laplace(
-            plain, structure=structure, subset=subset_arg, progress=progress, **laplace_kwargs
+        fit = um.fit_user_model(
+            model,
+            train_loader,
+            net=net,
+            map_params=map_params,
+            structure=structure,
+            subset=subset,
+            prior_precision=prior_precision,
+            obs_site=obs_site,
+            num_steps=num_steps,
+            lr=lr,
+            init_loc_fn=init_loc_fn,
+            seed=seed,
+            progress=progress,
+            laplace_kwargs=laplace_kwargs,
         )
-        la.fit(train_loader)
-        unknown = sorted(set(la.blocks) - set(taus))
-        if unknown:
-            raise ValueError(
-                f"LaplaceGuide.from_model: no prior precision for posterior module(s) {unknown}; "
-                "their parameters must be PyroSample weights (or name them in prior_precision)."
-            )
-        la.prior_precision = {k: taus[k] for k in la.blocks}
-        guide = cls(model, la, prefix=prefix, example_args=(x0, y0))
-        guide.laplace = la
+        guide = cls(model, fit.laplace, prefix=fit.prefix, example_args=fit.example_args)
+        guide.laplace = fit.laplace
         return guide
 
     # -- the prototype: coverage and shape checks -----------------------------------------------
@@ -345,43 +324,3 @@ class LaplaceGuide(AutoGuide):
         self._model, self.master = model, master
         state["laplace"] = None
         return state
-
-
-def _svi_map(
-    model: Any,
-    loader: Iterable[Any],
-    num_steps: int,
-    lr: float,
-    init_loc_fn: Any,
-    seed: int,
-    x0: Tensor,
-) -> dict[str, Tensor]:
-    """MAP site values by ``AutoDelta`` + ``SVI``, seeded, in a private parameter-store scope."""
-    devices = [x0.device.index or 0] if x0.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), pyro.get_param_store().scope():
-        torch.manual_seed(seed)
-        delta = AutoDelta(model, init_loc_fn=init_loc_fn)
-        svi = SVI(model, delta, pyro.optim.Adam({"lr": lr}), Trace_ELBO())  # type: ignore[attr-defined]
-        batches = _epochs(loader)
-        last: tuple[Any, Any] | None = None
-        for _, (x, y) in zip(range(num_steps), batches):
-            loss = svi.step(x, y)
-            if not math.isfinite(loss):
-                raise FloatingPointError(
-                    f"LaplaceGuide.from_model: the MAP's SVI loss is {loss}; lower lr={lr}."
-                )
-            last = (x, y)
-        if last is None:
-            last = next(iter(loader))
-        return {k: v.detach().clone() for k, v in delta.median(*last).items()}
-
-
-def _epochs(loader: Iterable[Any]) -> Iterator[Any]:
-    """Re-iterate ``loader`` epoch after epoch (a fresh shuffle each time)."""
-    while True:
-        empty = True
-        for batch in loader:
-            empty = False
-            yield batch
-        if empty:
-            return
