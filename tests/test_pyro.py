@@ -730,3 +730,110 @@ def test_from_model_refuses_a_likelihood_scaled_to_one_batch() -> None:
         LaplaceGuide.from_model(TutorialBNN(num_data=len(x)), loader, num_steps=5)
         full = DataLoader(TensorDataset(x, y), batch_size=len(x))
         LaplaceGuide.from_model(TutorialBNN(), full, num_steps=5)
+
+
+# -- issue 16: a K-FOC guide for the BNNs people write ---------------------------------------------
+def _user_guide(layout: str) -> tuple[nn.Module, torch.Tensor, LaplaceGuide]:
+    """A guide on a user BNN (TyXe or tutorial layout) at ``CASES[0]``'s trained net as MAP."""
+    net, x, y = CASES[0].make()
+    loader = DataLoader(TensorDataset(x, y), batch_size=len(x))
+    if layout == "tyxe":
+        bnn: PyroModule = TinyBNN()
+        map_params = {f"net.{k}": p.detach() for k, p in net.named_parameters()}
+    else:
+        bnn = TutorialBNN()
+        map_params = _tutorial_map(net)
+    return net, x, LaplaceGuide.from_model(bnn, loader, map_params=map_params)
+
+
+@pytest.mark.parametrize("layout", ["tyxe", "tutorial"])
+def test_network_model_samples_in_parallel_through_plain_linear_layers(layout: str) -> None:
+    net, x, guide = _user_guide(layout)
+    model = guide.network_model()
+    sites = list(guide.median())
+    pyro.set_rng_seed(0)
+    pred = Predictive(
+        model, guide=guide, num_samples=6, parallel=True, return_sites=["logits", *sites]
+    )(x)
+    assert pred["logits"].shape == (6, len(x), 3)
+    for s in range(6):  # the reference: the trained nn.Sequential at the sampled weights
+        params = {
+            k: pred[site][s].reshape(p.shape)
+            for (k, p), site in zip(net.named_parameters(), sites, strict=True)
+        }
+        ref = functional_call(net, params, (x,))
+        if layout == "tutorial":  # logits read from the Categorical site: log-softmax
+            ref = ref.log_softmax(-1)
+        torch.testing.assert_close(pred["logits"][s], ref, rtol=RTOL, atol=1e-12)
+    assert pred[sites[0]].std(0).min() > 0
+    assert math.isfinite(Trace_ELBO().loss(model, guide, x, CASES[0].make()[2]))
+
+
+@pytest.mark.mc
+@pytest.mark.parametrize("layout", ["tyxe", "tutorial"])
+def test_linearized_network_model_matches_the_glm_predictive(layout: str) -> None:
+    _, x, guide = _user_guide(layout)
+    la = guide.laplace
+    x, num = x[:5], 20_000
+    pyro.set_rng_seed(0)
+    pred = Predictive(
+        guide.network_model(linearized=True),
+        guide=guide,
+        num_samples=num,
+        parallel=True,
+        return_sites=["logits", "probs"],
+    )(x)
+    mean, cov = la.glm_distribution(x)
+    d = pred["logits"] - mean
+    emp = torch.einsum("sbi,sbj->bij", d, d) / num
+    assert torch.linalg.norm(emp - cov) / torch.linalg.norm(cov) < MC_COV_TOL
+    ref = la.predict(x, link="mc", n_samples=num, generator=torch.Generator().manual_seed(1))
+    samples = la.predictive_samples(x, num, "glm", torch.Generator().manual_seed(1))
+    se = ((pred["probs"].var(0) + samples.var(0)) / num).sqrt()
+    assert ((pred["probs"].mean(0) - ref) / se).abs().max() < MC_Z
+
+
+@pytest.mark.mc
+def test_update_makes_the_guide_follow_a_retuned_prior_precision() -> None:
+    la, _model, guide = _guide(CASES[0], "kfoc")
+    old = la.prior_precision.clone()
+    la.optimize_prior_precision("marglik")
+    assert not torch.allclose(la.prior_precision, old)
+    assert [float(p.damping) for p in guide.posteriors] == pytest.approx(old.tolist())
+    assert guide.update(la) is guide
+    assert list(guide.prior_precision.values()) == pytest.approx(la.prior_precision.tolist())
+    num = 40_000
+    pyro.set_rng_seed(0)
+    with pyro.plate("draws", num, dim=-1):
+        draws = guide()
+    theta = torch.cat([draws[k].reshape(num, -1) for k in la.layout.offsets], dim=-1)
+    cov = torch.linalg.inv(dense_posterior_precision(la))  # block order = parameter order here
+    diff = theta - la.mean
+    emp = diff.T @ diff / num
+    assert torch.linalg.norm(emp - cov) / torch.linalg.norm(cov) < MC_COV_TOL
+    # set_prior_precision changes the guide only, in every spelling.
+    guide.set_prior_precision({"0": 2.0, "2": 3.0})
+    assert guide.prior_precision == {"0": 2.0, "2": 3.0}
+    guide.set_prior_precision(torch.tensor([4.0, 5.0]))
+    assert guide.prior_precision == {"0": 4.0, "2": 5.0}
+    with pytest.raises(ValueError, match="set_prior_precision lacks module"):
+        guide.set_prior_precision({"0": 1.0})
+    other = _fit(CASES[0], "kfoc", subset="last_layer")
+    with pytest.raises(ValueError, match=r"blocks \['2'\].*differ from the guide's \['0', '2'\]"):
+        guide.update(other)
+
+
+def test_update_without_arguments_follows_guide_laplace() -> None:
+    _, _, guide = _user_guide("tutorial")
+    guide.laplace.prior_precision = {"fc1": 7.0, "fc2": 9.0}
+    guide.update()
+    assert guide.prior_precision == {"fc1": 7.0, "fc2": 9.0}
+    _la, _model, plain = _guide(CASES[0], "kfoc")
+    with pytest.raises(ValueError, match=r"pass it: guide.update\(la\)"):
+        plain.update()
+
+
+def test_bayesian_model_refuses_an_unfitted_laplace() -> None:
+    net, *_ = CASES[0].make()
+    with pytest.raises(RuntimeError, match=r"laplace= is not fitted.*la.fit\(train_loader\)"):
+        bayesian_model(net, laplace=Laplace(net, progress=False))

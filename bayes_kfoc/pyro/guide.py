@@ -28,8 +28,10 @@ from pyro.infer.autoguide.initialization import init_to_sample
 from pyro.nn import PyroModule
 from torch import Tensor, nn
 
-from ..laplace import PriorPrecision
-from .posteriors import BlockPosterior, Site, block_posterior
+from ..laplace import PriorPrecision, prior_precision_vector
+from ._functional import NetworkModel
+from ._prototype import Observed, check_prototype, observed_site
+from .posteriors import BlockPosterior, build_posteriors
 
 if TYPE_CHECKING:
     from ..laplace import Laplace
@@ -71,33 +73,17 @@ class LaplaceGuide(AutoGuide):
         example_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(model)
-        if not laplace.fitted:
-            raise RuntimeError("LaplaceGuide: call laplace.fit(train_loader) first.")
         self.prefix = prefix
         self.laplace: Laplace | None = None  # set by from_model; dropped when pickling
+        posteriors, fixed = build_posteriors(laplace, prefix, self._latent_name)
         map_vector = laplace.map_vector.detach()
         self.register_buffer("map_reference", map_vector.new_zeros(0))
-        offsets = laplace.layout.offsets
-        shapes = {k: tuple(p.shape) for k, p in laplace.model.named_parameters()}
-        posteriors: list[BlockPosterior] = []
-        covered: set[str] = set()
-        taus = laplace.prior_precision
-        for (module, block), tau in zip(laplace.blocks.items(), taus, strict=True):
-            full = [f"{module}.{p}" if module else p for p in block.param_shapes]
-            sites = tuple(Site(prefix + k, k, shapes[k]) for k in full)
-            covered.update(full)
-            theta = map_vector[laplace.layout.block_index[module]]
-            latent = f"_{self._pyro_name}_latent[{module}]"
-            posteriors.append(block_posterior(module, latent, sites, block, theta, tau))
         self.posteriors = nn.ModuleList(posteriors)
-        fixed = []
-        for j, (k, shape) in enumerate(shapes.items()):
-            if k in covered:
-                continue
-            a, b = offsets[k]
-            self.register_buffer(f"fixed{j}", map_vector[a:b].reshape(shape).clone())
-            fixed.append((Site(prefix + k, k, shape), f"fixed{j}"))
-        self._all_fixed = tuple(fixed)
+        keys = {k: f"fixed{j}" for j, k in enumerate(laplace.layout.offsets)}
+        for site, value in fixed:
+            self.register_buffer(keys[site.param], value)
+        self._observed: Observed | None = None  # the likelihood site; set by _setup_prototype
+        self._all_fixed = tuple((site, keys[site.param]) for site, _ in fixed)
         self._fixed = self._all_fixed  # those that are model sites; set by _setup_prototype
         if example_args is None:
             p = map_vector
@@ -194,43 +180,109 @@ class LaplaceGuide(AutoGuide):
         assert self.prototype_trace is not None
         block_sites = {s.name: s for b in self._posteriors() for s in b.sites}
         fixed_sites = {s.name: s for s, _ in self._all_fixed}
-        seen = set()
-        for name, site in self.prototype_trace.iter_stochastic_nodes():
-            spec = block_sites.get(name) or fixed_sites.get(name)
-            if spec is None:
-                known = sorted(block_sites)[:12]
-                raise ValueError(
-                    f"LaplaceGuide: the model's latent site {name!r} is not covered by the "
-                    f"posterior (its sites are {known}{'...' if len(block_sites) > 12 else ''}, "
-                    f"named prefix={self.prefix!r} + parameter name). Only network weights can "
-                    "be latent: make other sites observed (pass the labels in example_args if "
-                    "this is the likelihood), or fit the Laplace posterior on the network whose "
-                    "parameters these sites are."
-                )
-            value_shape = tuple(site["value"].shape)
-            event_shape = tuple(site["fn"].event_shape)
-            if value_shape != spec.shape or event_shape != spec.shape:
-                raise ValueError(
-                    f"LaplaceGuide: site {name!r} has value shape {value_shape} and event shape "
-                    f"{event_shape}, but the posterior's parameter {spec.param!r} has shape "
-                    f"{spec.shape}. Declare the prior over the whole parameter, e.g. "
-                    f"Normal(0, s).expand({list(spec.shape)}).to_event({len(spec.shape)})."
-                )
-            if site["cond_indep_stack"]:
-                plates = [f.name for f in site["cond_indep_stack"]]
-                raise ValueError(
-                    f"LaplaceGuide: site {name!r} is inside plate(s) {plates}; network weights "
-                    "must be global sites, outside plates."
-                )
-            seen.add(name)
-        missing = sorted(set(block_sites) - seen)
-        if missing:
-            raise ValueError(
-                f"LaplaceGuide: the posterior has parameter site(s) {missing} that are not latent "
-                "sites of the model. Make those parameters PyroSample sites, or fit the Laplace "
-                "posterior on a subset without them."
-            )
+        seen = check_prototype(self.prototype_trace, block_sites, fixed_sites, self.prefix)
         self._fixed = tuple((s, key) for s, key in self._all_fixed if s.name in seen)
+        self._observed = observed_site(self.prototype_trace)
+
+    def _latent_name(self, module: str) -> str:
+        return f"_{self._pyro_name}_latent[{module}]"
+
+    # -- following the posterior ------------------------------------------------------------------
+    @torch.no_grad()
+    def update(self, laplace: Laplace | None = None) -> LaplaceGuide:
+        """Re-read the posterior from ``laplace`` (default: ``guide.laplace``, set by
+        :meth:`from_model`), in place: call it after ``la.optimize_prior_precision(...)`` or
+        ``la.prior_precision = ...`` (or a refit with the same blocks), and the guide samples the
+        new posterior. Buffers stay on the guide's device. Returns the guide.
+
+        Raises a ``ValueError`` when the posterior's blocks or sites differ from the guide's
+        (build a new guide then).
+        """
+        la = laplace if laplace is not None else self.laplace
+        if la is None:
+            raise ValueError(
+                "LaplaceGuide.update: this guide holds no posterior (built as LaplaceGuide(model, "
+                "la), or unpickled); pass it: guide.update(la)."
+            )
+        posteriors, fixed = build_posteriors(la, self.prefix, self._latent_name)
+        ours = [(p.module, p.sites) for p in self._posteriors()]
+        theirs = [(p.module, p.sites) for p in posteriors]
+        if ours != theirs or [s for s, _ in fixed] != [s for s, _ in self._all_fixed]:
+            raise ValueError(
+                f"LaplaceGuide.update: the posterior's blocks {[m for m, _ in theirs]} (or their "
+                f"sites) differ from the guide's {[m for m, _ in ours]}; build a new guide, "
+                "LaplaceGuide(model, la)."
+            )
+        device = self.map_reference.device
+        self.posteriors = nn.ModuleList(posteriors).to(device)
+        for (_, key), (_, value) in zip(self._all_fixed, fixed, strict=True):
+            getattr(self, key).copy_(value)
+        if self.laplace is not None:
+            self.laplace = la
+        return self
+
+    @torch.no_grad()
+    def set_prior_precision(self, value: PriorPrecision) -> None:
+        """Set the guide's ``τ`` per block (a scalar, one value per block in block order, or
+        ``{module: τ}``); the curvature and the MAP stay. Only the guide changes: to keep a
+        :class:`~bayes_kfoc.Laplace` in step, set ``la.prior_precision`` and call :meth:`update`.
+        """
+        modules = [p.module for p in self._posteriors()]
+        tau = prior_precision_vector(value, modules, "LaplaceGuide.set_prior_precision")
+        for p, t in zip(self._posteriors(), tau.tolist(), strict=True):
+            p.set_damping(t)
+
+    @property
+    def prior_precision(self) -> dict[str, float]:
+        """``{module: τ}``: the prior precision the guide samples with, per block."""
+        return {p.module: float(p.damping) for p in self._posteriors()}
+
+    def network_model(
+        self, linearized: bool = False, *, laplace: Laplace | None = None
+    ) -> NetworkModel:
+        """A Pyro model of the posterior's network with this guide's weight sites.
+
+        ``model(x, y=None)`` samples every posterior site (named as in the guide's model, prior
+        ``N(0, 1/τ_b)`` with the guide's current ``τ``), evaluates the Laplace model
+        ``laplace.model`` functionally (``torch.func.vmap`` over particle dims, so
+        ``Predictive(parallel=True)`` works for any network) and observes
+        ``Categorical(logits)`` at the guide's model's likelihood site, under its plate, with
+        the same data-set scale; ``"logits"`` and ``"probs"`` are deterministic sites.
+        Parameters outside the posterior stay at the MAP.
+
+        ``linearized=True`` gives the GLM ``f(x, θ*) + J(x)(θ − θ*)`` (one ``torch.func.jvp``):
+        ``Predictive(guide.network_model(linearized=True), guide=guide)`` samples the Laplace GLM
+        predictive (``laplace.predict(x, link="mc")``).
+
+        Args:
+            linearized: linearise around the MAP.
+            laplace: the posterior whose network to use (default: ``guide.laplace``).
+        """
+        la = laplace if laplace is not None else self.laplace
+        if la is None:
+            raise ValueError(
+                "LaplaceGuide.network_model: this guide holds no posterior (built as "
+                "LaplaceGuide(model, la), or unpickled); pass laplace=la."
+            )
+        modules = [p.module for p in self._posteriors()]
+        if list(la.blocks) != modules:
+            raise ValueError(
+                f"LaplaceGuide.network_model: laplace's blocks {list(la.blocks)} are not the "
+                f"guide's {modules}."
+            )
+        sites = {s.name: s.param for p in self._posteriors() for s in p.sites}
+        taus = {s.name: float(p.damping) for p in self._posteriors() for s in p.sites}
+        obs = self._observed or Observed("obs", "data", 0, scaled=False)
+        model = NetworkModel(
+            la.model,
+            sites,
+            taus,
+            linearized=linearized,
+            num_data=obs.num_data if obs.scaled else None,
+            obs_site=obs.name,
+            plate=obs.plate,
+        )
+        return model.to(self.map_reference.device)
 
     # -- posterior pieces -----------------------------------------------------------------------
     def _posteriors(self) -> list[BlockPosterior]:

@@ -11,10 +11,11 @@ The model is ``model(x, y=None)``:
   probabilities are recorded as deterministic sites ``"logits"`` and ``"probs"`` (event shape
   ``[C]``).
 
-The network is evaluated functionally (``torch.func.functional_call`` on a private copy whose
-parameters are buffers holding the MAP ``θ*``), so parameter values with leading *particle*
-dimensions, as ``Predictive(parallel=True)`` and vectorised ELBO particles produce, are evaluated
-under ``torch.func.vmap`` and give logits ``[*particles, B, C]``.
+The network is evaluated functionally (:class:`~bayes_kfoc.pyro._functional.FunctionalNetwork`:
+``torch.func.functional_call`` on a private copy whose parameters are buffers holding the MAP
+``θ*``), so parameter values with leading *particle* dimensions, as ``Predictive(parallel=True)``
+and vectorised ELBO particles produce, are evaluated under ``torch.func.vmap`` and give logits
+``[*particles, B, C]``.
 
 With ``linearized=True`` the forward is the first-order expansion around the MAP,
 ``f(x, θ*) + J(x)(θ − θ*)``, computed as one Jacobian-vector product (``torch.func.jvp``) per
@@ -24,26 +25,22 @@ particle; no Jacobian is formed.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-import pyro
 import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule, PyroSample
 from pyro.nn.module import to_pyro_module_
 from torch import Tensor, nn
-from torch.func import functional_call, jvp, vmap
 
 from ..laplace import PriorPrecision, architecture, check_architecture
+from ._functional import PRIOR_BUFFER_SUFFIX, ClassifierModel, FunctionalNetwork
 from ._prior import owner, resolve_prior_precision
 
 if TYPE_CHECKING:
     from ..laplace import Laplace
 
 __all__ = ["BayesianClassifier", "bayesian_model"]
-
-PRIOR_BUFFER_SUFFIX = "_prior_precision"
 
 
 class GaussianPrior:
@@ -71,15 +68,7 @@ def _get_path(root: nn.Module, name: str) -> Any:
     return obj
 
 
-def _params_to_buffers(module: nn.Module) -> None:
-    for m in module.modules():
-        for name, p in list(m._parameters.items()):
-            if p is not None:
-                del m._parameters[name]
-                m.register_buffer(name, p.detach().clone())
-
-
-class BayesianClassifier(nn.Module):
+class BayesianClassifier(ClassifierModel):
     """A Pyro model ``model(x, y=None)`` over the weights of a classifier; see
     :func:`bayesian_model` (which builds it) for the sites and conventions.
 
@@ -105,26 +94,16 @@ class BayesianClassifier(nn.Module):
         num_data: int | None = None,
         subsample_size: int | None = None,
     ) -> None:
-        super().__init__()
         if any(isinstance(m, PyroModule) for m in net.modules()):
             raise TypeError(
                 "bayesian_model: the network is already a PyroModule; for a user-written Pyro "
-                "model use LaplaceGuide.from_model(model, train_loader)."
+                "model use guide = LaplaceGuide.from_model(model, train_loader), and "
+                "guide.network_model(linearized=True) for its linearised (GLM) model."
             )
-        if num_data is not None and subsample_size is not None:
-            raise ValueError(
-                "bayesian_model: pass num_data (x is a mini-batch of a data set of that size) or "
-                "subsample_size (subsample x in every call), not both."
-            )
-        self.param_names = [k for k, _ in net.named_parameters()]
-        self.param_shapes = {k: tuple(p.shape) for k, p in net.named_parameters()}
+        names = [k for k, _ in net.named_parameters()]
+        functional = FunctionalNetwork(net, names, linearized=linearized)
+        super().__init__(functional, num_data=num_data, subsample_size=subsample_size)
         self.prior_precision = dict(prior_precision)
-        self.linearized = bool(linearized)
-        self.num_data = num_data
-        self.subsample_size = subsample_size
-
-        map_net = copy.deepcopy(net).eval()
-        _params_to_buffers(map_net)
         prior_net = (net if inplace else copy.deepcopy(net)).eval()
         owners = {k: owner(k) for k in self.param_names}
         ref = {k: p for k, p in prior_net.named_parameters()}
@@ -142,13 +121,6 @@ class BayesianClassifier(nn.Module):
             )
             setattr(module, pname, PyroSample(GaussianPrior(pname, tuple(p.shape))))
         self.net = prior_net
-        self.map_net = map_net
-
-    # -- parameters -----------------------------------------------------------------------------
-    def map_parameters(self) -> dict[str, Tensor]:
-        """``{param_name: θ*}``: the MAP the model was built at (and linearised around)."""
-        bufs = dict(self.map_net.named_buffers())
-        return {k: bufs[k] for k in self.param_names}
 
     def sample_parameters(self) -> dict[str, Tensor]:
         """One ``pyro.sample`` per parameter (its PyroSample site), ``{param_name: value}``."""
@@ -158,88 +130,6 @@ class BayesianClassifier(nn.Module):
         # and each site is sampled once per call.
         with net._pyro_context:
             return {k: _get_path(net, k) for k in self.param_names}
-
-    def _lead(self, name: str, value: Tensor) -> torch.Size:
-        """The leading dims of one site's value, trailing singletons (the data plate's slot)
-        dropped."""
-        shape = self.param_shapes[name]
-        if value.ndim < len(shape) or tuple(value.shape[value.ndim - len(shape) :]) != shape:
-            raise ValueError(
-                f"BayesianClassifier: site {name!r} has a value of shape {tuple(value.shape)}, "
-                f"but the parameter has shape {shape}."
-            )
-        lead = list(value.shape[: value.ndim - len(shape)])
-        while lead and lead[-1] == 1:
-            lead.pop()
-        return torch.Size(lead)
-
-    def _particle_shape(self, params: Mapping[str, Tensor]) -> torch.Size:
-        """The leading (particle) dims of the sampled parameters.
-
-        ``Predictive(parallel=True)`` gives values ``[S, *shape]`` or ``[S, 1, *shape]`` and
-        vectorised ELBO particles ``[P, 1, *shape]``; trailing singleton dims are the slot of the
-        data plate (dim ``-1``) and are dropped, so the logits are ``[*particles, B, C]``.
-        """
-        leads = [self._lead(k, v) for k, v in params.items()]
-        try:
-            return torch.broadcast_shapes(*leads)
-        except RuntimeError as err:
-            raise ValueError(
-                "BayesianClassifier: sampled parameters have incompatible leading (particle) "
-                f"shapes {sorted({tuple(s) for s in leads})}."
-            ) from err
-
-    # -- the network ------------------------------------------------------------------------------
-    def logits(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
-        """``[*particles, B, C]`` logits at parameter values with optional leading particle dims.
-
-        Non-linearised: ``f(x, θ)``. Linearised: ``f(x, θ*) + J(x)(θ − θ*)`` via ``jvp``.
-        """
-        lead = self._particle_shape(params)
-        theta_star = self.map_parameters()
-        net = self.map_net
-
-        def f(p: dict[str, Tensor]) -> Tensor:
-            return functional_call(net, p, (x,))
-
-        def forward(p: dict[str, Tensor]) -> Tensor:
-            if not self.linearized:
-                return f(p)
-            tangent = {k: p[k] - theta_star[k] for k in self.param_names}
-            out, dout = jvp(f, (theta_star,), (tangent,))[:2]
-            return out + dout
-
-        if not lead:
-            return forward({k: v.reshape(self.param_shapes[k]) for k, v in params.items()})
-        flat = {
-            k: v.reshape(*self._lead(k, v), -1).expand(*lead, -1).reshape(-1, *self.param_shapes[k])
-            for k, v in params.items()
-        }
-        out = vmap(forward)(flat)
-        return out.reshape(*lead, *out.shape[1:])
-
-    def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
-        """The generative model; returns the logits ``[*particles, B, C]`` of the (sub)batch."""
-        params = self.sample_parameters()
-        n = x.shape[0]
-        if self.subsample_size is not None:
-            plate = pyro.plate("data", n, subsample_size=self.subsample_size, dim=-1)
-        elif self.num_data is not None:
-            plate = pyro.plate(
-                "data", self.num_data, subsample=torch.arange(n, device=x.device), dim=-1
-            )
-        else:
-            plate = pyro.plate("data", n, dim=-1)
-        with plate as idx:
-            if self.subsample_size is not None:
-                assert idx is not None
-                x = x[idx.to(x.device)]
-                y = None if y is None else y[idx.to(y.device)]
-            logits = self.logits(params, x)
-            pyro.deterministic("logits", logits, event_dim=1)
-            pyro.deterministic("probs", torch.softmax(logits, dim=-1), event_dim=1)
-            pyro.sample("obs", dist.Categorical(logits=logits), obs=y)
-        return logits
 
 
 def bayesian_model(

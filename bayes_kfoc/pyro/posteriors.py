@@ -20,7 +20,9 @@ sites of the module's parameters.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pyro.distributions as dist
 import torch
@@ -29,6 +31,9 @@ from torch import Tensor, nn
 from ..blocks import CurvatureBlock, DenseBlock, DiagBlock, KronBlock
 from .distributions import KroneckerMatrixNormal
 
+if TYPE_CHECKING:
+    from ..laplace import Laplace
+
 __all__ = [
     "BlockPosterior",
     "DensePosterior",
@@ -36,6 +41,7 @@ __all__ = [
     "KronPosterior",
     "Site",
     "block_posterior",
+    "build_posteriors",
 ]
 
 
@@ -214,3 +220,29 @@ def block_posterior(
         f"LaplaceGuide: block {module!r} has unsupported type {type(block).__name__}; supported "
         "are KronBlock, DiagBlock and DenseBlock."
     )
+
+
+def build_posteriors(
+    laplace: Laplace, prefix: str, latent_name: Callable[[str], str]
+) -> tuple[list[BlockPosterior], list[tuple[Site, Tensor]]]:
+    """The posterior module of every block of ``laplace`` (block order), and ``(site, θ*)`` of
+    every parameter outside them (``named_parameters`` order). Site names are ``prefix`` + the
+    parameter name; ``latent_name(module)`` names a block's auxiliary latent."""
+    if not laplace.fitted:
+        raise RuntimeError("LaplaceGuide: call laplace.fit(train_loader) first.")
+    map_vector = laplace.map_vector.detach()
+    shapes = {k: tuple(p.shape) for k, p in laplace.model.named_parameters()}
+    posteriors: list[BlockPosterior] = []
+    covered: set[str] = set()
+    for (module, block), tau in zip(laplace.blocks.items(), laplace.prior_precision, strict=True):
+        full = [f"{module}.{p}" if module else p for p in block.param_shapes]
+        sites = tuple(Site(prefix + k, k, shapes[k]) for k in full)
+        covered.update(full)
+        theta = map_vector[laplace.layout.block_index[module]]
+        posteriors.append(block_posterior(module, latent_name(module), sites, block, theta, tau))
+    fixed = []
+    for k, shape in shapes.items():
+        if k not in covered:
+            a, b = laplace.layout.offsets[k]
+            fixed.append((Site(prefix + k, k, shape), map_vector[a:b].reshape(shape).clone()))
+    return posteriors, fixed
