@@ -24,6 +24,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp, vmap
 
+from ._prototype import Observed
+from .posteriors import BlockPosterior
+
 PRIOR_BUFFER_SUFFIX = "_prior_precision"
 
 
@@ -245,6 +248,30 @@ class NetworkModel(ClassifierModel):
             torch.tensor(float(prior_precision[s]), dtype=ref[p].dtype) for s, p in sites.items()
         ]
         self.register_buffer("prior_precisions", torch.stack(taus).to(next(iter(ref.values()))))
+
+    @classmethod
+    def for_guide(
+        cls,
+        net: nn.Module,
+        posteriors: Sequence[BlockPosterior],
+        observed: Observed | None,
+        linearized: bool,
+    ) -> NetworkModel:
+        """The model of :meth:`LaplaceGuide.network_model`: the posteriors' sites with their
+        current ``τ``, the likelihood named, plated and scaled as ``observed`` (default:
+        ``"obs"`` in plate ``"data"``, unscaled)."""
+        sites = {s.name: s.param for p in posteriors for s in p.sites}
+        taus = {s.name: float(p.damping) for p in posteriors for s in p.sites}
+        obs = observed or Observed("obs", "data", 0, scaled=False)
+        return cls(
+            net,
+            sites,
+            taus,
+            linearized=linearized,
+            num_data=obs.num_data if obs.scaled else None,
+            obs_site=obs.name,
+            plate=obs.plate,
+        )
 
     def sample_parameters(self) -> dict[str, Tensor]:
         out = {}

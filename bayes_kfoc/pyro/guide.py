@@ -131,16 +131,14 @@ class LaplaceGuide(AutoGuide):
         Other latent sites, non-Gaussian or non-zero mean priors, and scales that vary within a
         module raise errors naming the site.
 
-        Steps:
-
-        1. the MAP: ``map_params`` (``{site_name: value}``) if given, else ``AutoDelta`` + ``SVI``
-           (``Trace_ELBO``, Adam with ``lr``) for ``num_steps`` steps over ``train_loader``
-           (cycled), seeded, in a private parameter-store scope;
-        2. the curvature: a :class:`~bayes_kfoc.Laplace` (``structure``, ``subset`` over the
-           network's modules; ``"all"`` means every module with PyroSample weights) on a
-           deterministic copy of the network at the MAP, with the **model's own** prior
-           precisions ``τ = 1/σ²`` (or ``prior_precision``: a scalar or ``{module: τ}``);
-        3. the guide, traced with the first batch; the fitted posterior is ``guide.laplace``.
+        Steps: (1) the MAP: ``map_params`` (``{site_name: value}``), else ``AutoDelta`` + ``SVI``
+        (``Trace_ELBO``, Adam with ``lr``), ``num_steps`` steps over ``train_loader`` (cycled),
+        seeded, in a private parameter-store scope; (2) a :class:`~bayes_kfoc.Laplace`
+        (``structure``; ``subset`` over the network's modules, ``"all"``: every module with
+        PyroSample weights) on a deterministic copy of the network at the MAP, with the
+        **model's own** prior precisions ``τ = 1/σ²`` (or ``prior_precision``: a scalar or
+        ``{module: τ}``); (3) the guide, traced with the first batch; ``guide.laplace`` is the
+        fitted posterior.
 
         The likelihood must be on the summed scale of the data ``train_loader`` yields, as the
         Laplace posterior's Fisher is summed: with mini-batches, declare the plate over the data
@@ -198,12 +196,7 @@ class LaplaceGuide(AutoGuide):
         Raises a ``ValueError`` when the posterior's blocks or sites differ from the guide's
         (build a new guide then).
         """
-        la = laplace if laplace is not None else self.laplace
-        if la is None:
-            raise ValueError(
-                "LaplaceGuide.update: this guide holds no posterior (built as LaplaceGuide(model, "
-                "la), or unpickled); pass it: guide.update(la)."
-            )
+        la = self._source(laplace, "update", "pass it: guide.update(la)")
         posteriors, fixed = build_posteriors(la, self.prefix, self._latent_name)
         ours = [(p.module, p.sites) for p in self._posteriors()]
         theirs = [(p.module, p.sites) for p in posteriors]
@@ -258,31 +251,24 @@ class LaplaceGuide(AutoGuide):
             linearized: linearise around the MAP.
             laplace: the posterior whose network to use (default: ``guide.laplace``).
         """
-        la = laplace if laplace is not None else self.laplace
-        if la is None:
-            raise ValueError(
-                "LaplaceGuide.network_model: this guide holds no posterior (built as "
-                "LaplaceGuide(model, la), or unpickled); pass laplace=la."
-            )
+        la = self._source(laplace, "network_model", "pass laplace=la")
         modules = [p.module for p in self._posteriors()]
         if list(la.blocks) != modules:
             raise ValueError(
                 f"LaplaceGuide.network_model: laplace's blocks {list(la.blocks)} are not the "
                 f"guide's {modules}."
             )
-        sites = {s.name: s.param for p in self._posteriors() for s in p.sites}
-        taus = {s.name: float(p.damping) for p in self._posteriors() for s in p.sites}
-        obs = self._observed or Observed("obs", "data", 0, scaled=False)
-        model = NetworkModel(
-            la.model,
-            sites,
-            taus,
-            linearized=linearized,
-            num_data=obs.num_data if obs.scaled else None,
-            obs_site=obs.name,
-            plate=obs.plate,
-        )
+        model = NetworkModel.for_guide(la.model, self._posteriors(), self._observed, linearized)
         return model.to(self.map_reference.device)
+
+    def _source(self, laplace: Laplace | None, what: str, fix: str) -> Laplace:
+        la = laplace if laplace is not None else self.laplace
+        if la is None:
+            raise ValueError(
+                f"LaplaceGuide.{what}: this guide holds no posterior (built as "
+                f"LaplaceGuide(model, la), or unpickled); {fix}."
+            )
+        return la
 
     # -- posterior pieces -----------------------------------------------------------------------
     def _posteriors(self) -> list[BlockPosterior]:
