@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 
 import pyro
 import pyro.distributions as dist
@@ -167,7 +168,9 @@ def test_model_prior_precision_from_laplace_and_its_errors() -> None:
     model = bayesian_model(net, la.prior_precision * 3, laplace=la, default_prior_precision=1.0)
     expected = {"0.weight": 1.0, "0.bias": 1.0, "2.weight": 2.1, "2.bias": 2.1}
     assert model.prior_precision == pytest.approx(expected)
-    with pytest.raises(ValueError, match="has 3 values but the network has 2 blocks"):
+    with pytest.raises(ValueError, match=r"has 3 values but there are 1 blocks \(\[.2.\]\)"):
+        bayesian_model(net, torch.ones(3), laplace=la, default_prior_precision=1.0)
+    with pytest.raises(ValueError, match="tensor of 3 values, one per posterior block"):
         bayesian_model(net, torch.ones(3))
     with pytest.raises(ValueError, match="neither parameters nor modules"):
         bayesian_model(net, {"1": 1.0})
@@ -176,6 +179,24 @@ def test_model_prior_precision_from_laplace_and_its_errors() -> None:
     other, *_ = CASES[0].make(seed=1)
     with pytest.raises(ValueError, match="differ from the Laplace MAP"):
         bayesian_model(other, laplace=la, default_prior_precision=1.0)
+
+
+def test_model_per_block_tensor_follows_laplace_block_order_not_named_modules() -> None:
+    # SkipNet's root owns ``scale``: named_modules puts the root first, the forward-call order
+    # (Laplace's block order) puts it last, so a bare per-block tensor is ambiguous.
+    la = _fit(CASES[3], "kfoc")
+    net = la.model
+    tau = torch.arange(1.0, len(la.blocks) + 1, dtype=torch.float64)
+    assert list(la.blocks)[-1] == ""  # the orders really differ on this case
+    with pytest.raises(ValueError, match=r"laplace=la.*\{module: τ\}"):
+        bayesian_model(net, tau)
+    model = bayesian_model(net, tau, laplace=la)
+    for k, t in model.prior_precision.items():
+        module = k.rpartition(".")[0]
+        assert t == pytest.approx(float(tau[list(la.blocks).index(module)])), k
+    la.prior_precision = tau
+    by_dict = bayesian_model(net, la.prior_precision_dict())
+    assert by_dict.prior_precision == pytest.approx(model.prior_precision)
 
 
 def test_model_subsampling_and_minibatch_scaling() -> None:
@@ -488,8 +509,10 @@ class TinyBNN(PyroModule):
         scales: tuple[float, float] = (1.0, 0.5),
         prior: str = "normal",
         device: torch.device | str = "cpu",
+        num_data: int | None = None,
     ) -> None:
         super().__init__()
+        self.num_data = num_data  # the plate's size; default: the batch (full-batch loaders)
         self.net = PyroModule[nn.Sequential](
             PyroModule[nn.Linear](4, 5), PyroModule[nn.Tanh](), PyroModule[nn.Linear](5, 3)
         )
@@ -503,7 +526,7 @@ class TinyBNN(PyroModule):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         logits = self.net(x)
-        with pyro.plate("data", x.shape[0]):
+        with pyro.plate("data", self.num_data or x.shape[0], subsample_size=x.shape[0]):
             pyro.sample("obs", dist.Categorical(logits=logits), obs=y)
         return logits
 
@@ -511,7 +534,7 @@ class TinyBNN(PyroModule):
 def test_from_model_with_given_map_uses_the_model_priors() -> None:
     net, x, y = CASES[0].make()
     loader = DataLoader(TensorDataset(x, y), batch_size=4)
-    bnn = TinyBNN()
+    bnn = TinyBNN(num_data=len(x))
     map_params = {f"net.{k}": p.detach() for k, p in net.named_parameters()}
     guide = LaplaceGuide.from_model(bnn, loader, map_params=map_params, tol=1e-12, max_iter=500)
     la = guide.laplace
@@ -608,8 +631,209 @@ def test_fit_model_guide_and_predict_on_device(device: torch.device) -> None:
             )(x)
             assert pred["probs"].device.type == device.type
         assert math.isfinite(Trace_ELBO().loss(model, guide, x, y))
-    bnn = TinyBNN(device=device)
+    bnn = TinyBNN(device=device, num_data=len(x))
     map_params = {f"net.{k}": p.detach() for k, p in net.named_parameters()}
     guide = LaplaceGuide.from_model(bnn, loader, map_params=map_params)
     pred = Predictive(bnn, guide=guide, num_samples=2, return_sites=["_RETURN"])(x)
     assert pred["_RETURN"].device.type == device.type
+
+
+@pytest.mark.parametrize(
+    ("structure", "kinds"),
+    [
+        ("kfoc", {"KronPosterior", "DiagPosterior"}),
+        ("diag", {"DiagPosterior"}),
+        ("full", {"DensePosterior"}),
+    ],
+)
+def test_guide_holds_one_posterior_module_per_block(structure: str, kinds: set[str]) -> None:
+    la, _, guide = _guide(CASES[3], structure)
+    assert [p.module for p in guide.posteriors] == list(la.blocks)
+    assert {type(p).__name__ for p in guide.posteriors} == kinds
+    keys = guide.state_dict().keys()
+    assert {f"posteriors.{i}.damping" for i in range(len(la.blocks))} <= keys
+    for p, tau in zip(guide.posteriors, la.prior_precision, strict=True):
+        assert float(p.damping) == pytest.approx(float(tau))
+
+
+class TutorialBNN(PyroModule):
+    """Pyro's tutorial layout: the layers are the model's own attributes, ``forward(x, y)`` holds
+    the plate, and nothing is returned (the logits live only in the observed site)."""
+
+    def __init__(self, scales: tuple[float, float] = (1.0, 0.5), num_data: int | None = None):
+        super().__init__()
+        self.num_data = num_data
+        self.fc1 = PyroModule[nn.Linear](4, 5)
+        self.fc2 = PyroModule[nn.Linear](5, 3)
+        self.double()
+        for layer, s in zip([self.fc1, self.fc2], scales, strict=True):
+            for name, p in list(layer.named_parameters()):
+                prior = dist.Normal(p.new_zeros(()), p.new_tensor(s))
+                setattr(layer, name, PyroSample(prior.expand(p.shape).to_event(p.dim())))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
+        logits = self.fc2(torch.tanh(self.fc1(x)))
+        with pyro.plate("data", self.num_data or x.shape[0], subsample_size=x.shape[0]):
+            pyro.sample("obs", dist.Categorical(logits=logits), obs=y)
+
+
+def _tutorial_map(net: nn.Module) -> dict[str, torch.Tensor]:
+    """The MAP of ``CASES[0]``'s Sequential as :class:`TutorialBNN` sites."""
+    return {f"fc{1 + int(k[0]) // 2}{k[1:]}": p.detach() for k, p in net.named_parameters()}
+
+
+def test_from_model_supports_the_tutorial_layout() -> None:
+    net, x, y = CASES[0].make()
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    bnn = TutorialBNN(num_data=len(x))
+    guide = LaplaceGuide.from_model(bnn, loader, map_params=_tutorial_map(net))
+    la = guide.laplace
+    assert list(la.blocks) == ["fc1", "fc2"]
+    torch.testing.assert_close(la.prior_precision, torch.tensor([1.0, 4.0], dtype=torch.float64))
+    # The deterministic network's logits are the observed site's (normalised) logits.
+    with torch.no_grad():
+        torch.testing.assert_close(la.model(x), net(x).log_softmax(-1), rtol=RTOL, atol=1e-12)
+    # The same posterior as a Laplace fit of the trained net itself, and the same GLM predictive.
+    ref = _fit(CASES[0], "kfoc", tau=1.0)
+    ref.prior_precision = torch.tensor([1.0, 4.0])
+    for b, rb in zip(la.blocks.values(), ref.blocks.values(), strict=True):
+        torch.testing.assert_close(b.to_dense(), rb.to_dense(), rtol=1e-5, atol=1e-9)
+    # The GLM over log-softmax outputs: mean log_softmax(f), covariance M Σ Mᵀ with M = I − 1pᵀ
+    # (the Jacobian of log-softmax), so every GLM logit draw has the same softmax as the net's.
+    mean, cov = la.glm_distribution(x)
+    ref_mean, ref_cov = ref.glm_distribution(x)
+    p = ref_mean.softmax(-1)
+    m = torch.eye(3, dtype=p.dtype) - p[:, None, :].expand(-1, 3, -1)
+    torch.testing.assert_close(mean, ref_mean.log_softmax(-1), rtol=RTOL, atol=1e-12)
+    torch.testing.assert_close(cov, m @ ref_cov @ m.mT, rtol=1e-5, atol=1e-9)
+    assert sorted(guide.median()) == ["fc1.bias", "fc1.weight", "fc2.bias", "fc2.weight"]
+    pyro.set_rng_seed(0)
+    pred = Predictive(bnn, guide=guide, num_samples=3, return_sites=["obs", "fc2.weight"])(x)
+    assert pred["obs"].shape == (3, len(x)) and pred["fc2.weight"].shape[-2:] == (3, 5)
+    # The MAP by SVI works on this layout too.
+    fitted = LaplaceGuide.from_model(TutorialBNN(num_data=len(x)), loader, num_steps=30, lr=0.05)
+    assert list(fitted.laplace.blocks) == ["fc1", "fc2"]
+
+
+def test_from_model_refuses_a_likelihood_scaled_to_one_batch() -> None:
+    net, x, y = CASES[0].make()
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    fix = r"counts as 4 points .* covers 11.*size=11, subsample_size=x.shape\[0\]"
+    with pytest.raises(ValueError, match=fix):
+        LaplaceGuide.from_model(TutorialBNN(), loader, num_steps=5)
+    with pytest.raises(ValueError, match=fix):
+        LaplaceGuide.from_model(TinyBNN(), loader, num_steps=5)
+    with pytest.warns(UserWarning, match=fix):  # a given MAP: only the ELBO is mis-scaled
+        LaplaceGuide.from_model(TutorialBNN(), loader, map_params=_tutorial_map(net))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        LaplaceGuide.from_model(TutorialBNN(num_data=len(x)), loader, num_steps=5)
+        full = DataLoader(TensorDataset(x, y), batch_size=len(x))
+        LaplaceGuide.from_model(TutorialBNN(), full, num_steps=5)
+
+
+# -- issue 16: a K-FOC guide for the BNNs people write ---------------------------------------------
+def _user_guide(layout: str) -> tuple[nn.Module, torch.Tensor, LaplaceGuide]:
+    """A guide on a user BNN (TyXe or tutorial layout) at ``CASES[0]``'s trained net as MAP."""
+    net, x, y = CASES[0].make()
+    loader = DataLoader(TensorDataset(x, y), batch_size=len(x))
+    if layout == "tyxe":
+        bnn: PyroModule = TinyBNN()
+        map_params = {f"net.{k}": p.detach() for k, p in net.named_parameters()}
+    else:
+        bnn = TutorialBNN()
+        map_params = _tutorial_map(net)
+    return net, x, LaplaceGuide.from_model(bnn, loader, map_params=map_params)
+
+
+@pytest.mark.parametrize("layout", ["tyxe", "tutorial"])
+def test_network_model_samples_in_parallel_through_plain_linear_layers(layout: str) -> None:
+    net, x, guide = _user_guide(layout)
+    model = guide.network_model()
+    sites = list(guide.median())
+    pyro.set_rng_seed(0)
+    pred = Predictive(
+        model, guide=guide, num_samples=6, parallel=True, return_sites=["logits", *sites]
+    )(x)
+    assert pred["logits"].shape == (6, len(x), 3)
+    for s in range(6):  # the reference: the trained nn.Sequential at the sampled weights
+        params = {
+            k: pred[site][s].reshape(p.shape)
+            for (k, p), site in zip(net.named_parameters(), sites, strict=True)
+        }
+        ref = functional_call(net, params, (x,))
+        if layout == "tutorial":  # logits read from the Categorical site: log-softmax
+            ref = ref.log_softmax(-1)
+        torch.testing.assert_close(pred["logits"][s], ref, rtol=RTOL, atol=1e-12)
+    assert pred[sites[0]].std(0).min() > 0
+    assert math.isfinite(Trace_ELBO().loss(model, guide, x, CASES[0].make()[2]))
+
+
+@pytest.mark.mc
+@pytest.mark.parametrize("layout", ["tyxe", "tutorial"])
+def test_linearized_network_model_matches_the_glm_predictive(layout: str) -> None:
+    _, x, guide = _user_guide(layout)
+    la = guide.laplace
+    x, num = x[:5], 20_000
+    pyro.set_rng_seed(0)
+    pred = Predictive(
+        guide.network_model(linearized=True),
+        guide=guide,
+        num_samples=num,
+        parallel=True,
+        return_sites=["logits", "probs"],
+    )(x)
+    mean, cov = la.glm_distribution(x)
+    d = pred["logits"] - mean
+    emp = torch.einsum("sbi,sbj->bij", d, d) / num
+    assert torch.linalg.norm(emp - cov) / torch.linalg.norm(cov) < MC_COV_TOL
+    ref = la.predict(x, link="mc", n_samples=num, generator=torch.Generator().manual_seed(1))
+    samples = la.predictive_samples(x, num, "glm", torch.Generator().manual_seed(1))
+    se = ((pred["probs"].var(0) + samples.var(0)) / num).sqrt()
+    assert ((pred["probs"].mean(0) - ref) / se).abs().max() < MC_Z
+
+
+@pytest.mark.mc
+def test_update_makes_the_guide_follow_a_retuned_prior_precision() -> None:
+    la, _model, guide = _guide(CASES[0], "kfoc")
+    old = la.prior_precision.clone()
+    la.optimize_prior_precision("marglik")
+    assert not torch.allclose(la.prior_precision, old)
+    assert [float(p.damping) for p in guide.posteriors] == pytest.approx(old.tolist())
+    assert guide.update(la) is guide
+    assert list(guide.prior_precision.values()) == pytest.approx(la.prior_precision.tolist())
+    num = 40_000
+    pyro.set_rng_seed(0)
+    with pyro.plate("draws", num, dim=-1):
+        draws = guide()
+    theta = torch.cat([draws[k].reshape(num, -1) for k in la.layout.offsets], dim=-1)
+    cov = torch.linalg.inv(dense_posterior_precision(la))  # block order = parameter order here
+    diff = theta - la.mean
+    emp = diff.T @ diff / num
+    assert torch.linalg.norm(emp - cov) / torch.linalg.norm(cov) < MC_COV_TOL
+    # set_prior_precision changes the guide only, in every spelling.
+    guide.set_prior_precision({"0": 2.0, "2": 3.0})
+    assert guide.prior_precision == {"0": 2.0, "2": 3.0}
+    guide.set_prior_precision(torch.tensor([4.0, 5.0]))
+    assert guide.prior_precision == {"0": 4.0, "2": 5.0}
+    with pytest.raises(ValueError, match="set_prior_precision lacks module"):
+        guide.set_prior_precision({"0": 1.0})
+    other = _fit(CASES[0], "kfoc", subset="last_layer")
+    with pytest.raises(ValueError, match=r"blocks \['2'\].*differ from the guide's \['0', '2'\]"):
+        guide.update(other)
+
+
+def test_update_without_arguments_follows_guide_laplace() -> None:
+    _, _, guide = _user_guide("tutorial")
+    guide.laplace.prior_precision = {"fc1": 7.0, "fc2": 9.0}
+    guide.update()
+    assert guide.prior_precision == {"fc1": 7.0, "fc2": 9.0}
+    _la, _model, plain = _guide(CASES[0], "kfoc")
+    with pytest.raises(ValueError, match=r"pass it: guide.update\(la\)"):
+        plain.update()
+
+
+def test_bayesian_model_refuses_an_unfitted_laplace() -> None:
+    net, *_ = CASES[0].make()
+    with pytest.raises(RuntimeError, match=r"laplace= is not fitted.*la.fit\(train_loader\)"):
+        bayesian_model(net, laplace=Laplace(net, progress=False))

@@ -17,44 +17,26 @@ Model sites of parameters outside the Laplace subset are ``Delta`` at the MAP.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import pyro
 import pyro.distributions as dist
-import pyro.optim
 import torch
-from pyro.infer import SVI, Trace_ELBO
-from pyro.infer.autoguide import AutoDelta, AutoGuide
+from pyro.infer.autoguide import AutoGuide
 from pyro.infer.autoguide.initialization import init_to_sample
 from pyro.nn import PyroModule
-from torch import Tensor
+from torch import Tensor, nn
 
-from ..blocks import DenseBlock, DiagBlock, KronBlock
-from .distributions import KroneckerMatrixNormal
+from ..laplace import PriorPrecision, prior_precision_vector
+from ._functional import NetworkModel
+from ._prototype import Observed, check_prototype, observed_site
+from .posteriors import BlockPosterior, build_posteriors
+
+if TYPE_CHECKING:
+    from ..laplace import Laplace
 
 __all__ = ["LaplaceGuide"]
-
-
-@dataclass(frozen=True)
-class _Site:
-    """A model site fed by the guide: ``name`` in the model, ``param`` in the Laplace model."""
-
-    name: str
-    param: str
-    shape: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class _Block:
-    module: str
-    kind: str  # "kron" | "diag" | "full"
-    key: str  # buffer prefix
-    latent: str  # auxiliary site name
-    sites: tuple[_Site, ...]
-    d_in: int = 0  # kron: columns of W̄ that are the weight
 
 
 class LaplaceGuide(AutoGuide):
@@ -83,64 +65,25 @@ class LaplaceGuide(AutoGuide):
 
     def __init__(
         self,
-        model: Any,
-        laplace: Any,
+        model: Callable[..., Any],
+        laplace: Laplace,
         *,
         prefix: str = "",
         example_args: Sequence[Any] | None = None,
         example_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(model)
-        if not laplace.fitted:
-            raise RuntimeError("LaplaceGuide: call laplace.fit(train_loader) first.")
         self.prefix = prefix
-        self.laplace: Any = None  # set by from_model; dropped when pickling
+        self.laplace: Laplace | None = None  # set by from_model; dropped when pickling
+        posteriors, fixed = build_posteriors(laplace, prefix, self._latent_name)
         map_vector = laplace.map_vector.detach()
         self.register_buffer("map_reference", map_vector.new_zeros(0))
-        offsets = laplace.layout.offsets
-        shapes = {k: tuple(p.shape) for k, p in laplace.model.named_parameters()}
-        blocks: list[_Block] = []
-        covered: set[str] = set()
-        for i, ((module, block), tau) in enumerate(
-            zip(laplace.blocks.items(), laplace.prior_precision, strict=True)
-        ):
-            key = f"block{i}"
-            full = [f"{module}.{p}" if module else p for p in block.param_shapes]
-            sites = tuple(_Site(prefix + k, k, shapes[k]) for k in full)
-            covered.update(full)
-            theta = map_vector[laplace.layout.block_index[module]].to(block.dtype)
-            tau_t = torch.as_tensor(tau, dtype=block.dtype, device=block.device)
-            self.register_buffer(f"{key}_damping", tau_t.clone())
-            latent = f"_{self._pyro_name}_latent[{module}]"
-            if isinstance(block, KronBlock):
-                la, qa, lg, qg = block.eigh()
-                self.register_buffer(f"{key}_loc", block.to_mat(theta).clone())
-                self.register_buffer(f"{key}_input_eigenvalues", la.clone())
-                self.register_buffer(f"{key}_input_eigenvectors", qa.clone())
-                self.register_buffer(f"{key}_output_eigenvalues", lg.clone())
-                self.register_buffer(f"{key}_output_eigenvectors", qg.clone())
-                blocks.append(_Block(module, "kron", key, latent, sites, block.d_in))
-            elif isinstance(block, DiagBlock):
-                self.register_buffer(f"{key}_loc", theta.clone())
-                self.register_buffer(f"{key}_curvature", block.values.clone())
-                blocks.append(_Block(module, "diag", key, latent, sites))
-            elif isinstance(block, DenseBlock):
-                self.register_buffer(f"{key}_loc", theta.clone())
-                self.register_buffer(f"{key}_curvature", block.matrix.clone())
-                blocks.append(_Block(module, "full", key, latent, sites))
-            else:
-                raise TypeError(
-                    f"LaplaceGuide: block {module!r} has unsupported type {type(block).__name__}."
-                )
-        self._blocks = tuple(blocks)
-        fixed = []
-        for j, (k, shape) in enumerate(shapes.items()):
-            if k in covered:
-                continue
-            a, b = offsets[k]
-            self.register_buffer(f"fixed{j}", map_vector[a:b].reshape(shape).clone())
-            fixed.append((_Site(prefix + k, k, shape), f"fixed{j}"))
-        self._all_fixed = tuple(fixed)
+        self.posteriors = nn.ModuleList(posteriors)
+        keys = {k: f"fixed{j}" for j, k in enumerate(laplace.layout.offsets)}
+        for site, value in fixed:
+            self.register_buffer(keys[site.param], value)
+        self._observed: Observed | None = None  # the likelihood site; set by _setup_prototype
+        self._all_fixed = tuple((site, keys[site.param]) for site, _ in fixed)
         self._fixed = self._all_fixed  # those that are model sites; set by _setup_prototype
         if example_args is None:
             p = map_vector
@@ -154,195 +97,183 @@ class LaplaceGuide(AutoGuide):
     @classmethod
     def from_model(
         cls,
-        model: Any,
+        model: Callable[..., Any],
         train_loader: Iterable[Any],
         *,
         net: PyroModule | None = None,
         map_params: Mapping[str, Tensor] | None = None,
         structure: str = "kfoc",
         subset: str | Sequence[str] = "all",
-        prior_precision: float | Mapping[str, float] | None = None,
+        prior_precision: PriorPrecision | None = None,
+        obs_site: str | None = None,
         num_steps: int = 1000,
         lr: float = 1e-2,
-        init_loc_fn: Any = init_to_sample,
+        init_loc_fn: Callable[..., Any] = init_to_sample,
         seed: int = 0,
         progress: bool = False,
         **laplace_kwargs: Any,
     ) -> LaplaceGuide:
         """Fit a Laplace guide to a user-written Pyro BNN: MAP, curvature, guide.
 
-        Supported models (TyXe-style): ``model(x, y)`` whose only latent sites are
-        :class:`pyro.nn.PyroSample` weights of one network, a :class:`pyro.nn.PyroModule`
-        attribute of the model (found automatically, or ``net=``) that maps ``x`` to logits, with
-        zero-mean ``Normal`` priors over whole parameters (``.expand(shape).to_event(ndim)``) and
-        one prior scale per module (modules may differ). Ordinary ``nn.Parameter`` s of the network
-        stay deterministic (outside the posterior). Other latent sites, non-Gaussian or non-zero
-        mean priors, and scales that vary within a module raise errors naming the site.
+        Supported models: ``model(x, y)`` whose only latent sites are
+        :class:`pyro.nn.PyroSample` weights of one network, with zero-mean ``Normal`` priors over
+        whole parameters (``.expand(shape).to_event(ndim)``) and one prior scale per module
+        (modules may differ), and a ``Categorical`` likelihood. The network is either
 
-        Steps:
+        - a :class:`pyro.nn.PyroModule` attribute of the model mapping ``x`` to logits (TyXe
+          layout; found automatically, or ``net=``), or
+        - the model itself (Pyro's tutorial layout: ``self.fc1 = PyroModule[nn.Linear](...)``
+          and ``forward(x, y=None)`` holding the plate): the logits are then read from the
+          observed ``Categorical`` site (``obs_site``, default: the only observed site), so the
+          forward may return anything.
 
-        1. the MAP: ``map_params`` (``{site_name: value}``) if given, else ``AutoDelta`` + ``SVI``
-           (``Trace_ELBO``, Adam with ``lr``) for ``num_steps`` steps over ``train_loader``
-           (cycled), seeded, in a private parameter-store scope;
-        2. the curvature: a :class:`~bayes_kfoc.Laplace` (``structure``, ``subset`` over the
-           network's modules; ``"all"`` means every module with PyroSample weights) on a
-           deterministic copy of the network at the MAP, with the **model's own** prior
-           precisions ``τ = 1/σ²`` (or ``prior_precision``: a scalar or ``{module: τ}``);
-        3. the guide, traced with the first batch; the fitted posterior is ``guide.laplace``.
+        Ordinary ``nn.Parameter`` s of the network stay deterministic (outside the posterior).
+        Other latent sites, non-Gaussian or non-zero mean priors, and scales that vary within a
+        module raise errors naming the site.
 
-        The likelihood should be on the summed scale of the data ``train_loader`` yields (a plate
-        of the full data-set size), as the Laplace posterior's Fisher is summed.
+        Steps: (1) the MAP: ``map_params`` (``{site_name: value}``), else ``AutoDelta`` + ``SVI``
+        (``Trace_ELBO``, Adam with ``lr``), ``num_steps`` steps over ``train_loader`` (cycled),
+        seeded, in a private parameter-store scope; (2) a :class:`~bayes_kfoc.Laplace`
+        (``structure``; ``subset`` over the network's modules, ``"all"``: every module with
+        PyroSample weights) on a deterministic copy of the network at the MAP, with the
+        **model's own** prior precisions ``τ = 1/σ²`` (or ``prior_precision``: a scalar or
+        ``{module: τ}``); (3) the guide, traced with the first batch; ``guide.laplace`` is the
+        fitted posterior.
 
-        .. warning:: ``Predictive(parallel=True)`` calls the model with weights that carry a
-           leading particle dimension; a user network built from ``nn.Linear`` does not broadcast
-           over it. Use ``parallel=False`` for such models, or :func:`bayesian_model`.
+        The likelihood must be on the summed scale of the data ``train_loader`` yields, as the
+        Laplace posterior's Fisher is summed: with mini-batches, declare the plate over the data
+        set, ``pyro.plate("data", size=N, subsample_size=x.shape[0])``. A likelihood that counts
+        one batch as anything but ``N`` points raises a ``ValueError`` (a ``UserWarning`` when
+        ``map_params`` is given, as then only the model's ELBO is affected).
+
+        For ``Predictive(parallel=True)`` and the GLM (linearised) predictive, use
+        :meth:`network_model`: the user's own network (``nn.Linear``) does not broadcast over
+        the particle dimension that vectorised sampling gives the weights.
         """
-        from ..laplace import Laplace
         from . import _user_model as um
 
-        x0, y0 = um.first_batch(train_loader)
-        sites = um.latent_sites(model, x0, y0)
-        if not sites:
-            raise ValueError("LaplaceGuide.from_model: the model has no latent sites.")
-        net = net if net is not None else um.find_network(model, sites)
-        prefix = um.site_prefix(net)
-        names = um.sample_names(net)
-        for name in sites:
-            if not name.startswith(prefix) or name[len(prefix) :] not in names:
-                raise ValueError(
-                    f"LaplaceGuide.from_model: latent site {name!r} is not a PyroSample weight of "
-                    f"the network (sites {sorted(prefix + k for k in names)[:8]}); only network "
-                    "weights can be latent. Observe it, or make it a deterministic parameter."
-                )
-        taus = um.module_precisions(prefix, sites, names)
-        if prior_precision is not None:
-            taus = (
-                {k: float(v) for k, v in prior_precision.items()}
-                if isinstance(prior_precision, Mapping)
-                else dict.fromkeys(taus, float(prior_precision))
-            )
-        if map_params is None:
-            map_params = _svi_map(model, train_loader, num_steps, lr, init_loc_fn, seed, x0)
-        missing = sorted(set(sites) - set(map_params))
-        if missing:
-            raise ValueError(f"LaplaceGuide.from_model: map_params lacks site(s) {missing}.")
-        values = {}
-        for name, site in sites.items():
-            v = torch.as_tensor(map_params[name]).detach()
-            if tuple(v.shape) != tuple(site["value"].shape):
-                raise ValueError(
-                    f"LaplaceGuide.from_model: map_params[{name!r}] has shape {tuple(v.shape)}, "
-                    f"the site {tuple(site['value'].shape)}."
-                )
-            values[name[len(prefix) :]] = v.to(site["value"])
-        plain = um.deterministic_network(net, values)
-        modules = list(dict.fromkeys(m for m, _ in names.values()))
-        subset_arg = modules if subset == "all" else subset
-        la = Laplace(
-            plain, structure=structure, subset=subset_arg, progress=progress, **laplace_kwargs
+        fit = um.fit_user_model(
+            model,
+            train_loader,
+            net=net,
+            map_params=map_params,
+            structure=structure,
+            subset=subset,
+            prior_precision=prior_precision,
+            obs_site=obs_site,
+            num_steps=num_steps,
+            lr=lr,
+            init_loc_fn=init_loc_fn,
+            seed=seed,
+            progress=progress,
+            laplace_kwargs=laplace_kwargs,
         )
-        la.fit(train_loader)
-        unknown = sorted(set(la.blocks) - set(taus))
-        if unknown:
-            raise ValueError(
-                f"LaplaceGuide.from_model: no prior precision for posterior module(s) {unknown}; "
-                "their parameters must be PyroSample weights (or name them in prior_precision)."
-            )
-        la.prior_precision = {k: taus[k] for k in la.blocks}
-        guide = cls(model, la, prefix=prefix, example_args=(x0, y0))
-        guide.laplace = la
+        guide = cls(model, fit.laplace, prefix=fit.prefix, example_args=fit.example_args)
+        guide.laplace = fit.laplace
         return guide
 
     # -- the prototype: coverage and shape checks -----------------------------------------------
     def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
         super()._setup_prototype(*args, **kwargs)
         assert self.prototype_trace is not None
-        block_sites = {s.name: s for b in self._blocks for s in b.sites}
+        block_sites = {s.name: s for b in self._posteriors() for s in b.sites}
         fixed_sites = {s.name: s for s, _ in self._all_fixed}
-        seen = set()
-        for name, site in self.prototype_trace.iter_stochastic_nodes():
-            spec = block_sites.get(name) or fixed_sites.get(name)
-            if spec is None:
-                known = sorted(block_sites)[:12]
-                raise ValueError(
-                    f"LaplaceGuide: the model's latent site {name!r} is not covered by the "
-                    f"posterior (its sites are {known}{'...' if len(block_sites) > 12 else ''}, "
-                    f"named prefix={self.prefix!r} + parameter name). Only network weights can "
-                    "be latent: make other sites observed (pass the labels in example_args if "
-                    "this is the likelihood), or fit the Laplace posterior on the network whose "
-                    "parameters these sites are."
-                )
-            value_shape = tuple(site["value"].shape)
-            event_shape = tuple(site["fn"].event_shape)
-            if value_shape != spec.shape or event_shape != spec.shape:
-                raise ValueError(
-                    f"LaplaceGuide: site {name!r} has value shape {value_shape} and event shape "
-                    f"{event_shape}, but the posterior's parameter {spec.param!r} has shape "
-                    f"{spec.shape}. Declare the prior over the whole parameter, e.g. "
-                    f"Normal(0, s).expand({list(spec.shape)}).to_event({len(spec.shape)})."
-                )
-            if site["cond_indep_stack"]:
-                plates = [f.name for f in site["cond_indep_stack"]]
-                raise ValueError(
-                    f"LaplaceGuide: site {name!r} is inside plate(s) {plates}; network weights "
-                    "must be global sites, outside plates."
-                )
-            seen.add(name)
-        missing = sorted(set(block_sites) - seen)
-        if missing:
-            raise ValueError(
-                f"LaplaceGuide: the posterior has parameter site(s) {missing} that are not latent "
-                "sites of the model. Make those parameters PyroSample sites, or fit the Laplace "
-                "posterior on a subset without them."
-            )
+        seen = check_prototype(self.prototype_trace, block_sites, fixed_sites, self.prefix)
         self._fixed = tuple((s, key) for s, key in self._all_fixed if s.name in seen)
+        self._observed = observed_site(self.prototype_trace)
+
+    def _latent_name(self, module: str) -> str:
+        return f"_{self._pyro_name}_latent[{module}]"
+
+    # -- following the posterior ------------------------------------------------------------------
+    @torch.no_grad()
+    def update(self, laplace: Laplace | None = None) -> LaplaceGuide:
+        """Re-read the posterior from ``laplace`` (default: ``guide.laplace``, set by
+        :meth:`from_model`), in place: call it after ``la.optimize_prior_precision(...)`` or
+        ``la.prior_precision = ...`` (or a refit with the same blocks), and the guide samples the
+        new posterior. Buffers stay on the guide's device. Returns the guide.
+
+        Raises a ``ValueError`` when the posterior's blocks or sites differ from the guide's
+        (build a new guide then).
+        """
+        la = self._source(laplace, "update", "pass it: guide.update(la)")
+        posteriors, fixed = build_posteriors(la, self.prefix, self._latent_name)
+        ours = [(p.module, p.sites) for p in self._posteriors()]
+        theirs = [(p.module, p.sites) for p in posteriors]
+        if ours != theirs or [s for s, _ in fixed] != [s for s, _ in self._all_fixed]:
+            raise ValueError(
+                f"LaplaceGuide.update: the posterior's blocks {[m for m, _ in theirs]} (or their "
+                f"sites) differ from the guide's {[m for m, _ in ours]}; build a new guide, "
+                "LaplaceGuide(model, la)."
+            )
+        device = self.map_reference.device
+        self.posteriors = nn.ModuleList(posteriors).to(device)
+        for (_, key), (_, value) in zip(self._all_fixed, fixed, strict=True):
+            getattr(self, key).copy_(value)
+        if self.laplace is not None:
+            self.laplace = la
+        return self
+
+    @torch.no_grad()
+    def set_prior_precision(self, value: PriorPrecision) -> None:
+        """Set the guide's ``τ`` per block (a scalar, one value per block in block order, or
+        ``{module: τ}``); the curvature and the MAP stay. Only the guide changes: to keep a
+        :class:`~bayes_kfoc.Laplace` in step, set ``la.prior_precision`` and call :meth:`update`.
+        """
+        modules = [p.module for p in self._posteriors()]
+        tau = prior_precision_vector(value, modules, "LaplaceGuide.set_prior_precision")
+        for p, t in zip(self._posteriors(), tau.tolist(), strict=True):
+            p.set_damping(t)
+
+    @property
+    def prior_precision(self) -> dict[str, float]:
+        """``{module: τ}``: the prior precision the guide samples with, per block."""
+        return {p.module: float(p.damping) for p in self._posteriors()}
+
+    def network_model(
+        self, linearized: bool = False, *, laplace: Laplace | None = None
+    ) -> NetworkModel:
+        """A Pyro model of the posterior's network with this guide's weight sites.
+
+        ``model(x, y=None)`` samples every posterior site (named as in the guide's model, prior
+        ``N(0, 1/τ_b)`` with the guide's current ``τ``), evaluates the Laplace model
+        ``laplace.model`` functionally (``torch.func.vmap`` over particle dims, so
+        ``Predictive(parallel=True)`` works for any network) and observes
+        ``Categorical(logits)`` at the guide's model's likelihood site, under its plate, with
+        the same data-set scale; ``"logits"`` and ``"probs"`` are deterministic sites.
+        Parameters outside the posterior stay at the MAP.
+
+        ``linearized=True`` gives the GLM ``f(x, θ*) + J(x)(θ − θ*)`` (one ``torch.func.jvp``):
+        ``Predictive(guide.network_model(linearized=True), guide=guide)`` samples the Laplace GLM
+        predictive (``laplace.predict(x, link="mc")``).
+
+        Args:
+            linearized: linearise around the MAP.
+            laplace: the posterior whose network to use (default: ``guide.laplace``).
+        """
+        la = self._source(laplace, "network_model", "pass laplace=la")
+        modules = [p.module for p in self._posteriors()]
+        if list(la.blocks) != modules:
+            raise ValueError(
+                f"LaplaceGuide.network_model: laplace's blocks {list(la.blocks)} are not the "
+                f"guide's {modules}."
+            )
+        model = NetworkModel.for_guide(la.model, self._posteriors(), self._observed, linearized)
+        return model.to(self.map_reference.device)
+
+    def _source(self, laplace: Laplace | None, what: str, fix: str) -> Laplace:
+        la = laplace if laplace is not None else self.laplace
+        if la is None:
+            raise ValueError(
+                f"LaplaceGuide.{what}: this guide holds no posterior (built as "
+                f"LaplaceGuide(model, la), or unpickled); {fix}."
+            )
+        return la
 
     # -- posterior pieces -----------------------------------------------------------------------
-    def _buf(self, key: str, what: str) -> Tensor:
-        return getattr(self, f"{key}_{what}")
-
-    def _block_posterior(self, b: _Block) -> dist.TorchDistribution:
-        loc, tau = self._buf(b.key, "loc"), self._buf(b.key, "damping")
-        if b.kind == "kron":
-            return KroneckerMatrixNormal(
-                loc,
-                self._buf(b.key, "input_eigenvalues"),
-                self._buf(b.key, "input_eigenvectors"),
-                self._buf(b.key, "output_eigenvalues"),
-                self._buf(b.key, "output_eigenvectors"),
-                tau,
-            )
-        curv = self._buf(b.key, "curvature")
-        if b.kind == "diag":
-            return dist.Normal(loc, (curv + tau).rsqrt()).to_event(1)
-        eye = torch.eye(loc.shape[-1], dtype=loc.dtype, device=loc.device)
-        return dist.MultivariateNormal(loc, precision_matrix=curv + tau * eye)
-
-    def _block_variance(self, b: _Block) -> Tensor:
-        """Marginal posterior variances in the block latent's layout (exact, damped)."""
-        if b.kind == "full":
-            evals, evecs = torch.linalg.eigh(self._buf(b.key, "curvature"))
-            lam = evals.clamp_min(0) + self._buf(b.key, "damping")
-            return evecs.square() @ lam.reciprocal()
-        return self._block_posterior(b).variance
-
-    def _unpack(self, b: _Block, value: Tensor) -> dict[str, Tensor]:
-        """Split a block's latent ``[..., *event]`` into its sites' values ``[..., *shape]``."""
-        if b.kind == "kron":
-            lead = value.shape[:-2]
-            out = {}
-            for s in b.sites:
-                if s.param.endswith("weight"):
-                    out[s.name] = value[..., : b.d_in].reshape(lead + torch.Size(s.shape))
-                else:
-                    out[s.name] = value[..., b.d_in]
-            return out
-        sizes = [math.prod(s.shape) for s in b.sites]
-        parts = torch.split(value, sizes, dim=-1)
-        return {
-            s.name: p.reshape(value.shape[:-1] + torch.Size(s.shape))
-            for s, p in zip(b.sites, parts, strict=True)
-        }
+    def _posteriors(self) -> list[BlockPosterior]:
+        """The block posteriors, in block order (typed view of ``self.posteriors``)."""
+        return [p for p in self.posteriors if isinstance(p, BlockPosterior)]
 
     def _site_dtype(self) -> torch.dtype:
         """The dtype of the model's parameters (the MAP's), which the site values take."""
@@ -354,11 +285,11 @@ class LaplaceGuide(AutoGuide):
         Event shapes: ``(d_out, n)`` for Kronecker blocks (``W̄``, bias as the last column),
         ``(P,)`` in ``parameters_to_vector`` order for diagonal and dense blocks.
         """
-        return {b.module: self._block_posterior(b) for b in self._blocks}
+        return {b.module: b.distribution() for b in self._posteriors()}
 
     def latent_site_name(self, module: str) -> str:
         """The name of the auxiliary sample site of ``module``'s block."""
-        for b in self._blocks:
+        for b in self._posteriors():
             if b.module == module:
                 return b.latent
         raise KeyError(f"LaplaceGuide: no posterior block for module {module!r}.")
@@ -366,8 +297,8 @@ class LaplaceGuide(AutoGuide):
     def sample_latent(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
         """Sample every block's auxiliary latent (``is_auxiliary``); ``{module_name: value}``."""
         return {
-            b.module: pyro.sample(b.latent, self._block_posterior(b), infer={"is_auxiliary": True})
-            for b in self._blocks
+            b.module: pyro.sample(b.latent, b.distribution(), infer={"is_auxiliary": True})
+            for b in self._posteriors()
         }
 
     # -- the guide ------------------------------------------------------------------------------
@@ -378,11 +309,11 @@ class LaplaceGuide(AutoGuide):
         latents = self.sample_latent()
         result: dict[str, Tensor] = {}
         dtype = self._site_dtype()
-        for b in self._blocks:
-            for name, value in self._unpack(b, latents[b.module]).items():
-                spec = next(s for s in b.sites if s.name == name)
-                result[name] = pyro.sample(
-                    name, dist.Delta(value.to(dtype), event_dim=len(spec.shape))
+        for b in self._posteriors():
+            values = b.unpack(latents[b.module])
+            for s in b.sites:
+                result[s.name] = pyro.sample(
+                    s.name, dist.Delta(values[s.name].to(dtype), event_dim=len(s.shape))
                 )
         for s, key in self._fixed:
             result[s.name] = pyro.sample(
@@ -395,8 +326,8 @@ class LaplaceGuide(AutoGuide):
         """``{site_name: θ*}``: the posterior median (= mean = mode) of every site, the MAP."""
         dtype = self._site_dtype()
         out: dict[str, Tensor] = {}
-        for b in self._blocks:
-            for name, v in self._unpack(b, self._buf(b.key, "loc")).items():
+        for b in self._posteriors():
+            for name, v in b.unpack(b.loc).items():
                 out[name] = v.to(dtype).clone()
         for s, key in self._fixed:
             out[s.name] = getattr(self, key).clone()
@@ -412,13 +343,11 @@ class LaplaceGuide(AutoGuide):
         """
         dtype = self._site_dtype()
         out: dict[str, Tensor] = {}
-        for b in self._blocks:
-            loc = self._buf(b.key, "loc")
-            q = torch.as_tensor(quantiles, dtype=loc.dtype, device=loc.device)
+        for b in self._posteriors():
+            q = torch.as_tensor(quantiles, dtype=b.loc.dtype, device=b.loc.device)
             z = dist.Normal(torch.zeros_like(q), torch.ones_like(q)).icdf(q)
-            std = self._block_variance(b).sqrt()
-            values = loc + z.reshape(-1, *([1] * loc.ndim)) * std
-            for name, v in self._unpack(b, values).items():
+            values = b.loc + z.reshape(-1, *([1] * b.loc.ndim)) * b.variance().sqrt()
+            for name, v in b.unpack(values).items():
                 out[name] = v.to(dtype)
         for s, key in self._fixed:
             value = getattr(self, key)
@@ -433,43 +362,3 @@ class LaplaceGuide(AutoGuide):
         self._model, self.master = model, master
         state["laplace"] = None
         return state
-
-
-def _svi_map(
-    model: Any,
-    loader: Iterable[Any],
-    num_steps: int,
-    lr: float,
-    init_loc_fn: Any,
-    seed: int,
-    x0: Tensor,
-) -> dict[str, Tensor]:
-    """MAP site values by ``AutoDelta`` + ``SVI``, seeded, in a private parameter-store scope."""
-    devices = [x0.device.index or 0] if x0.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), pyro.get_param_store().scope():
-        torch.manual_seed(seed)
-        delta = AutoDelta(model, init_loc_fn=init_loc_fn)
-        svi = SVI(model, delta, pyro.optim.Adam({"lr": lr}), Trace_ELBO())  # type: ignore[attr-defined]
-        batches = _epochs(loader)
-        last: tuple[Any, Any] | None = None
-        for _, (x, y) in zip(range(num_steps), batches):
-            loss = svi.step(x, y)
-            if not math.isfinite(loss):
-                raise FloatingPointError(
-                    f"LaplaceGuide.from_model: the MAP's SVI loss is {loss}; lower lr={lr}."
-                )
-            last = (x, y)
-        if last is None:
-            last = next(iter(loader))
-        return {k: v.detach().clone() for k, v in delta.median(*last).items()}
-
-
-def _epochs(loader: Iterable[Any]) -> Iterator[Any]:
-    """Re-iterate ``loader`` epoch after epoch (a fresh shuffle each time)."""
-    while True:
-        empty = True
-        for batch in loader:
-            empty = False
-            yield batch
-        if empty:
-            return

@@ -11,10 +11,11 @@ The model is ``model(x, y=None)``:
   probabilities are recorded as deterministic sites ``"logits"`` and ``"probs"`` (event shape
   ``[C]``).
 
-The network is evaluated functionally (``torch.func.functional_call`` on a private copy whose
-parameters are buffers holding the MAP ``θ*``), so parameter values with leading *particle*
-dimensions, as ``Predictive(parallel=True)`` and vectorised ELBO particles produce, are evaluated
-under ``torch.func.vmap`` and give logits ``[*particles, B, C]``.
+The network is evaluated functionally (:class:`~bayes_kfoc.pyro._functional.FunctionalNetwork`:
+``torch.func.functional_call`` on a private copy whose parameters are buffers holding the MAP
+``θ*``), so parameter values with leading *particle* dimensions, as ``Predictive(parallel=True)``
+and vectorised ELBO particles produce, are evaluated under ``torch.func.vmap`` and give logits
+``[*particles, B, C]``.
 
 With ``linearized=True`` the forward is the first-order expansion around the MAP,
 ``f(x, θ*) + J(x)(θ − θ*)``, computed as one Jacobian-vector product (``torch.func.jvp``) per
@@ -24,21 +25,22 @@ particle; no Jacobian is formed.
 from __future__ import annotations
 
 import copy
-import math
-from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pyro
 import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule, PyroSample
 from pyro.nn.module import to_pyro_module_
 from torch import Tensor, nn
-from torch.func import functional_call, jvp, vmap
+
+from ..laplace import PriorPrecision, architecture, check_architecture
+from ._functional import PRIOR_BUFFER_SUFFIX, ClassifierModel, FunctionalNetwork
+from ._prior import owner, resolve_prior_precision
+
+if TYPE_CHECKING:
+    from ..laplace import Laplace
 
 __all__ = ["BayesianClassifier", "bayesian_model"]
-
-PRIOR_BUFFER_SUFFIX = "_prior_precision"
 
 
 class GaussianPrior:
@@ -59,11 +61,6 @@ class GaussianPrior:
         return prior.to_event(len(self.shape))
 
 
-def _owner(name: str) -> tuple[str, str]:
-    module, _, param = name.rpartition(".")
-    return module, param
-
-
 def _get_path(root: nn.Module, name: str) -> Any:
     obj: Any = root
     for part in name.split("."):
@@ -71,91 +68,7 @@ def _get_path(root: nn.Module, name: str) -> Any:
     return obj
 
 
-def _parameter_owners(net: nn.Module) -> list[str]:
-    """Modules that own trainable parameters, in ``named_modules`` order (Laplace's block order
-    for ``subset="all"``)."""
-    out: list[str] = []
-    for name, module in net.named_modules():
-        if any(p.requires_grad for p in module.parameters(recurse=False)) and name not in out:
-            out.append(name)
-    return out
-
-
-def resolve_prior_precision(
-    net: nn.Module,
-    prior_precision: float | Tensor | Mapping[str, float] | None,
-    laplace: Any = None,
-    default: float | None = None,
-) -> dict[str, float]:
-    """``{param_name: τ}`` for every parameter of ``net``; see :func:`bayesian_model`."""
-    names = [k for k, _ in net.named_parameters()]
-    by_module: dict[str, float] = {}
-    by_param: dict[str, float] = {}
-    if prior_precision is None:
-        if laplace is None:
-            raise ValueError(
-                "bayesian_model: pass prior_precision (a scalar, a dict or la.prior_precision) or "
-                "laplace=la."
-            )
-        prior_precision = laplace.prior_precision
-    if isinstance(prior_precision, Mapping):
-        modules = {_owner(k)[0] for k in names}
-        unknown = sorted(set(prior_precision) - set(names) - modules)
-        if unknown:
-            raise ValueError(
-                f"bayesian_model: prior_precision names {unknown}, which are neither parameters "
-                f"nor modules with parameters of the network; parameters are {names}."
-            )
-        for k, v in prior_precision.items():
-            (by_param if k in names else by_module)[k] = float(v)
-    else:
-        tau = torch.as_tensor(prior_precision, dtype=torch.float64).detach().flatten().cpu()
-        per_block = laplace is not None and tau.numel() == len(laplace.blocks)
-        if tau.numel() == 1 and not (per_block and isinstance(prior_precision, Tensor)):
-            by_module = {m: float(tau) for m in _parameter_owners(net)}
-            default = float(tau) if default is None else default
-        else:
-            order = list(laplace.blocks) if laplace is not None else _parameter_owners(net)
-            if tau.numel() != len(order):
-                raise ValueError(
-                    f"bayesian_model: prior_precision has {tau.numel()} values but the "
-                    f"{'Laplace posterior has' if laplace is not None else 'network has'} "
-                    f"{len(order)} blocks {order}. Pass laplace=la together with "
-                    "la.prior_precision (block order), or a dict {module_or_param: τ}."
-                )
-            by_module = {m: float(t) for m, t in zip(order, tau, strict=True)}
-    out: dict[str, float] = {}
-    missing = []
-    for k in names:
-        tau_k = by_param.get(k, by_module.get(_owner(k)[0], default))
-        if tau_k is None:
-            missing.append(k)
-        else:
-            out[k] = tau_k
-    if missing:
-        raise ValueError(
-            f"bayesian_model: no prior precision for parameter(s) {missing} (outside the Laplace "
-            "subset or the dict). Pass default_prior_precision=... for them, or name them in a "
-            "dict."
-        )
-    bad = {k: v for k, v in out.items() if not (math.isfinite(v) and v > 0)}
-    if bad:
-        raise ValueError(
-            f"bayesian_model: prior precisions must be positive and finite, got {bad}; the prior "
-            "is N(0, 1/τ)."
-        )
-    return out
-
-
-def _params_to_buffers(module: nn.Module) -> None:
-    for m in module.modules():
-        for name, p in list(m._parameters.items()):
-            if p is not None:
-                del m._parameters[name]
-                m.register_buffer(name, p.detach().clone())
-
-
-class BayesianClassifier(nn.Module):
+class BayesianClassifier(ClassifierModel):
     """A Pyro model ``model(x, y=None)`` over the weights of a classifier; see
     :func:`bayesian_model` (which builds it) for the sites and conventions.
 
@@ -181,28 +94,18 @@ class BayesianClassifier(nn.Module):
         num_data: int | None = None,
         subsample_size: int | None = None,
     ) -> None:
-        super().__init__()
         if any(isinstance(m, PyroModule) for m in net.modules()):
             raise TypeError(
                 "bayesian_model: the network is already a PyroModule; for a user-written Pyro "
-                "model use LaplaceGuide.from_model(model, train_loader)."
+                "model use guide = LaplaceGuide.from_model(model, train_loader), and "
+                "guide.network_model(linearized=True) for its linearised (GLM) model."
             )
-        if num_data is not None and subsample_size is not None:
-            raise ValueError(
-                "bayesian_model: pass num_data (x is a mini-batch of a data set of that size) or "
-                "subsample_size (subsample x in every call), not both."
-            )
-        self.param_names = [k for k, _ in net.named_parameters()]
-        self.param_shapes = {k: tuple(p.shape) for k, p in net.named_parameters()}
+        names = [k for k, _ in net.named_parameters()]
+        functional = FunctionalNetwork(net, names, linearized=linearized)
+        super().__init__(functional, num_data=num_data, subsample_size=subsample_size)
         self.prior_precision = dict(prior_precision)
-        self.linearized = bool(linearized)
-        self.num_data = num_data
-        self.subsample_size = subsample_size
-
-        map_net = copy.deepcopy(net).eval()
-        _params_to_buffers(map_net)
         prior_net = (net if inplace else copy.deepcopy(net)).eval()
-        owners = {k: _owner(k) for k in self.param_names}
+        owners = {k: owner(k) for k in self.param_names}
         ref = {k: p for k, p in prior_net.named_parameters()}
         to_pyro_module_(prior_net)
         modules = dict(prior_net.named_modules())
@@ -218,13 +121,6 @@ class BayesianClassifier(nn.Module):
             )
             setattr(module, pname, PyroSample(GaussianPrior(pname, tuple(p.shape))))
         self.net = prior_net
-        self.map_net = map_net
-
-    # -- parameters -----------------------------------------------------------------------------
-    def map_parameters(self) -> dict[str, Tensor]:
-        """``{param_name: θ*}``: the MAP the model was built at (and linearised around)."""
-        bufs = dict(self.map_net.named_buffers())
-        return {k: bufs[k] for k in self.param_names}
 
     def sample_parameters(self) -> dict[str, Tensor]:
         """One ``pyro.sample`` per parameter (its PyroSample site), ``{param_name: value}``."""
@@ -235,94 +131,12 @@ class BayesianClassifier(nn.Module):
         with net._pyro_context:
             return {k: _get_path(net, k) for k in self.param_names}
 
-    def _lead(self, name: str, value: Tensor) -> torch.Size:
-        """The leading dims of one site's value, trailing singletons (the data plate's slot)
-        dropped."""
-        shape = self.param_shapes[name]
-        if value.ndim < len(shape) or tuple(value.shape[value.ndim - len(shape) :]) != shape:
-            raise ValueError(
-                f"BayesianClassifier: site {name!r} has a value of shape {tuple(value.shape)}, "
-                f"but the parameter has shape {shape}."
-            )
-        lead = list(value.shape[: value.ndim - len(shape)])
-        while lead and lead[-1] == 1:
-            lead.pop()
-        return torch.Size(lead)
-
-    def _particle_shape(self, params: Mapping[str, Tensor]) -> torch.Size:
-        """The leading (particle) dims of the sampled parameters.
-
-        ``Predictive(parallel=True)`` gives values ``[S, *shape]`` or ``[S, 1, *shape]`` and
-        vectorised ELBO particles ``[P, 1, *shape]``; trailing singleton dims are the slot of the
-        data plate (dim ``-1``) and are dropped, so the logits are ``[*particles, B, C]``.
-        """
-        leads = [self._lead(k, v) for k, v in params.items()]
-        try:
-            return torch.broadcast_shapes(*leads)
-        except RuntimeError as err:
-            raise ValueError(
-                "BayesianClassifier: sampled parameters have incompatible leading (particle) "
-                f"shapes {sorted({tuple(s) for s in leads})}."
-            ) from err
-
-    # -- the network ------------------------------------------------------------------------------
-    def logits(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
-        """``[*particles, B, C]`` logits at parameter values with optional leading particle dims.
-
-        Non-linearised: ``f(x, θ)``. Linearised: ``f(x, θ*) + J(x)(θ − θ*)`` via ``jvp``.
-        """
-        lead = self._particle_shape(params)
-        theta_star = self.map_parameters()
-        net = self.map_net
-
-        def f(p: dict[str, Tensor]) -> Tensor:
-            return functional_call(net, p, (x,))
-
-        def forward(p: dict[str, Tensor]) -> Tensor:
-            if not self.linearized:
-                return f(p)
-            tangent = {k: p[k] - theta_star[k] for k in self.param_names}
-            out, dout = jvp(f, (theta_star,), (tangent,))[:2]
-            return out + dout
-
-        if not lead:
-            return forward({k: v.reshape(self.param_shapes[k]) for k, v in params.items()})
-        flat = {
-            k: v.reshape(*self._lead(k, v), -1).expand(*lead, -1).reshape(-1, *self.param_shapes[k])
-            for k, v in params.items()
-        }
-        out = vmap(forward)(flat)
-        return out.reshape(*lead, *out.shape[1:])
-
-    def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
-        """The generative model; returns the logits ``[*particles, B, C]`` of the (sub)batch."""
-        params = self.sample_parameters()
-        n = x.shape[0]
-        if self.subsample_size is not None:
-            plate = pyro.plate("data", n, subsample_size=self.subsample_size, dim=-1)
-        elif self.num_data is not None:
-            plate = pyro.plate(
-                "data", self.num_data, subsample=torch.arange(n, device=x.device), dim=-1
-            )
-        else:
-            plate = pyro.plate("data", n, dim=-1)
-        with plate as idx:
-            if self.subsample_size is not None:
-                assert idx is not None
-                x = x[idx.to(x.device)]
-                y = None if y is None else y[idx.to(y.device)]
-            logits = self.logits(params, x)
-            pyro.deterministic("logits", logits, event_dim=1)
-            pyro.deterministic("probs", torch.softmax(logits, dim=-1), event_dim=1)
-            pyro.sample("obs", dist.Categorical(logits=logits), obs=y)
-        return logits
-
 
 def bayesian_model(
     net: nn.Module,
-    prior_precision: float | Tensor | Mapping[str, float] | None = 1.0,
+    prior_precision: PriorPrecision | None = 1.0,
     *,
-    laplace: Any = None,
+    laplace: Laplace | None = None,
     linearized: bool = False,
     inplace: bool = False,
     default_prior_precision: float | None = None,
@@ -338,9 +152,10 @@ def bayesian_model(
         prior_precision: ``τ`` of the prior ``N(0, 1/τ)``, on the **summed** log-likelihood scale:
             a scalar; a dict keyed by parameter name (``"0.weight"``) or module name (``"0"``),
             a parameter name taking precedence; or a tensor with one value per block, in the
-            block order of ``laplace`` (``la.prior_precision``) or, without ``laplace``, of the
-            modules owning parameters (Laplace's order for ``subset="all"``). ``None``: take
-            ``laplace.prior_precision``.
+            block order of ``laplace`` (``la.prior_precision``), which then must be given: the
+            block order is the posterior's forward-call order, which the network alone does not
+            determine, so a per-block tensor without ``laplace=`` raises (pass
+            ``la.prior_precision_dict()`` instead). ``None``: take ``laplace.prior_precision``.
         laplace: the fitted :class:`~bayes_kfoc.Laplace` whose block order a tensor
             ``prior_precision`` follows; its MAP must equal the network's weights.
         linearized: make the forward ``f(x, θ*) + J(x)(θ − θ*)`` (the GLM of the Laplace
@@ -372,17 +187,18 @@ def bayesian_model(
     )
 
 
-def _check_laplace_matches(net: nn.Module, laplace: Any) -> None:
-    ours = [(k, tuple(p.shape)) for k, p in net.named_parameters()]
-    theirs = [(k, tuple(p.shape)) for k, p in laplace.model.named_parameters()]
-    if ours != theirs:
-        raise ValueError(
-            "bayesian_model: the network's parameters differ from the Laplace model's "
-            f"(first mismatch: {next((a, b) for a, b in zip(ours, theirs) if a != b)})."
-            if len(ours) == len(theirs)
-            else f"bayesian_model: the network has {len(ours)} parameters, the Laplace model "
-            f"{len(theirs)}."
+def _check_laplace_matches(net: nn.Module, laplace: Laplace) -> None:
+    if not laplace.fitted:
+        raise RuntimeError(
+            "bayesian_model: laplace= is not fitted (it has no posterior blocks and no MAP yet); "
+            "call la.fit(train_loader) first."
         )
+    check_architecture(
+        architecture(laplace.model),
+        net,
+        "bayesian_model",
+        "Build the model from the network the posterior was fitted on.",
+    )
     current = torch.nn.utils.parameters_to_vector(net.parameters()).detach()
     map_vector = laplace.map_vector.to(current)
     if not torch.allclose(current, map_vector):
