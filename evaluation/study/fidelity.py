@@ -17,10 +17,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from bayes_kfoc.diagnostics import fisher_fidelity
 from datasets import Splits
+from evaluation.structures import STRUCTURES
 
-__all__ = ["MAX_LAYER_PARAMS", "MAX_POINTS", "STRUCTURES", "fidelity_section"]
+__all__ = ["MAX_LAYER_PARAMS", "MAX_POINTS", "fidelity_section"]
 
-STRUCTURES: tuple[str, ...] = ("diag", "kfac", "kfoc")
 MAX_POINTS = 2000
 MAX_LAYER_PARAMS = 20_000
 QUICK_POINTS = 256

@@ -36,9 +36,9 @@ from torch.utils.data import DataLoader
 from bayes_kfoc import Laplace
 from datasets import Splits
 from evaluation.baselines.temperature import TemperatureScaled
+from evaluation.structures import STRUCTURES
 
 __all__ = [
-    "LAPLACE_STRUCTURES",
     "METHODS",
     "FittedMethod",
     "MethodSpec",
@@ -49,8 +49,6 @@ __all__ = [
     "method_names",
 ]
 
-LAPLACE_STRUCTURES: tuple[str, ...] = ("diag", "kfac", "kfoc")
-"""Curvature structures of :class:`bayes_kfoc.Laplace` in the study (``full`` is too large)."""
 
 PEER = "laplace-torch"
 LL_SUFFIX = "-ll"
@@ -218,7 +216,7 @@ def _build_registry() -> dict[str, MethodSpec]:
         ),
     }
     words = {"all": "all weights", "last_layer": "last layer"}
-    for s in LAPLACE_STRUCTURES:
+    for s in STRUCTURES:
         for subset in SUBSETS:
             name = s + (LL_SUFFIX if subset == "last_layer" else "")
             reg[name] = MethodSpec(
@@ -243,7 +241,7 @@ def _build_registry() -> dict[str, MethodSpec]:
 METHODS: dict[str, MethodSpec] = _build_registry()
 """Every method name → its :class:`MethodSpec`, in report order."""
 
-BASE_NAMES: tuple[str, ...] = ("map", "temp", *LAPLACE_STRUCTURES, PEER)
+BASE_NAMES: tuple[str, ...] = ("map", "temp", *STRUCTURES, PEER)
 """Names that may be given without a subset suffix."""
 
 
@@ -277,7 +275,7 @@ def expand_methods(requested: Iterable[str], subsets: Sequence[str] = SUBSETS) -
     for r in requested:
         if r in ("map", "temp") or (r.endswith(LL_SUFFIX) and r in METHODS):
             wanted.add(r)
-        elif r in (*LAPLACE_STRUCTURES, PEER):
+        elif r in (*STRUCTURES, PEER):
             wanted.update(r + (LL_SUFFIX if s == "last_layer" else "") for s in subsets)
         else:
             raise ValueError(
