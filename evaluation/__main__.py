@@ -174,9 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--fidelity-points",
         type=int,
-        default=1000,
+        default=2000,
         metavar="N",
-        help="training points per Fisher-fidelity subset (default 1000; all if fewer)",
+        help="training points per Fisher-fidelity subset (default 2000; all, once, if fewer)",
     )
     g.add_argument(
         "--fidelity-draws",

@@ -119,7 +119,7 @@ class StudyConfig:
     skip: tuple[str, ...] = ()
     shift_points: int | None = None
     ood_points: int | None = None
-    fidelity_points: int = 1000
+    fidelity_points: int = 2000
     fidelity_draws: int = 3
     expanded: tuple[str, ...] = field(default=(), init=False)
     data_digest: str = field(default="", init=False)

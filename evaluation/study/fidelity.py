@@ -51,7 +51,7 @@ def fidelity_section(
     model: nn.Module,
     splits: Splits,
     *,
-    points: int = 1000,
+    points: int = 2000,
     draws: int = 3,
     seed: int = 0,
     step: Callable[[str], None] | None = None,

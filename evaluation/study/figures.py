@@ -181,7 +181,7 @@ def shift_figure(results: dict[str, Any], path: Path) -> None:
             )
             ax.set_xlabel("rotation angle (degrees)")
             ax.set_ylabel(label)
-            ax.set_xticks(results["angles"][:: max(1, len(results["angles"]) // 7)])
+            ax.set_xticks(results["angles"][:: max(1, math.ceil(len(results["angles"]) / 7))])
         if axes[0].get_legend() is not None:  # outside the panels: it never covers a curve
             sns.move_legend(
                 axes[0], "upper center", bbox_to_anchor=(1.75, -0.2), ncol=8, fontsize=7, title=None
