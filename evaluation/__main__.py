@@ -13,6 +13,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from evaluation.study.config import DEFAULT_TAU_RANGE, StudyConfig, default_threads
+
 __all__ = ["build_parser", "main"]
 
 _EPILOG = """\
@@ -32,6 +34,37 @@ def _csv(text: str) -> tuple[str, ...]:
     return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
+def _tau_range(text: str) -> tuple[float, float, int]:
+    parts = _csv(text)
+    try:
+        lo, hi = float(parts[0]), float(parts[1])
+        n = int(parts[2]) if len(parts) > 2 else DEFAULT_TAU_RANGE[2]
+        if len(parts) > 3:
+            raise ValueError
+    except (ValueError, IndexError):
+        raise argparse.ArgumentTypeError(
+            f"expected LOWEST,HIGHEST[,POINTS] such as 1e-2,1e5,29; got {text!r}"
+        ) from None
+    return lo, hi, n
+
+
+def _angles(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(a) for a in _csv(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integer degrees such as 0,30,60,90; got {text!r}"
+        ) from None
+
+
+def _epilog() -> str:
+    from datasets import available_datasets, available_ood
+
+    names = ", ".join(available_datasets())
+    ood = ", ".join(available_ood())
+    return _EPILOG + f"\ndata sets: {names}\nOOD sets:  {ood}\n"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``evaluation`` argument parser (one subcommand: ``study``)."""
     parser = argparse.ArgumentParser(
@@ -43,10 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the calibration study (MAP, temperature scaling, Laplace) and write a report",
         description="Train (or load) MAP networks per seed, fit each method, evaluate in "
         "distribution, under rotation shift and on OOD sets, and write a report.",
-        epilog=_EPILOG,
+        epilog=_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--dataset", default="digits", help="in-distribution data set (default: digits)")
+    p.add_argument(
+        "--dataset",
+        default="digits",
+        help="in-distribution data set (default: digits; the list is below)",
+    )
     p.add_argument("--model", default="mlp", help="mlp or cnn (default: mlp)")
     p.add_argument(
         "--methods",
@@ -65,7 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--epochs", type=int, default=None, help="MAP epochs (default 100; 3 with --quick)"
     )
     p.add_argument(
-        "--ood", type=_csv, default=None, help="comma-separated OOD sets (default: per data set)"
+        "--ood",
+        type=_csv,
+        default=None,
+        help="comma-separated OOD sets (default: per data set; the list is below)",
     )
     p.add_argument(
         "--out",
@@ -82,7 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true", help="neither read nor write MAP checkpoints")
     p.add_argument("--data-dir", type=Path, default=None, help="directory of local data files")
     p.add_argument(
-        "--overwrite", action="store_true", help="replace an --out holding a different study"
+        "--overwrite",
+        action="store_true",
+        help="write into an --out holding a different study or other files (only files this "
+        "tool wrote are ever replaced or removed)",
     )
     p.add_argument(
         "--quick", action="store_true", help="tiny configuration for tests and smoke runs"
@@ -90,8 +133,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--threads",
         type=int,
-        default=1,
-        help="torch threads (default 1: fastest for these small nets)",
+        default=None,
+        help=f"torch threads (default: the cores available, {default_threads()} here)",
+    )
+    g = p.add_argument_group("parts of the study and their size")
+    g.add_argument(
+        "--tau-range",
+        type=_tau_range,
+        default=DEFAULT_TAU_RANGE,
+        metavar="LO,HI[,N]",
+        help="prior-precision grid for the Laplace methods: N log-spaced values from LO to HI "
+        "(default: 1e-2,1e5,29), refined around the best",
+    )
+    g.add_argument(
+        "--angles",
+        type=_angles,
+        default=None,
+        help="rotation angles in degrees (default: 0,15,...,180; every 45 with --quick)",
+    )
+    for part, what in (
+        ("shift", "the rotation shift"),
+        ("ood", "OOD detection"),
+        ("fidelity", "the Fisher-fidelity check"),
+    ):
+        g.add_argument(f"--no-{part}", action="store_true", help=f"skip {what}")
+    g.add_argument(
+        "--shift-points",
+        type=int,
+        default=None,
+        metavar="N",
+        help="evaluate the rotation shift on a seeded subset of N test points (default: all)",
+    )
+    g.add_argument(
+        "--ood-points",
+        type=int,
+        default=None,
+        metavar="N",
+        help="use seeded subsets of N points of each OOD set and of the test split (default: all)",
+    )
+    g.add_argument(
+        "--fidelity-points",
+        type=int,
+        default=2000,
+        metavar="N",
+        help="training points per Fisher-fidelity subset (default 2000; all, once, if fewer)",
+    )
+    g.add_argument(
+        "--fidelity-draws",
+        type=int,
+        default=3,
+        metavar="K",
+        help="random subsets for the fidelity error bar (default 3)",
     )
     p.add_argument(
         "--mi-samples", type=int, default=30, help="predictive samples for mutual information"
@@ -109,7 +201,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and run; bad input exits with status 2 and a one-line error."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    from evaluation.study.config import StudyConfig
     from evaluation.study.errors import StudyError, StudyRunError
     from evaluation.study.runner import run_study
 
@@ -130,13 +221,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         data_dir=args.data_dir,
         overwrite=args.overwrite,
         quick=args.quick,
-        threads=args.threads,
+        threads=args.threads if args.threads is not None else default_threads(),
         mi_samples=args.mi_samples,
         use_cache=not args.no_cache,
         progress=not args.no_progress,
         lr=args.lr,
         weight_decay=args.weight_decay,
         batch_size=args.batch_size,
+        tau_range=args.tau_range,
+        angles=args.angles,
+        skip=tuple(part for part in ("shift", "ood", "fidelity") if getattr(args, f"no_{part}")),
+        shift_points=args.shift_points,
+        ood_points=args.ood_points,
+        fidelity_points=args.fidelity_points,
+        fidelity_draws=args.fidelity_draws,
     )
     try:
         report = run_study(config)

@@ -145,6 +145,42 @@ def test_help_works(capsys: pytest.CaptureFixture[str]) -> None:
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "--dataset" in out and "--overwrite" in out
+    for name in ("digits04", "breast_cancer", "cifar10", "natural_patches", "digits59"):
+        assert name in out  # data sets and OOD sets are listed
+    for option in ("--tau-range", "--angles", "--no-shift", "--ood-points", "--fidelity-points"):
+        assert option in out
+
+
+def test_tau_range_and_angles_reach_the_study(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], no_training: None
+) -> None:
+    code, err = run_cli(["--tau-range", "10,1", "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "--tau-range" in err
+    cfg = StudyConfig(tau_range=(1e-1, 1e3, 5), angles=(0, 90))
+    assert validate_config(cfg).tau_grid == pytest.approx([0.1, 1.0, 10.0, 100.0, 1000.0])
+    assert cfg.fingerprint() != StudyConfig().fingerprint()
+
+
+def test_shared_glm_pass_equals_the_librarys_predict_and_samples() -> None:
+    """One GLM pass per chunk gives what la.predict and la.predictive_samples give separately."""
+    from bayes_kfoc import Laplace
+    from datasets import load_dataset
+    from evaluation.study.evaluate import predictive
+    from evaluation.study.methods import fit_method
+
+    splits = load_dataset("digits", seed=0)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.Tanh(), torch.nn.Linear(16, 10))
+    fitted = fit_method("kfac", model, splits)
+    assert fitted.glm is not None
+    la = fitted.predict.__self__  # the Laplace object behind the method
+    assert isinstance(la, Laplace)
+    x = splits.test.tensors[0]
+    probs, samples = predictive(fitted, x, 5, seed=3)
+    assert torch.allclose(probs, la.predict(x), atol=1e-6)
+    gen = torch.Generator().manual_seed(3)
+    assert samples is not None
+    assert torch.allclose(samples, la.predictive_samples(x, 5, generator=gen), atol=1e-6)
 
 
 def test_expanded_methods_and_fingerprint() -> None:
@@ -290,19 +326,100 @@ def test_check_finite_names_the_path() -> None:
 # -- atomic output and the checkpoint cache --------------------------------------------------------
 
 
+STAMP = {"format": "bayes-kfoc-study", "fingerprint": "f", "config": {}}
+
+
 def test_atomic_output_leaves_no_half_written_report(tmp_path: Path) -> None:
     out = tmp_path / "report"
-    with atomic_output(out) as tmp:
+    with atomic_output(out, STAMP) as tmp:
         (tmp / "results.json").write_text("{}")
     assert (out / "results.json").read_text() == "{}"
-    with pytest.raises(RuntimeError, match="crash"), atomic_output(out) as tmp:
+    assert json.loads((out / "study.json").read_text())["files"] == ["results.json", "study.json"]
+    with pytest.raises(RuntimeError, match="crash"), atomic_output(out, STAMP) as tmp:
         (tmp / "results.json").write_text('{"half": ')
         raise RuntimeError("crash")
     assert (out / "results.json").read_text() == "{}"  # the previous report, intact
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]  # no temporary left
-    with atomic_output(out) as tmp:
+    with atomic_output(out, STAMP) as tmp:
         (tmp / "report.md").write_text("new")
-    assert sorted(p.name for p in out.iterdir()) == ["report.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["report.md", "study.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]
+
+
+def test_replacing_a_report_keeps_the_users_files(tmp_path: Path) -> None:
+    """Only the files the previous report listed are removed; a user's note stays."""
+    out = tmp_path / "report"
+    with atomic_output(out, STAMP) as tmp:
+        (tmp / "figures").mkdir()
+        (tmp / "figures" / "old.png").write_bytes(b"png")
+        (tmp / "report.md").write_text("old")
+    (out / "notes.txt").write_text("mine")
+    (out / "figures" / "annotated.png").write_bytes(b"mine too")
+    with atomic_output(out, STAMP) as tmp:
+        (tmp / "report.md").write_text("new")
+    assert (out / "notes.txt").read_text() == "mine"
+    assert (out / "figures" / "annotated.png").read_bytes() == b"mine too"
+    assert not (out / "figures" / "old.png").exists()
+    assert (out / "report.md").read_text() == "new"
+    # a user's file under a report file's name is never replaced
+    (out / "study.json").unlink()
+    with (
+        pytest.raises(StudyError, match=r"report\.md.*did not write"),
+        atomic_output(out, STAMP) as tmp,
+    ):
+        (tmp / "report.md").write_text("newer")
+    assert (out / "report.md").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]
+
+
+def test_out_equal_to_data_dir_with_overwrite_keeps_every_data_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "mnist"
+    _write_idx(data, n_train=120, n_test=20)
+    (data / "README.txt").write_text("where this data came from")
+    before = {p: p.read_bytes() for p in data.rglob("*") if p.is_file()}
+    args = ["--dataset", "mnist", "--data-dir", str(data), "--out", str(data), "--seeds", "1",
+            "--epochs", "1", "--methods", "map", "--quick", "--no-fidelity",
+            "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    code, err = run_cli(args, capsys)
+    assert code == 2 and "--overwrite" in err  # not empty and not a report: refused
+    for _ in range(2):  # the second run replaces the tool's own report
+        code, err = run_cli([*args, "--overwrite"], capsys)
+        assert code == 0, err
+        for path, content in before.items():
+            assert path.read_bytes() == content, path
+        assert (data / "report.md").is_file() and (data / "study.json").is_file()
+
+
+def test_changed_data_means_a_retrained_network_and_a_different_study(tmp_path: Path) -> None:
+    from datasets import load_dataset
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    _write_idx(a)
+    _write_idx(b)
+    labels = b / IDX_NAMES[1]
+    raw = bytearray(labels.read_bytes())
+    raw[8:] = bytes(np.random.default_rng(1).permutation(np.frombuffer(bytes(raw[8:]), np.uint8)))
+    labels.write_bytes(bytes(raw))  # shuffled training labels, same shapes and file names
+    cfgs = []
+    for root in (a, b, a):
+        cfg = validate_config(
+            StudyConfig(dataset="mnist", data_dir=root, seeds=1, epochs=1, out=tmp_path / "o",
+                        cache_dir=tmp_path / "c", progress=False)
+        )  # fmt: skip
+        plan_data(cfg)
+        cfgs.append(cfg)
+    assert cfgs[0].fingerprint() != cfgs[1].fingerprint()
+    assert cfgs[0].fingerprint() == cfgs[2].fingerprint()
+    splits = {root: load_dataset("mnist", seed=0, data_dir=root) for root in (a, b)}
+    assert not get_map_model(cfgs[0], splits[a], 0).cached
+    assert not get_map_model(cfgs[1], splits[b], 0).cached  # other data: trained again
+    assert get_map_model(cfgs[2], splits[a], 0).cached
+    half = load_dataset("mnist", seed=0, data_dir=a)
+    x, y = half.train.tensors
+    half.train.tensors = (x[: len(x) // 2], y[: len(y) // 2])
+    assert not get_map_model(cfgs[0], half, 0).cached  # half the training set: trained again
 
 
 def test_map_checkpoint_cache_round_trip(tmp_path: Path) -> None:
@@ -322,6 +439,33 @@ def test_map_checkpoint_cache_round_trip(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="unusable MAP checkpoint"):
         third = get_map_model(cfg, splits, 0)
     assert not third.cached
+
+
+@pytest.mark.slow
+def test_fisher_fidelity_runs_at_mnist_input_size() -> None:
+    """784 inputs, 7,000 points, a 100,480-parameter layer: estimated on subsets, not skipped."""
+    from torch.utils.data import TensorDataset
+
+    from datasets import Splits
+    from evaluation.models import build_model
+    from evaluation.study.fidelity import fidelity_section
+
+    torch.manual_seed(0)
+    x, y = torch.rand(7000, 784), torch.randint(0, 10, (7000,))
+    ds = TensorDataset(x, y)
+    splits = Splits(ds, ds, ds, num_classes=10, input_shape=(784,), name="synthetic")
+    section, note = fidelity_section(build_model("mlp", (784,), 10), splits, points=200, draws=2)
+    assert note is None and section is not None
+    assert section["n_train"] == 7000 and section["n_points"] == 200 and section["draws"] == 2
+    layers = section["layers"]
+    assert [layer["module"] for layer in layers] == ["0", "2", "4"]
+    assert layers[0]["num_params"] == 784 * 128 + 128
+    assert layers[0]["label"].endswith("Linear 784→128")
+    for layer in layers:
+        errs, sds = layer["errors"], layer["errors_sd"]
+        assert all(0.0 <= errs[s] <= 1.0 + 1e-9 for s in errs)  # each is a projection's error
+        assert errs["kfoc"] <= errs["kfac"] + 1e-6  # K-FOC is the Frobenius-optimal Kronecker
+        assert all(sd >= 0 for sd in sds.values())
 
 
 # -- end to end ------------------------------------------------------------------------------------

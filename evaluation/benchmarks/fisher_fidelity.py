@@ -21,9 +21,8 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 from bayes_kfoc.diagnostics import Fidelity, fisher_fidelity
 from datasets import load_dataset
 from evaluation.models import build_model
+from evaluation.structures import STRUCTURES
 from evaluation.training import train_map
-
-STRUCTURES = ("diag", "kfac", "kfoc")
 
 
 def fidelity_table(

@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.metadata
-import statistics
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -31,6 +29,7 @@ from torch.utils.data import DataLoader
 from bayes_kfoc import Laplace
 from bayes_kfoc.laplace.predictive import logits_at
 from datasets import load_dataset
+from evaluation.benchmarks.timing import median_time
 from evaluation.metrics import accuracy, ece, nll
 from evaluation.models import mlp
 from evaluation.training import train_map
@@ -41,16 +40,6 @@ except ImportError:  # pragma: no cover - depends on the environment
     peer = None
 
 
-def median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
-    fn()  # warm-up
-    times, out = [], None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
-
-
 def mc_floor(la: Laplace, x: torch.Tensor, repeats: int, n: int = 100) -> float:
     """Seconds for ``n`` vmapped forward passes at the MAP plus ``n·P`` standard normal draws.
 
@@ -58,8 +47,8 @@ def mc_floor(la: Laplace, x: torch.Tensor, repeats: int, n: int = 100) -> float:
     the network at ``n`` parameter vectors), whatever its sampler.
     """
     thetas = la.map_vector.unsqueeze(0).expand(n, -1)
-    t_fwd, _ = median_time(lambda: logits_at(la.model, thetas, x), repeats)
-    t_rng, _ = median_time(lambda: torch.randn(n, la.num_params), repeats)
+    t_fwd, _ = median_time(lambda: logits_at(la.model, thetas, x), repeats, warmup=True)
+    t_rng, _ = median_time(lambda: torch.randn(n, la.num_params), repeats, warmup=True)
     return t_fwd + t_rng
 
 
@@ -114,7 +103,7 @@ def main() -> None:
     for subset in ["all", "last_layer"]:
         for structure in ["diag", "kfac", "kfoc"]:
             la = Laplace(model, structure=structure, subset=subset, progress=False)
-            t_fit, _ = median_time(lambda la=la: la.fit(train), 3)
+            t_fit, _ = median_time(lambda la=la: la.fit(train), 3, warmup=True)
             t0 = time.perf_counter()
             la.optimize_prior_precision(val_loader=val)
             t_tune = time.perf_counter() - t0
@@ -185,8 +174,8 @@ def main() -> None:
                 lambda lt=lt: lt(xt, pred_type="nn", link_approx="mc", n_samples=100),
             ),
         ]:
-            t_o, _ = median_time(fo, args.repeats)
-            t_t, _ = median_time(ft, args.repeats)
+            t_o, _ = median_time(fo, args.repeats, warmup=True)
+            t_t, _ = median_time(ft, args.repeats, warmup=True)
             print(
                 f"{ours_key + ' / ' + their_key:<22}{label:<14}{t_o:>9.4f}{t_t:>10.4f}"
                 f"{t_t / t_o:>9.1f}x"

@@ -70,20 +70,17 @@ Timing
 from __future__ import annotations
 
 import argparse
-import gc
 import math
 import os
-import statistics
 import sys
 import time
-from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from bayes_kfoc import fit_curvature
+from evaluation.benchmarks.timing import median_time
 from evaluation.models import mlp
 
 Pair = tuple[Tensor, Tensor]  # (G, A): output factor, input factor (bias last)
@@ -246,17 +243,6 @@ def kron_rel_diff(ours: Pair, theirs: Pair, their_scale: float = 1.0) -> float:
 
 
 # -- timing -----------------------------------------------------------------------------------
-def median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
-    times, out = [], None
-    for _ in range(repeats):
-        out = None
-        gc.collect()
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
-
-
 def peer_cost(in_features: int, width: int, classes: int, batch: int, itemsize: int) -> str:
     """Their per-step flops and largest per-sample-gradient tensor, from the shapes."""
     dims = [(width, in_features + 1), (width, width + 1), (classes, width + 1)]

@@ -34,13 +34,12 @@ achieved GFLOP/s, so the flop model can be checked; GPU estimates stay flop-base
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from dataclasses import dataclass
 
 import torch
 
 from bayes_kfoc.stats import GradientStats, SharedStats, kron_stats
+from evaluation.benchmarks.timing import median_time
 
 
 @dataclass
@@ -132,13 +131,7 @@ def measure(layers: list[Layer], v: int, batch: int) -> None:
         form = "M" if isinstance(st, GradientStats) else "a,d"
         meta = stats_meta(lay, v, batch)
         flops = meta._m_flops() if form == "M" else meta._unfold_flops()
-        st.a_update(G), st.g_update(A)
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            st.a_update(G), st.g_update(A)
-            times.append(time.perf_counter() - t0)
-        s = statistics.median(times)
+        s, _ = median_time(lambda st=st, A=A, G=G: (st.a_update(G), st.g_update(A)), 3, warmup=True)
         print(f"{lay.name:<16}{lay.t:>6}{lay.n:>6}{lay.o:>6}{form:>6}{flops / 1e9:>9.2f}"
               f"{s:>9.3f}{flops / s / 1e9:>9.1f}")  # fmt: skip
 

@@ -1,9 +1,12 @@
 """MAP networks per seed: train, or load a cached ``state_dict`` with ``weights_only=True``.
 
 The cache key holds everything that changes the trained weights: data set, model, seed, epochs,
-and a short hash of the training hyperparameters and the architecture (parameter names and
-shapes). Files are written atomically (temporary file + ``os.replace``); a cached file that does
-not load into the architecture is ignored and retrained, with a warning.
+and a short hash of the training hyperparameters, the architecture (parameter names and shapes)
+and the *content* of the training split (:func:`~evaluation.study.digest.tensor_digest` of its
+inputs and labels), so other data (half the training set, shuffled labels, another copy in
+``--data-dir``) always means a newly trained network. Files are written atomically (temporary
+file + ``os.replace``); a cached file that does not load into the architecture is ignored and
+retrained, with a warning.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from torch import nn
 from datasets import Splits
 from evaluation.models import build_model
 from evaluation.study.config import StudyConfig
+from evaluation.study.digest import tensor_digest
+from evaluation.study.progress import Progress
 from evaluation.training import train_map
 
 __all__ = ["MapModel", "checkpoint_path", "get_map_model"]
@@ -38,9 +43,10 @@ class MapModel:
     path: Path | None
 
 
-def _architecture_hash(model: nn.Module, config: StudyConfig) -> str:
+def _training_hash(model: nn.Module, config: StudyConfig, splits: Splits) -> str:
     spec = {
         "params": [[k, list(v.shape)] for k, v in model.state_dict().items()],
+        "train_data": tensor_digest(splits.train.tensors),
         "lr": config.lr,
         "weight_decay": config.weight_decay,
         "batch_size": config.batch_size,
@@ -48,11 +54,11 @@ def _architecture_hash(model: nn.Module, config: StudyConfig) -> str:
     return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:10]
 
 
-def checkpoint_path(config: StudyConfig, seed: int, model: nn.Module) -> Path:
-    """``<cache>/<dataset>-<model>-seed<s>-ep<epochs>-<hash>.pt``."""
+def checkpoint_path(config: StudyConfig, seed: int, model: nn.Module, splits: Splits) -> Path:
+    """``<cache>/<dataset>-<model>-seed<s>-ep<epochs>-<hash>.pt`` (hash: see the module doc)."""
     name = (
         f"{config.dataset}-{config.model}-seed{seed}-ep{config.epochs}-"
-        f"{_architecture_hash(model, config)}.pt"
+        f"{_training_hash(model, config, splits)}.pt"
     )
     return config.checkpoint_dir / name
 
@@ -74,14 +80,16 @@ def _save_atomic(state: dict[str, torch.Tensor], path: Path) -> None:
             os.unlink(tmp)
 
 
-def get_map_model(config: StudyConfig, splits: Splits, seed: int) -> MapModel:
+def get_map_model(
+    config: StudyConfig, splits: Splits, seed: int, progress: Progress | None = None
+) -> MapModel:
     """The MAP network of ``seed``: loaded from the cache when possible, else trained.
 
     Training: ``torch.manual_seed(seed)`` before building the model, then
     :func:`evaluation.training.train_map` with the config's hyperparameters and ``seed``.
     """
     model = _fresh_model(config, splits, seed)
-    path = checkpoint_path(config, seed, model) if config.use_cache else None
+    path = checkpoint_path(config, seed, model, splits) if config.use_cache else None
     if path is not None and path.is_file():
         start = time.perf_counter()
         try:
@@ -94,6 +102,17 @@ def get_map_model(config: StudyConfig, splits: Splits, seed: int) -> MapModel:
             )
             model = _fresh_model(config, splits, seed)
     start = time.perf_counter()
+    show = progress or Progress(False)
+    every = max(1, config.epochs // 10)
+
+    def on_epoch(epoch: int, epochs: int) -> None:
+        if not show.tty and (epoch % every == 0 or epoch == epochs):
+            show.line(f"seed {seed}: MAP training, epoch {epoch}/{epochs}")
+
+    show.line(
+        f"seed {seed}: training the MAP {config.model} ({config.epochs} epochs, "
+        f"{len(splits.train)} points)"
+    )
     train_map(
         model,
         splits.train,
@@ -102,7 +121,8 @@ def get_map_model(config: StudyConfig, splits: Splits, seed: int) -> MapModel:
         weight_decay=config.weight_decay,
         batch_size=config.batch_size,
         seed=seed,
-        progress=config.progress,
+        progress=show.enabled and show.tty,
+        on_epoch=on_epoch,
     )
     seconds = time.perf_counter() - start
     if path is not None:

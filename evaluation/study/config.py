@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,16 +20,37 @@ from evaluation.study.methods import (
     laplace_torch_available,
 )
 
-__all__ = ["DEFAULT_METHODS", "FILE_DATASETS", "StudyConfig", "validate_config"]
+__all__ = [
+    "DEFAULT_METHODS",
+    "DEFAULT_TAU_RANGE",
+    "FILE_DATASETS",
+    "PARTS",
+    "StudyConfig",
+    "default_threads",
+    "validate_config",
+]
 
 DEFAULT_METHODS: tuple[str, ...] = ("map", "temp", "diag", "kfac", "kfoc")
 FILE_DATASETS: tuple[str, ...] = ("mnist", "fashion_mnist", "kmnist", "cifar10", "svhn")
 """Data sets read from local files (``--data-dir``); everything else is bundled."""
 
+DEFAULT_TAU_RANGE: tuple[float, float, int] = (1e-2, 1e5, 29)
+"""Prior-precision grid: ``(lowest, highest, points)``, log-spaced (the library's default grid)."""
+PARTS: tuple[str, ...] = ("shift", "ood", "fidelity")
+"""Parts of the study that ``--no-<part>`` skips."""
+
 # Fields that do not change the numbers of a study (they are left out of its fingerprint).
 _NOT_FINGERPRINTED = frozenset(
     {"out", "cache_dir", "overwrite", "progress", "threads", "use_cache", "data_dir"}
 )
+
+
+def default_threads() -> int:
+    """The CPU cores this process may use (``--threads`` default)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -49,13 +72,27 @@ class StudyConfig:
         overwrite: Replace an output directory that holds a different study.
         quick: Small configuration for tests: coarse rotation grid, fewer MI samples,
             Fisher fidelity on 256 training points.
-        threads: ``torch.set_num_threads`` for the run.
+        threads: ``torch.set_num_threads`` for the run (default: every core available).
         mi_samples: Predictive samples per input for mutual information.
         use_cache: Read and write MAP checkpoints.
         progress: Show progress bars.
         lr: Adam learning rate.
         weight_decay: Adam weight decay (on the mean loss).
         batch_size: Training batch size.
+        tau_range: Prior-precision grid ``(lowest, highest, points)``, log-spaced, searched on
+            the validation NLL (then refined between the best point's neighbours).
+        angles: Rotation angles in degrees, or ``None`` for ``0, 15, ..., 180`` (every 45° with
+            ``quick``).
+        skip: Parts left out, from :data:`PARTS`.
+        shift_points: Test points evaluated under rotation (a seeded subset), ``None`` for all.
+        ood_points: Points per OOD set (and of the test split as its in-distribution side), a
+            seeded subset, ``None`` for all.
+        fidelity_points: Training points of the Fisher-fidelity estimate (a seeded subset).
+        fidelity_draws: Independent subsets for the fidelity estimate's error bar.
+        expanded: The expanded method names (set by :func:`validate_config`).
+        data_digest: Content hash of the data (every split and OOD set of seed 0, set by
+            :func:`evaluation.study.data.plan_data`); part of the fingerprint, so a study on other
+            data is a different study.
     """
 
     dataset: str = "digits"
@@ -70,14 +107,22 @@ class StudyConfig:
     data_dir: Path | None = None
     overwrite: bool = False
     quick: bool = False
-    threads: int = 1
+    threads: int = field(default_factory=default_threads)
     mi_samples: int = 30
     use_cache: bool = True
     progress: bool = True
     lr: float = 1e-3
     weight_decay: float = 1e-4
     batch_size: int = 64
+    tau_range: tuple[float, float, int] = DEFAULT_TAU_RANGE
+    angles: tuple[int, ...] | None = None
+    skip: tuple[str, ...] = ()
+    shift_points: int | None = None
+    ood_points: int | None = None
+    fidelity_points: int = 2000
+    fidelity_draws: int = 3
     expanded: tuple[str, ...] = field(default=(), init=False)
+    data_digest: str = field(default="", init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))
@@ -92,6 +137,19 @@ class StudyConfig:
         if self.cache_dir is not None:
             return self.cache_dir
         return self.out.resolve().parent / ".cache"
+
+    @property
+    def tau_grid(self) -> list[float]:
+        """The log-spaced prior-precision grid of :attr:`tau_range`."""
+        lo, hi, n = self.tau_range
+        if n == 1:
+            return [float(lo)]
+        step = (math.log10(hi) - math.log10(lo)) / (n - 1)
+        return [10 ** (math.log10(lo) + i * step) for i in range(n)]
+
+    def runs(self, part: str) -> bool:
+        """Whether the part ``part`` (see :data:`PARTS`) is evaluated."""
+        return part not in self.skip
 
     @property
     def seed_list(self) -> list[int]:
@@ -116,7 +174,10 @@ class StudyConfig:
         return out
 
     def fingerprint(self) -> str:
-        """A hash of the fields that determine the study's numbers (not paths or display)."""
+        """A hash of the fields that determine the study's numbers (not paths or display).
+
+        It covers the data's content through :attr:`data_digest` once the data is planned.
+        """
         key = {k: v for k, v in self.to_json().items() if k not in _NOT_FINGERPRINTED}
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -160,6 +221,27 @@ def validate_config(config: StudyConfig) -> StudyConfig:
     ]:
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise StudyError(f"{name} must be an integer >= {low}, got {value!r}")
+    for name, opt, low in [
+        ("--shift-points", config.shift_points, 1),
+        ("--ood-points", config.ood_points, 1),
+        ("--fidelity-points", config.fidelity_points, 2),
+        ("--fidelity-draws", config.fidelity_draws, 1),
+    ]:
+        if opt is not None and (isinstance(opt, bool) or not isinstance(opt, int) or opt < low):
+            raise StudyError(f"{name} must be an integer >= {low}, got {opt!r}")
+    _check_names("part", list(config.skip), PARTS)
+    lo, hi, n = config.tau_range
+    if not (0 < lo <= hi and math.isfinite(hi) and isinstance(n, int) and n >= 1):
+        raise StudyError(
+            f"--tau-range needs 0 < lowest <= highest and an integer number of points >= 1, got "
+            f"{lo!r},{hi!r},{n!r} (e.g. --tau-range 1e-2,1e5,29)"
+        )
+    if config.angles is not None:
+        bad = [a for a in config.angles if isinstance(a, bool) or not isinstance(a, int)]
+        if bad or not config.angles or not all(-360 <= a <= 360 for a in config.angles):
+            raise StudyError(
+                f"--angles needs integers in [-360, 360] degrees, e.g. 0,30,90; got {config.angles}"
+            )
     if not (config.lr > 0 and config.weight_decay >= 0):
         raise StudyError(
             f"need lr > 0 and weight_decay >= 0, got {config.lr}, {config.weight_decay}"

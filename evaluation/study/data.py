@@ -21,6 +21,7 @@ import torch
 
 from datasets import DatasetFileError, Splits, load_dataset, load_ood
 from evaluation.study.config import FILE_DATASETS, StudyConfig
+from evaluation.study.digest import tensor_digest
 from evaluation.study.errors import StudyError
 
 __all__ = ["DataPlan", "SeedData", "default_ood", "plan_data"]
@@ -126,6 +127,9 @@ def _wrap(load: Callable[[], T]) -> T:
 def plan_data(config: StudyConfig) -> DataPlan:
     """Resolve directories and OOD sets, and load seed 0, so that bad input fails first.
 
+    Sets ``config.data_digest`` (the content hash of seed 0's splits and OOD sets, which together
+    hold every file read), so the study's fingerprint covers the data.
+
     Raises:
         StudyError: A file-based set whose files are missing (the message names them), a CNN on
             a tabular data set, or an OOD set that cannot be shaped like the data.
@@ -183,6 +187,10 @@ def plan_data(config: StudyConfig) -> DataPlan:
             if isinstance(err, StudyError):
                 raise
             raise StudyError(f"OOD set {name!r}: {err}") from None
+    digest = tensor_digest(
+        [*splits.train.tensors, *splits.val.tensors, *splits.test.tensors, *ood.values()]
+    )
+    object.__setattr__(config, "data_digest", digest)
     plan = DataPlan(config, dataset_dir, tuple(ood_sets), ood_dirs, image, notes)
     plan._cache[0] = SeedData(0, splits, ood)
     return plan

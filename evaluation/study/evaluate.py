@@ -11,14 +11,22 @@
   (negative mutual information from ``mi_samples`` predictive samples); AUROC, AUPR-in,
   AUPR-out and FPR@95%TPR for each.
 
+Work shared rather than repeated: the rotated test images are made once per seed
+(:func:`rotated_inputs`) for every method; for a GLM-probit Laplace method the linearised
+logits' mean and covariance (the Jacobian pass and the per-block quadratic forms, independent of
+the predictive that follows) are computed once per input chunk and give both the probit
+probabilities and the mutual information's samples, which are otherwise two passes
+(``predict`` and ``predictive_samples``) over the test split and every OOD set.
+
 Any invalid probability (NaN, Inf, rows off the simplex) raises :class:`StudyRunError` naming the
 method, seed and step; nothing is silently reported as NaN.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
@@ -38,6 +46,9 @@ __all__ = [
     "SHIFT_METRICS",
     "MethodEvaluation",
     "evaluate_method",
+    "predictive",
+    "rotated_inputs",
+    "seeded_subset",
 ]
 
 PREDICT_CHUNK = 2048
@@ -100,6 +111,65 @@ def _chunked(fn: Callable[[Tensor], Tensor], x: Tensor, dim: int = 0) -> Tensor:
     return torch.cat([fn(xb).detach() for xb in torch.split(x, PREDICT_CHUNK)], dim=dim)
 
 
+def _probit(mean: Tensor, cov: Tensor) -> Tensor:
+    """``softmax(μ / sqrt(1 + π/8 · diag Σ))``: :meth:`bayes_kfoc.Laplace.predict`'s default."""
+    var = torch.diagonal(cov, dim1=-2, dim2=-1)
+    return torch.softmax(mean / torch.sqrt(1 + math.pi / 8 * var), dim=-1)
+
+
+def _gaussian_samples(mean: Tensor, cov: Tensor, n: int, seed: int) -> Tensor:
+    """``[n, B, C]`` softmax of ``f ~ N(mean, cov)``, drawn as
+    :meth:`bayes_kfoc.Laplace.predictive_samples` does (clamped eigendecomposition, one
+    generator seeded with ``seed``), so the numbers equal that call's."""
+    evals, evecs = torch.linalg.eigh(cov)
+    root = evecs * evals.clamp_min(0).sqrt().unsqueeze(-2)
+    gen = torch.Generator(mean.device).manual_seed(seed)
+    eps = torch.randn(n, *mean.shape, generator=gen, dtype=mean.dtype, device=mean.device)
+    return torch.softmax(mean + torch.einsum("bij,nbj->nbi", root, eps), dim=-1)
+
+
+def predictive(
+    fitted: FittedMethod, x: Tensor, n_samples: int, seed: int
+) -> tuple[Tensor, Tensor | None]:
+    """Probabilities ``[N, C]`` and, for Bayesian methods with ``n_samples > 0``, probability
+    samples ``[n, N, C]`` of ``fitted`` at ``x``, in chunks of :data:`PREDICT_CHUNK` (each chunk's
+    samples from a generator seeded with ``seed``).
+
+    For a method with ``glm`` both come from one GLM pass per chunk.
+    """
+    probs: list[Tensor] = []
+    draws: list[Tensor] = []
+    want = n_samples > 0 and fitted.samples is not None
+    for xb in torch.split(x, PREDICT_CHUNK):
+        if fitted.glm is not None:
+            with torch.no_grad():
+                mean, cov = fitted.glm(xb)
+            probs.append(_probit(mean, cov).detach())
+            if want:
+                draws.append(_gaussian_samples(mean, cov, n_samples, seed).detach())
+            continue
+        probs.append(fitted.predict(xb).detach())
+        if want:
+            assert fitted.samples is not None
+            draws.append(fitted.samples(xb, n_samples, seed).detach())
+    return torch.cat(probs), (torch.cat(draws, dim=1) if want else None)
+
+
+def seeded_subset(n: int, size: int | None, seed: int) -> Tensor | None:
+    """Sorted indices of a seeded random subset of ``size`` out of ``n`` (``None``: all)."""
+    if size is None or size >= n:
+        return None
+    gen = torch.Generator().manual_seed(10_007 + seed)
+    return torch.randperm(n, generator=gen)[:size].sort().values
+
+
+def rotated_inputs(
+    x: Tensor, angles: Sequence[int], image_shape: tuple[int, int, int] | None
+) -> dict[int, Tensor]:
+    """The inputs rotated by each angle (made once per seed, shared by every method)."""
+    return {a: rotate(x, float(a), image_shape=image_shape) for a in angles}
+
+
 def _reliability(probs: Tensor, labels: Tensor) -> dict[str, list[float]]:
     curve = M.reliability_curve(probs, labels)
     counts = curve.counts.astype(np.float64)
@@ -131,6 +201,9 @@ def evaluate_method(
     angles: tuple[int, ...],
     image_shape: tuple[int, int, int] | None,
     mi_samples: int,
+    *,
+    shift: tuple[dict[int, Tensor], Tensor] | None = None,
+    step: Callable[[str], None] | None = None,
 ) -> MethodEvaluation:
     """All numbers of ``fitted`` on one seed's data.
 
@@ -138,43 +211,49 @@ def evaluate_method(
         fitted: The fitted method.
         seed: The seed (for messages and the predictive samples' generator).
         test: Test inputs and labels.
-        ood: OOD inputs by name.
+        ood: OOD inputs by name (empty: no OOD part).
         angles: Rotation angles in degrees; empty skips the shift.
         image_shape: ``(C, H, W)`` for flat image inputs (``rotate`` needs it).
         mi_samples: Predictive samples per input for mutual information.
+        shift: Precomputed ``({angle: rotated inputs}, labels)`` (from :func:`rotated_inputs`,
+            possibly of a subset of the test split); by default the whole test split is rotated
+            here.
+        step: Called with the name of each step before it runs (progress display).
     """
     name = fitted.name
+    note = step or (lambda _: None)
     x, y = test
+    note("test split")
     start = time.perf_counter()
-    probs = _chunked(fitted.predict, x)
+    probs, test_samples = predictive(fitted, x, mi_samples if ood else 0, seed)
     predict_seconds = time.perf_counter() - start
     with _step(name, seed, "in-distribution metrics"):
         ind = {k: fn(probs, y) for k, fn in IN_DISTRIBUTION_METRICS.items()}
         reliability = _reliability(probs, y)
 
-    shift: dict[str, list[float]] = {k: [] for k in SHIFT_METRICS} if angles else {}
+    if angles and shift is None:
+        shift = (rotated_inputs(x, angles, image_shape), y)
+    shift_numbers: dict[str, list[float]] = {k: [] for k in SHIFT_METRICS} if angles else {}
     for angle in angles:
-        xr = rotate(x, float(angle), image_shape=image_shape)
-        pr = _chunked(fitted.predict, xr)
+        assert shift is not None
+        note(f"rotation {angle}°")
+        pr, _ = predictive(fitted, shift[0][angle], 0, seed)
         with _step(name, seed, f"rotation shift at {angle}°"):
             for k, fn in SHIFT_METRICS.items():
-                shift[k].append(fn(pr, y))
+                shift_numbers[k].append(fn(pr, shift[1]))
 
-    def samples(inputs: Tensor) -> Tensor | None:
-        if fitted.samples is None:
-            return None
-        fn = fitted.samples
-        return _chunked(lambda xb: fn(xb, mi_samples, seed), inputs, dim=1)
-
-    with _step(name, seed, "OOD scores of the test split"):
-        scores = {"test": _scores(probs, samples(x))}
+    scores: dict[str, dict[str, np.ndarray]] = {}
     ood_numbers: dict[str, dict[str, dict[str, float]]] = {}
+    if ood:
+        with _step(name, seed, "OOD scores of the test split"):
+            scores["test"] = _scores(probs, test_samples)
     for set_name, x_out in ood.items():
-        p_out = _chunked(fitted.predict, x_out)
+        note(f"OOD {set_name}")
+        p_out, samples_out = predictive(fitted, x_out, mi_samples, seed)
         with _step(name, seed, f"OOD set {set_name!r}"):
-            s_out = _scores(p_out, samples(x_out))
+            s_out = _scores(p_out, samples_out)
             scores[set_name] = s_out
             ood_numbers[set_name] = {
                 score: asdict(M.ood_metrics(scores["test"][score], s_out[score])) for score in s_out
             }
-    return MethodEvaluation(ind, reliability, shift, ood_numbers, predict_seconds, scores)
+    return MethodEvaluation(ind, reliability, shift_numbers, ood_numbers, predict_seconds, scores)

@@ -1,17 +1,24 @@
 """The study's PNG figures (matplotlib's Agg backend, seaborn styling).
 
-- ``reliability.png``: a reliability diagram per method (bins pooled over seeds);
+- ``reliability.png``: a reliability diagram per method (bins pooled over seeds; the title's ECE
+  is the per-seed mean, the number the table reports), with the share of test points per bin
+  below it (so a bin of three points is visibly one);
 - ``shift.png``: NLL, ECE and accuracy against the rotation angle (mean ± sd over seeds);
 - ``ood_<set>.png``: histograms of each OOD score, test split against the OOD set (seed 0);
 - ``roc_<set>.png``: ROC curves per score, one line per method (seed 0; in-distribution is the
   positive class, as in :mod:`evaluation.metrics.ood`);
-- ``fisher_fidelity.png``: per-layer relative Frobenius error of diag / K-FAC / K-FOC.
+- ``fisher_fidelity.png``: per-layer relative Frobenius error of diag / K-FAC / K-FOC (mean and
+  sd over the random subsets), layers named by module and type.
+
+Each method keeps one colour in every figure: a family hue per method (grey MAP, brown
+temperature, blue / orange / green for diag / K-FAC / K-FOC, purple laplace-torch), dark for all
+weights and light for the last layer.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -42,9 +49,21 @@ def _style() -> Iterator[None]:
         yield
 
 
+_FAMILY = {"map": 7, "temp": 5, "diag": 0, "kfac": 1, "kfoc": 2, "laplace-torch": 4}
+
+
 def _palette(methods: Sequence[str]) -> dict[str, Any]:
-    colors = sns.color_palette("tab10", max(len(methods), 1))
-    return dict(zip(methods, colors, strict=False))
+    """A colour per method: its family's hue (tab20: dark = all weights, light = last layer)."""
+    tab20 = sns.color_palette("tab20", 20)
+    out: dict[str, Any] = {}
+    spare = iter(i for i in (3, 6, 8, 9) if i not in _FAMILY.values())
+    for m in methods:
+        base = m.removesuffix("-ll")
+        family = _FAMILY.get(base)
+        if family is None:
+            family = next(spare, 9)
+        out[m] = tab20[2 * family + (1 if m.endswith("-ll") else 0)]
+    return out
 
 
 def _save(fig: Any, path: Path) -> None:
@@ -59,12 +78,15 @@ def _grid(n: int, ncols: int = 4) -> tuple[int, int]:
 
 
 def reliability_figure(results: dict[str, Any], path: Path) -> None:
-    """One reliability diagram per method, bins pooled over seeds."""
+    """One reliability diagram per method, bins pooled over seeds, with per-bin counts below."""
     methods: list[str] = results["methods"]
     rows, cols = _grid(len(methods))
     with _style():
-        fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 3.0 * rows), squeeze=False)
-        for ax, m in zip(axes.flat, methods, strict=False):
+        fig = plt.figure(figsize=(3.1 * cols, 3.9 * rows))
+        outer = fig.add_gridspec(rows, cols, hspace=0.55, wspace=0.3)
+        for k, m in enumerate(methods):
+            inner = outer[k // cols, k % cols].subgridspec(2, 1, height_ratios=(3, 1), hspace=0.08)
+            ax, hx = fig.add_subplot(inner[0]), fig.add_subplot(inner[1])
             rel = [s["methods"][m]["reliability"] for s in results["seeds"]]
             edges = np.asarray(rel[0]["bin_edges"])
             counts = np.sum([r["counts"] for r in rel], axis=0)
@@ -91,17 +113,28 @@ def reliability_figure(results: dict[str, Any], path: Path) -> None:
                 label="gap to confidence",
             )
             ax.plot([0, 1], [0, 1], "k--", lw=0.8)
-            ece = np.sum(np.abs(corr - conf)) / counts.sum()
-            ax.set_title(f"{m}  (pooled ECE {ece:.3f})")
-            ax.set_xlim(0, 1)
-            ax.set_ylim(0, 1)
-            ax.set_xlabel("confidence")
-            ax.set_ylabel("accuracy")
-        for ax in list(axes.flat)[len(methods) :]:
-            ax.set_visible(False)
-        axes.flat[0].legend(loc="upper left")
-        fig.suptitle(f"Reliability diagrams, {_title(results)}")
-        _save(fig, path)
+            ece = float(
+                np.mean([s["methods"][m]["in_distribution"]["ece"] for s in results["seeds"]])
+            )
+            ax.set_title(f"{m}  (ECE {ece:.3f})")
+            ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy")
+            ax.tick_params(labelbottom=False)
+            share = counts / max(counts.sum(), 1)
+            hx.bar(centers, share, width, color="0.45", edgecolor="k", lw=0.3)
+            for c, n, h in zip(centers, counts, share, strict=True):
+                if 0 < n < 20:  # a bin this small cannot be read as a rate
+                    hx.annotate(f"{int(n)}", (c, h), ha="center", va="bottom", fontsize=6)
+            hx.set(xlim=(0, 1), ylim=(0, 1.15), xlabel="confidence", ylabel="share")
+            hx.set_yticks([0, 0.5, 1])
+            if k == 0:
+                ax.legend(loc="upper left", fontsize=7, frameon=True)
+        fig.suptitle(
+            f"Reliability diagrams, {_title(results)}: bins pooled over seeds; ECE = mean over "
+            "seeds (as in the table); below: share of test points per bin (counts < 20 printed)",
+            fontsize=9,
+        )
+        fig.savefig(path, dpi=DPI, bbox_inches="tight")
+        plt.close(fig)
 
 
 def _title(results: dict[str, Any]) -> str:
@@ -148,11 +181,14 @@ def shift_figure(results: dict[str, Any], path: Path) -> None:
             )
             ax.set_xlabel("rotation angle (degrees)")
             ax.set_ylabel(label)
-            ax.set_xticks(results["angles"][:: max(1, len(results["angles"]) // 7)])
-        if axes[0].get_legend() is not None:
-            sns.move_legend(axes[0], "upper left", fontsize=7, title=None)
-        fig.suptitle(f"Rotation shift, {_title(results)}")
-        _save(fig, path)
+            ax.set_xticks(results["angles"][:: max(1, math.ceil(len(results["angles"]) / 7))])
+        if axes[0].get_legend() is not None:  # outside the panels: it never covers a curve
+            sns.move_legend(
+                axes[0], "upper center", bbox_to_anchor=(1.75, -0.2), ncol=8, fontsize=7, title=None
+            )
+        fig.suptitle(f"Rotation shift, {_title(results)} (mean ± sd over seeds)")
+        fig.savefig(path, dpi=DPI, bbox_inches="tight")
+        plt.close(fig)
 
 
 def _score_names(
@@ -191,12 +227,18 @@ def ood_histogram_figure(
                 auroc = results["seeds"][0]["methods"][m]["ood"][ood_set][sc]["auroc"]
                 ax.set_title(f"{m}: AUROC {auroc:.3f}", fontsize=8)
                 ax.set_yscale("log")
-                ax.set_yticks([], minor=True)
-                ax.set_yticks([])
+                ax.tick_params(axis="y", labelsize=6)
+                if j == 0:
+                    ax.set_ylabel("density (log)", fontsize=7)
                 if i == rows - 1:
                     ax.set_xlabel(SCORE_LABELS[sc])
-        axes[0, 0].legend(fontsize=7)
-        fig.suptitle(f"OOD scores (larger = more in-distribution; log density), {ood_set}, seed 0")
+        handles, labels = axes[0, 0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="upper right", fontsize=7, ncol=2)
+        fig.suptitle(
+            f"OOD scores (larger = more in-distribution), test split vs {ood_set}, seed 0",
+            x=0.02,
+            ha="left",
+        )
         _save(fig, path)
 
 
@@ -233,29 +275,46 @@ def roc_figure(
 
 
 def fidelity_figure(section: dict[str, Any], path: Path, title: str) -> None:
-    """Grouped bars: per layer, the relative Frobenius error of each structure."""
-    records = [
-        {"layer": f"{layer['module']}\n({layer['num_params']} params)", "structure": s, "error": e}
-        for layer in section["layers"]
-        for s, e in layer["errors"].items()
-    ]
-    df = pd.DataFrame.from_records(records)
+    """Grouped bars: per layer (module name and type), each structure's relative Frobenius error,
+    mean ± sd over the random subsets."""
+    layers = section["layers"]
+    structures = list(layers[0]["errors"])
+    colors = {"diag": "C0", "kfac": "C1", "kfoc": "C2"}
+    width = 0.8 / len(structures)
     with _style():
-        fig, ax = plt.subplots(figsize=(1.9 * len(section["layers"]) + 2.5, 3.6))
-        sns.barplot(df, x="layer", y="error", hue="structure", ax=ax)
-        for c in ax.containers:
-            ax.bar_label(c, fmt="%.2f", fontsize=7)  # type: ignore[arg-type]
-        ax.set_ylim(0, 1.1)
-        ax.set_ylabel("‖F − K‖_F / ‖F‖_F")
-        ax.set_xlabel("layer")
-        ax.set_title(f"Fisher fidelity vs the exact block, {title}")
-        _save(fig, path)
+        fig, ax = plt.subplots(figsize=(2.2 * len(layers) + 2.5, 3.8))
+        xs = np.arange(len(layers))
+        for k, st in enumerate(structures):
+            means = [layer["errors"][st] for layer in layers]
+            sds = [layer.get("errors_sd", {}).get(st, 0.0) for layer in layers]
+            bars = ax.bar(
+                xs + (k - (len(structures) - 1) / 2) * width,
+                means,
+                width,
+                yerr=sds,
+                capsize=2,
+                color=colors.get(st, f"C{k + 3}"),
+                label=st,
+            )
+            ax.bar_label(bars, fmt="%.3f", fontsize=6, padding=2)
+        ax.set_xticks(xs)
+        ax.set_xticklabels(
+            [f"{la.get('label', la['module'])}\n({la['num_params']:,} params)" for la in layers],
+            fontsize=7,
+        )
+        ax.set_ylim(0, 1.15)
+        ax.set_ylabel("‖F − K‖_F / ‖F‖_F  (↓)")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7)
+        ax.set_title(f"Fisher fidelity vs the exact block, {title}", fontsize=9)
+        fig.savefig(path, dpi=DPI, bbox_inches="tight")
+        plt.close(fig)
 
 
 def write_figures(
     results: dict[str, Any],
     scores: dict[str, dict[str, dict[str, np.ndarray]]],
     directory: Path,
+    step: Callable[[str], None] | None = None,
 ) -> list[str]:
     """Write every figure into ``directory / "figures"``; return their paths relative to it.
 
@@ -263,12 +322,15 @@ def write_figures(
         results: The results dict (as in results.json).
         scores: Seed-0 raw OOD scores ``{method: {"test" | ood_set: {score: array}}}``.
         directory: The report directory.
+        step: Called with each figure's name before it is drawn (progress).
     """
     fig_dir = directory / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
     written: list[str] = []
 
     def out(name: str) -> Path:
+        if step is not None:
+            step(f"figure {name}")
         written.append(f"figures/{name}")
         return fig_dir / name
 
@@ -283,6 +345,7 @@ def write_figures(
         fidelity_figure(
             fid,
             out("fisher_fidelity.png"),
-            f"{_title(results).split(' (')[0]}, seed 0, {fid['n_points']} points",
+            f"{_title(results).split(' (')[0]}, seed 0, {fid.get('draws', 1)} subset(s) of "
+            f"{fid['n_points']} of {fid.get('n_train', fid['n_points'])} training points",
         )
     return written

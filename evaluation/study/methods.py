@@ -23,6 +23,7 @@ alone asks for the last layer only.
 from __future__ import annotations
 
 import importlib.util
+import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -36,10 +37,11 @@ from torch.utils.data import DataLoader
 from bayes_kfoc import Laplace
 from datasets import Splits
 from evaluation.baselines.temperature import TemperatureScaled
+from evaluation.structures import STRUCTURES
 
 __all__ = [
-    "LAPLACE_STRUCTURES",
     "METHODS",
+    "FitOptions",
     "FittedMethod",
     "MethodSpec",
     "StudyWarning",
@@ -49,8 +51,6 @@ __all__ = [
     "method_names",
 ]
 
-LAPLACE_STRUCTURES: tuple[str, ...] = ("diag", "kfac", "kfoc")
-"""Curvature structures of :class:`bayes_kfoc.Laplace` in the study (``full`` is too large)."""
 
 PEER = "laplace-torch"
 LL_SUFFIX = "-ll"
@@ -81,6 +81,11 @@ class FittedMethod:
         predict: ``x -> probs [B, C]``.
         samples: ``(x, n, seed) -> [n, B, C]`` for Bayesian methods, ``None`` for point
             predictors (no mutual information).
+        glm: ``x -> (mean [B, C], cov [B, C, C])`` of the linearised logits, for GLM-probit
+            Laplace methods: ``predict`` is its probit and ``samples`` its Gaussian draws, so the
+            evaluation computes it once per input and derives both (``None`` otherwise).
+        convergence: K-FOC's solver record per block (``Curvature.convergence()``: iterations,
+            residual, σ₁, converged, ...), JSON-ready; ``None`` for other methods.
         fit_seconds: Wall time of fitting (curvature / nothing).
         tune_seconds: Wall time of hyperparameter tuning (prior precision / temperature).
         hyperparameters: Chosen values (``prior_precision``, ``temperature``, ...), finite floats
@@ -90,12 +95,26 @@ class FittedMethod:
     name: str
     predict: Callable[[Tensor], Tensor]
     samples: SampleFn | None
+    glm: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None
+    convergence: dict[str, dict[str, float | int | bool | str]] | None = None
     fit_seconds: float = 0.0
     tune_seconds: float = 0.0
     hyperparameters: dict[str, float | list[float]] = field(default_factory=dict)
 
 
-FitFn = Callable[[nn.Module, Splits], FittedMethod]
+@dataclass(frozen=True)
+class FitOptions:
+    """Settings every method may read.
+
+    Attributes:
+        tau_grid: Prior-precision values searched on the validation NLL (Laplace methods);
+            ``None`` for the library's default grid.
+    """
+
+    tau_grid: tuple[float, ...] | None = None
+
+
+FitFn = Callable[[nn.Module, Splits, FitOptions], FittedMethod]
 
 
 @dataclass(frozen=True)
@@ -105,7 +124,7 @@ class MethodSpec:
     Attributes:
         name: Registry name.
         description: One line for the report.
-        fit: ``(model, splits) -> FittedMethod``.
+        fit: ``(model, splits, options) -> FittedMethod``.
         bayesian: Whether the method has predictive samples (mutual information).
         optional: Whether it depends on a package that may be absent (laplace-torch).
     """
@@ -121,7 +140,7 @@ def _loader(data: torch.utils.data.Dataset, batch_size: int = FIT_BATCH_SIZE) ->
     return DataLoader(data, batch_size=batch_size, shuffle=False)
 
 
-def _fit_map(model: nn.Module, splits: Splits) -> FittedMethod:
+def _fit_map(model: nn.Module, splits: Splits, options: FitOptions) -> FittedMethod:
     @torch.no_grad()
     def predict(x: Tensor) -> Tensor:
         return torch.softmax(model(x), dim=-1)
@@ -129,7 +148,7 @@ def _fit_map(model: nn.Module, splits: Splits) -> FittedMethod:
     return FittedMethod("map", predict, None)
 
 
-def _fit_temperature(model: nn.Module, splits: Splits) -> FittedMethod:
+def _fit_temperature(model: nn.Module, splits: Splits, options: FitOptions) -> FittedMethod:
     x_val, y_val = splits.val.tensors
     start = time.perf_counter()
     scaled = TemperatureScaled.fit(model, x_val, y_val)
@@ -151,15 +170,35 @@ def _fit_temperature(model: nn.Module, splits: Splits) -> FittedMethod:
     )
 
 
+def _plain(value: object) -> float | int | bool | str:
+    if isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, Tensor) and value.numel() == 1:
+        return _plain(value.item())
+    return str(value)
+
+
+def _convergence(la: Laplace) -> dict[str, dict[str, float | int | bool | str]] | None:
+    """K-FOC's per-block solver record, JSON-ready (``None`` when there is none)."""
+    if la.curvature is None:
+        return None
+    record = la.curvature.convergence()
+    if not record:
+        return None
+    return {block: {k: _plain(v) for k, v in info.items()} for block, info in record.items()}
+
+
 def _laplace_fit(structure: str, subset: str) -> FitFn:
     name = structure + (LL_SUFFIX if subset == "last_layer" else "")
 
-    def fit(model: nn.Module, splits: Splits) -> FittedMethod:
+    def fit(model: nn.Module, splits: Splits, options: FitOptions) -> FittedMethod:
         start = time.perf_counter()
         la = Laplace(model, structure=structure, subset=subset, progress=False)
         la.fit(_loader(splits.train))
         fitted = time.perf_counter()
-        la.optimize_prior_precision(val_loader=_loader(splits.val))
+        la.optimize_prior_precision(val_loader=_loader(splits.val), grid=options.tau_grid)
         tuned = time.perf_counter()
         tau = [float(t) for t in la.prior_precision.flatten()]
         grid = la.tuning.grid if la.tuning is not None else []
@@ -180,6 +219,8 @@ def _laplace_fit(structure: str, subset: str) -> FitFn:
             name,
             la.predict,
             samples,
+            glm=la.glm_distribution,
+            convergence=_convergence(la),
             fit_seconds=fitted - start,
             tune_seconds=tuned - fitted,
             hyperparameters={
@@ -193,7 +234,7 @@ def _laplace_fit(structure: str, subset: str) -> FitFn:
 
 
 def _peer_fit(subset: str) -> FitFn:
-    def fit(model: nn.Module, splits: Splits) -> FittedMethod:
+    def fit(model: nn.Module, splits: Splits, options: FitOptions) -> FittedMethod:
         from evaluation.study.laplace_torch import fit_laplace_torch
 
         name = PEER + (LL_SUFFIX if subset == "last_layer" else "")
@@ -218,7 +259,7 @@ def _build_registry() -> dict[str, MethodSpec]:
         ),
     }
     words = {"all": "all weights", "last_layer": "last layer"}
-    for s in LAPLACE_STRUCTURES:
+    for s in STRUCTURES:
         for subset in SUBSETS:
             name = s + (LL_SUFFIX if subset == "last_layer" else "")
             reg[name] = MethodSpec(
@@ -243,7 +284,7 @@ def _build_registry() -> dict[str, MethodSpec]:
 METHODS: dict[str, MethodSpec] = _build_registry()
 """Every method name → its :class:`MethodSpec`, in report order."""
 
-BASE_NAMES: tuple[str, ...] = ("map", "temp", *LAPLACE_STRUCTURES, PEER)
+BASE_NAMES: tuple[str, ...] = ("map", "temp", *STRUCTURES, PEER)
 """Names that may be given without a subset suffix."""
 
 
@@ -277,7 +318,7 @@ def expand_methods(requested: Iterable[str], subsets: Sequence[str] = SUBSETS) -
     for r in requested:
         if r in ("map", "temp") or (r.endswith(LL_SUFFIX) and r in METHODS):
             wanted.add(r)
-        elif r in (*LAPLACE_STRUCTURES, PEER):
+        elif r in (*STRUCTURES, PEER):
             wanted.update(r + (LL_SUFFIX if s == "last_layer" else "") for s in subsets)
         else:
             raise ValueError(
@@ -287,6 +328,8 @@ def expand_methods(requested: Iterable[str], subsets: Sequence[str] = SUBSETS) -
     return tuple(n for n in METHODS if n in wanted)
 
 
-def fit_method(name: str, model: nn.Module, splits: Splits) -> FittedMethod:
+def fit_method(
+    name: str, model: nn.Module, splits: Splits, options: FitOptions | None = None
+) -> FittedMethod:
     """Fit the method ``name`` on ``model`` (the seed's MAP network) with ``splits``."""
-    return METHODS[name].fit(model, splits)
+    return METHODS[name].fit(model, splits, options or FitOptions())

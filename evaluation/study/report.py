@@ -14,7 +14,7 @@ from typing import Any
 
 from evaluation.study.errors import StudyRunError
 from evaluation.study.figures import SCORE_LABELS
-from evaluation.study.tables import Column, format_mean_std, markdown_table
+from evaluation.study.tables import Column, format_geometric, format_mean_std, markdown_table
 
 __all__ = ["check_finite", "render_report", "write_json"]
 
@@ -177,30 +177,64 @@ def _fidelity_section(results: dict[str, Any]) -> list[str]:
     fid = results.get("fisher_fidelity")
     lines = ["## Fisher fidelity (seed 0)", ""]
     if not fid:
-        return [*lines, "Skipped; see the notes.", ""]
+        return [*lines, "Not computed; see the notes.", ""]
+    draws = fid.get("draws", 1)
+    n_train = fid.get("n_train", fid["n_points"])
     lines += [
         f"Relative Frobenius error ‖F − K‖_F / ‖F‖_F of each structure against the exact "
-        f"(type-2) Fisher block of the seed-0 network over {fid['n_points']} training points, "
-        "float64, matrix-free (`bayes_kfoc.diagnostics.fisher_fidelity`). Lowest per layer in "
-        "bold; the certificate is K-FOC's `sqrt(1 − σ₁²/‖F‖²)`.",
+        f"(type-2) Fisher block of the seed-0 network, float64, matrix-free "
+        f"(`bayes_kfoc.diagnostics.fisher_fidelity`), on {draws} random subset(s) of "
+        f"{fid['n_points']} of the {n_train} training points: mean ± sd over the subsets "
+        "(each structure is fitted to the subset it is compared on). Lowest per layer in bold "
+        "(none on a tie); the certificate is K-FOC's `sqrt(1 − σ₁²/‖F‖²)`.",
         "",
         "| layer | params | diag ↓ | K-FAC ↓ | K-FOC ↓ | K-FOC certificate |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for layer in fid["layers"]:
         errs = layer["errors"]
-        best = min(round(v, 4) for v in errs.values())
-        vals = [
-            f"**{errs[s]:.4f}**" if round(errs[s], 4) == best else f"{errs[s]:.4f}"
-            for s in ("diag", "kfac", "kfoc")
-        ]
+        sds = layer.get("errors_sd", {})
+        shown = {s: round(v, 4) for s, v in errs.items()}
+        best = min(shown.values())
+        unique = list(shown.values()).count(best) == 1
+        vals = []
+        for s in ("diag", "kfac", "kfoc"):
+            text = f"{errs[s]:.4f}" + (f" ± {sds[s]:.4f}" if s in sds and draws > 1 else "")
+            vals.append(f"**{text}**" if unique and shown[s] == best else text)
         cert = layer.get("kfoc_certificate")
         cert_text = f"{cert:.4f}" if cert is not None else "–"
-        lines.append(
-            f"| {layer['module']} | {layer['num_params']} | {' | '.join(vals)} | {cert_text} |"
-        )
+        name = layer.get("label", layer["module"])
+        lines.append(f"| {name} | {layer['num_params']:,} | {' | '.join(vals)} | {cert_text} |")
     lines += ["", "![Per-layer Fisher fidelity](figures/fisher_fidelity.png)", ""]
     return lines
+
+
+def _convergence_section(results: dict[str, Any]) -> list[str]:
+    """K-FOC's solver record per method and block (seed 0; all seeds in results.json)."""
+    rows = []
+    for m in results["methods"]:
+        record = results["seeds"][0]["methods"][m].get("convergence")
+        for block, info in (record or {}).items():
+            rows.append((m, block, info))
+    if not rows:
+        return []
+    keys = sorted({k for _, _, info in rows for k in info})
+    lines = [
+        "## K-FOC convergence (seed 0)",
+        "",
+        "The solver's record per block (`Curvature.convergence()`); every seed is in "
+        "`results.json` under `methods.<name>.convergence`.",
+        "",
+        "| method | block | " + " | ".join(keys) + " |",
+        "| --- | --- | " + " | ".join("---:" for _ in keys) + " |",
+    ]
+    for m, block, info in rows:
+        cells = []
+        for k in keys:
+            v = info.get(k, "–")
+            cells.append(f"{v:.3g}" if isinstance(v, float) else str(v))
+        lines.append(f"| {m} | {block} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def _timing_section(results: dict[str, Any]) -> list[str]:
@@ -218,7 +252,7 @@ def _timing_section(results: dict[str, Any]) -> list[str]:
         "",
         markdown_table(methods, cols, cells),
         "",
-        "| method | hyperparameter | value (mean ± sd over seeds) |",
+        "| method | hyperparameter | value over seeds |",
         "| --- | --- | ---: |",
     ]
     for m in methods:
@@ -226,8 +260,11 @@ def _timing_section(results: dict[str, Any]) -> list[str]:
         for k in ("temperature", "prior_precision"):
             if k in hp:
                 vals = [s["methods"][m]["hyperparameters"][k] for s in seeds]
-                label = "T" if k == "temperature" else "prior precision τ"
-                lines.append(f"| {m} | {label} | {format_mean_std(vals, 3)} |")
+                if k == "temperature":
+                    lines.append(f"| {m} | T (mean ± sd) | {format_mean_std(vals, 3)} |")
+                else:
+                    text = format_geometric(vals, 3)
+                    lines.append(f"| {m} | prior precision τ (geometric mean ×/÷ sd) | {text} |")
     train = [s["map"]["seconds"] for s in seeds]
     cached = sum(bool(s["map"]["cached"]) for s in seeds)
     lines += [
@@ -250,9 +287,9 @@ def render_report(results: dict[str, Any]) -> str:
     lines = [
         f"# Calibration study: {cfg['dataset']}, {cfg['model']}",
         "",
-        f"{n} seed{'s' if n > 1 else ''} (values are mean ± sample sd over seeds; best mean per "
-        "column in **bold**, ↑ higher is better, ↓ lower is better). Every number is in "
-        "`results.json`.",
+        f"{n} seed{'s' if n > 1 else ''} (values are mean ± sample sd over seeds; the best mean "
+        "per column in **bold** when it is unique at the shown precision, ↑ higher is better, "
+        "↓ lower is better). Every number is in `results.json`.",
         "",
         "## Configuration",
         "",
@@ -295,7 +332,10 @@ def render_report(results: dict[str, Any]) -> str:
             methods, IN_DIST_COLUMNS, _cells(results, "in_distribution", IN_DIST_COLUMNS)
         ),
         "",
-        "ECE / MCE: 15 equal-width bins; adaptive ECE: 15 equal-mass bins; NLL in nats.",
+        "ECE / MCE: 15 equal-width bins, per seed, then averaged over seeds (the reliability "
+        "figure pools the bins of all seeds but quotes this same per-seed mean); adaptive ECE: "
+        "15 equal-mass bins; NLL in nats. MCE is the worst bin and is driven by sparse bins: "
+        "see the per-bin counts under each diagram.",
         "",
         "![Reliability diagrams](figures/reliability.png)",
         "",
@@ -309,6 +349,7 @@ def render_report(results: dict[str, Any]) -> str:
     else:
         lines += ["## OOD detection", "", "No OOD sets; see the notes.", ""]
     lines += _fidelity_section(results)
+    lines += _convergence_section(results)
     lines += _timing_section(results)
     lines += ["## Figures", "", *(f"- [{f}]({f})" for f in results["figures"]), ""]
     return "\n".join(lines)

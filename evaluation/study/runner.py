@@ -15,18 +15,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from torch import Tensor
 
 from datasets import rotation_angles
 from evaluation.study.checkpoints import get_map_model
 from evaluation.study.config import StudyConfig, validate_config
 from evaluation.study.data import plan_data
 from evaluation.study.errors import StudyRunError
-from evaluation.study.evaluate import evaluate_method
+from evaluation.study.evaluate import evaluate_method, rotated_inputs, seeded_subset
 from evaluation.study.fidelity import fidelity_section
 from evaluation.study.figures import write_figures
-from evaluation.study.methods import METHODS, fit_method
-from evaluation.study.outdir import STUDY_FILE, atomic_output, check_output_dir, study_stamp
+from evaluation.study.methods import METHODS, FitOptions, fit_method
+from evaluation.study.outdir import atomic_output, check_output_dir, study_stamp
+from evaluation.study.progress import Progress
 from evaluation.study.report import render_report, write_json
 
 __all__ = ["RESULTS_FORMAT", "prepare", "run_study"]
@@ -34,6 +35,7 @@ __all__ = ["RESULTS_FORMAT", "prepare", "run_study"]
 RESULTS_FORMAT = "bayes-kfoc-study-results"
 QUICK_ANGLE_STEP = 45
 QUICK_MI_SAMPLES = 8
+QUICK_FIDELITY_POINTS = 256
 _PACKAGES = (
     "torch",
     "numpy",
@@ -71,15 +73,18 @@ def _versions() -> dict[str, str]:
 def prepare(config: StudyConfig) -> tuple[StudyConfig, Any]:
     """Every check that can fail on bad input, in order, before any training.
 
-    Names (data set, model, methods, OOD sets), the output directory, then the data files
-    (seed 0 is loaded here, so missing or corrupt files fail now).
+    Names (data set, model, methods, OOD sets), then the data files (seed 0 is loaded here, so
+    missing or corrupt files fail now, and its content hash joins the fingerprint), then the
+    output directory (which must be empty, this tool's report of the same study, or
+    ``--overwrite``).
 
     Returns:
         The validated config and the :class:`~evaluation.study.data.DataPlan`.
     """
     config = validate_config(config)
+    plan = plan_data(config)
     check_output_dir(config)
-    return config, plan_data(config)
+    return config, plan
 
 
 def run_study(config: StudyConfig) -> Path:
@@ -97,36 +102,59 @@ def run_study(config: StudyConfig) -> Path:
         torch.set_num_threads(previous_threads)
 
 
+def _angles(config: StudyConfig, image: bool) -> tuple[int, ...]:
+    if not image or not config.runs("shift"):
+        return ()
+    if config.angles is not None:
+        return tuple(config.angles)
+    return rotation_angles(step=QUICK_ANGLE_STEP if config.quick else 15)
+
+
+def _subset(x: Tensor, size: int | None, seed: int) -> Tensor:
+    idx = seeded_subset(len(x), size, seed)
+    return x if idx is None else x[idx]
+
+
 def _run(config: StudyConfig) -> Path:
     started = dt.datetime.now(dt.timezone.utc)
     t0 = time.perf_counter()
+    show = Progress(config.progress)
+    show.line(f"study: checking the configuration and loading {config.dataset} (seed 0)")
     config, plan = prepare(config)
     methods = config.method_list
     mi_samples = min(config.mi_samples, QUICK_MI_SAMPLES) if config.quick else config.mi_samples
-    angles: tuple[int, ...] = ()
-    if plan.image:
-        angles = rotation_angles(step=QUICK_ANGLE_STEP if config.quick else 15)
+    angles = _angles(config, plan.image)
+    options = FitOptions(tau_grid=tuple(config.tau_grid))
     notes = list(plan.notes)
+    if not config.runs("shift") and plan.image:
+        notes.append("Rotation shift skipped (--no-shift).")
+    if not config.runs("ood"):
+        notes.append("OOD detection skipped (--no-ood).")
     seeds_out: list[dict[str, Any]] = []
     scores0: dict[str, dict[str, dict[str, np.ndarray]]] = {}
     model0 = splits0 = None
     warned: dict[str, list[int]] = {}
-    seed_bar = tqdm(config.seed_list, desc="seeds", disable=not config.progress)
-    for seed in seed_bar:
+    for seed in show.bar(config.seed_list, "seeds"):
         data = plan.load(seed)
-        seed_bar.set_postfix_str("MAP")
-        map_model = get_map_model(config, data.splits, seed)
+        map_model = get_map_model(config, data.splits, seed, show)
         if seed == 0:
             model0, splits0 = map_model.model, data.splits
         x_test, y_test = data.splits.test.tensors
+        idx = seeded_subset(len(x_test), config.shift_points, seed)
+        shift_x, shift_y = (x_test, y_test) if idx is None else (x_test[idx], y_test[idx])
+        shift = (rotated_inputs(shift_x, angles, data.splits.image_shape), shift_y)
+        ood = (
+            {k: _subset(v, config.ood_points, seed) for k, v in data.ood.items()}
+            if config.runs("ood")
+            else {}
+        )
         per_method: dict[str, Any] = {}
-        method_bar = tqdm(methods, desc=f"seed {seed}", leave=False, disable=not config.progress)
-        for name in method_bar:
-            method_bar.set_postfix_str(name)
+        for name in show.bar(methods, f"seed {seed}", leave=False):
+            show.step(f"{name}: fitting")
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 try:
-                    fitted = fit_method(name, map_model.model, data.splits)
+                    fitted = fit_method(name, map_model.model, data.splits, options)
                 except ValueError as err:
                     raise StudyRunError(f"method {name!r}, seed {seed}, fitting: {err}") from err
             for w in caught:
@@ -138,10 +166,12 @@ def _run(config: StudyConfig) -> Path:
                 fitted,
                 seed,
                 (x_test, y_test),
-                data.ood,
+                ood,
                 angles,
                 data.splits.image_shape,
                 mi_samples,
+                shift=shift,
+                step=lambda what, name=name: show.step(f"{name}: {what}"),
             )
             per_method[name] = {
                 "fit_seconds": fitted.fit_seconds,
@@ -150,6 +180,8 @@ def _run(config: StudyConfig) -> Path:
                 "hyperparameters": fitted.hyperparameters,
                 **ev.to_json(),
             }
+            if fitted.convergence is not None:
+                per_method[name]["convergence"] = fitted.convergence
             if seed == 0:
                 scores0[name] = ev.scores
         seeds_out.append(
@@ -164,26 +196,42 @@ def _run(config: StudyConfig) -> Path:
                     "n_train": len(data.splits.train),
                     "n_val": len(data.splits.val),
                     "n_test": len(data.splits.test),
+                    "n_shift": len(shift_y) if angles else 0,
                     "num_classes": data.splits.num_classes,
-                    "n_ood": {k: len(v) for k, v in data.ood.items()},
+                    "n_ood": {k: len(v) for k, v in ood.items()},
                 },
                 "methods": per_method,
             }
         )
         acc = per_method[methods[0]]["in_distribution"]["accuracy"]
-        seed_bar.set_postfix_str(f"{methods[0]} acc {acc:.3f}")
+        show.line(f"seed {seed} done: {methods[0]} accuracy {acc:.3f}")
     assert model0 is not None and splits0 is not None
     for text, seen in warned.items():
         notes.append(f"{text} (seed{'s' if len(seen) > 1 else ''} {', '.join(map(str, seen))}).")
+    if config.shift_points is not None and angles:
+        notes.append(f"Rotation shift on a seeded subset of {config.shift_points} test points.")
+    if config.ood_points is not None and config.runs("ood"):
+        notes.append(f"OOD sets subsampled to at most {config.ood_points} points (seeded).")
 
-    fidelity, skip_note = fidelity_section(model0, splits0, quick=config.quick)
-    if skip_note:
-        notes.append(skip_note)
+    fidelity: dict[str, Any] | None = None
+    if config.runs("fidelity"):
+        show.line("Fisher fidelity of the seed-0 network")
+        fidelity, skip_note = fidelity_section(
+            model0,
+            splits0,
+            points=QUICK_FIDELITY_POINTS if config.quick else config.fidelity_points,
+            draws=config.fidelity_draws,
+            step=show.line,
+        )
+        if skip_note:
+            notes.append(skip_note)
+    else:
+        notes.append("Fisher fidelity skipped (--no-fidelity).")
     if config.quick:
         notes.append(
-            f"--quick: rotation every {QUICK_ANGLE_STEP}°, {mi_samples} MI samples"
-            + ("" if skip_note else ", Fisher fidelity on the first 256 training points")
-            + "; a smoke configuration, not a result."
+            f"--quick: rotation every {QUICK_ANGLE_STEP}°, {mi_samples} MI samples, Fisher "
+            f"fidelity on {QUICK_FIDELITY_POINTS} training points; a smoke configuration, not a "
+            "result."
         )
     results: dict[str, Any] = {
         "format": RESULTS_FORMAT,
@@ -203,15 +251,17 @@ def _run(config: StudyConfig) -> Path:
         "ood_sets": list(plan.ood_sets),
         "angles": list(angles),
         "mi_samples": mi_samples,
+        "tau_grid": list(config.tau_grid),
         "notes": notes,
         "seeds": seeds_out,
         "fisher_fidelity": fidelity,
         "figures": [],
         "timings": {},
     }
-    with atomic_output(config.out) as tmp:
+    with atomic_output(config.out, study_stamp(config)) as tmp:
         fig_start = time.perf_counter()
-        results["figures"] = write_figures(results, scores0, tmp)
+        show.line("writing the figures and the report")
+        results["figures"] = write_figures(results, scores0, tmp, step=show.step)
         results["timings"] = {
             "figures_seconds": time.perf_counter() - fig_start,
             "total_seconds": time.perf_counter() - t0,
@@ -219,5 +269,4 @@ def _run(config: StudyConfig) -> Path:
         results["finished_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         write_json(results, tmp / "results.json")
         (tmp / "report.md").write_text(render_report(results))
-        write_json(study_stamp(config), tmp / STUDY_FILE)
     return config.out

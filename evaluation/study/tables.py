@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-__all__ = ["Column", "format_mean_std", "markdown_table", "mean_std"]
+__all__ = ["Column", "format_geometric", "format_mean_std", "markdown_table", "mean_std"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,23 @@ def format_mean_std(values: Sequence[float], digits: int = 3) -> str:
     return f"{m:.{digits}f}" if len(values) == 1 else f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
+def format_geometric(values: Sequence[float], digits: int = 3) -> str:
+    """Geometric mean ``×/÷`` geometric sd, and the median, of positive values.
+
+    For scale parameters (prior precisions spanning decades) the arithmetic mean ± sd is
+    dominated by the largest value (33,580 ± 57,521 for τ ∈ {0.3, 1e3, 1e5}); the geometric
+    mean and the median are not.
+    """
+    if not values or min(values) <= 0:
+        raise ValueError(f"format_geometric: need positive values, got {list(values)}")
+    logs = [math.log(v) for v in values]
+    gm, gsd = mean_std(logs)
+    med = statistics.median(values)
+    if len(values) == 1:
+        return f"{values[0]:.{digits}g}"
+    return f"{math.exp(gm):.{digits}g} ×/÷ {math.exp(gsd):.{digits}g} (median {med:.{digits}g})"
+
+
 def markdown_table(
     rows: Sequence[str],
     columns: Sequence[Column],
@@ -56,7 +74,8 @@ def markdown_table(
 ) -> str:
     """A markdown table; missing cells are ``–``; the best mean per column is bold.
 
-    Ties at the displayed precision are all bold.
+    Only a unique best is bold: when several rows tie at the displayed precision, none is (a
+    tie is not a winner).
 
     Args:
         rows: Row labels (first column).
@@ -70,7 +89,9 @@ def markdown_table(
             continue
         means = [round(mean_std(v)[0], c.digits) for (r, k), v in cells.items() if k == c.key and v]
         if len(means) > 1:
-            best[c.key] = max(means) if c.better == "max" else min(means)
+            top = max(means) if c.better == "max" else min(means)
+            if means.count(top) == 1:
+                best[c.key] = top
     lines = [
         "| " + " | ".join([first, *(c.header for c in columns)]) + " |",
         "| " + " | ".join(["---"] + ["---:"] * len(columns)) + " |",
