@@ -112,7 +112,9 @@ class Link(StrEnum):
 
 
 class TuneMethod(StrEnum):
-    """``marglik``: maximise the Laplace evidence; ``gridsearch``: a validation metric."""
+    """``gridsearch``: a validation metric; ``consistency``: the training-consistency rule (no
+    validation data); ``marglik``: maximise the Laplace evidence."""
 
     MARGLIK = "marglik"
     GRIDSEARCH = "gridsearch"
+    CONSISTENCY = "consistency"

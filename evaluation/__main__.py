@@ -142,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_tau_range,
         default=DEFAULT_TAU_RANGE,
         metavar="LO,HI[,N]",
-        help="prior-precision grid for the Laplace methods: N log-spaced values from LO to HI "
+        help="prior-scale grid for the Laplace methods (τ_b = s·P_b/||θ_b||²): N log-spaced s "
+        "from LO to HI "
         "(default: 1e-2,1e5,29), refined around the best",
     )
     g.add_argument(

@@ -219,22 +219,34 @@ def test_gridsearch_picks_the_best_validation_nll() -> None:
     la = _fit(CASES[0], "kfoc")
     _, x, y = CASES[0].make(seed=9)
     val = DataLoader(TensorDataset(x, y), batch_size=5)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        tau = la.optimize_prior_precision(val_loader=val, grid=[0.01, 1.0, 100.0])
+    tau = la.optimize_prior_precision(
+        val_loader=val, grid=[0.01, 1.0, 100.0], prior="global", temperature=False, one_se=False
+    )
     assert la.tuning is not None and la.tuning.method == "gridsearch"
     scores = la.tuning.scores
-    assert len(scores) == 3 + 7  # the grid, then 7 points between the best one's neighbours
+    assert len(scores) >= 3 + 7  # the grid (expanded at an edge), 7 points around the best
     dense = {t: _dense_probit_nll(la, x, y, t) for t in scores}
     for t, value in scores.items():
         assert value == pytest.approx(dense[t], rel=1e-8)
-    assert float(tau[0]) == min(dense, key=dense.__getitem__)
-    at_edge = float(tau[0]) in (0.01, 100.0)
-    assert at_edge == la.tuning.at_edge
-    assert at_edge == any("edge of the grid" in str(w.message) for w in caught)
-    with pytest.warns(UserWarning, match="edge of the grid"):
-        la.optimize_prior_precision(val_loader=val, grid=[1e6, 1e7, 1e8])
-    assert la.tuning.at_edge and la.gridsearch_scores == la.tuning.scores
+    assert float(tau[0]) == pytest.approx(min(dense, key=dense.__getitem__), rel=1e-12)
+    assert la.temperature == 1.0
+
+
+def test_gridsearch_expands_past_an_edge_and_warns_at_its_limits() -> None:
+    la = _fit(CASES[0], "kfoc")
+    _, x, y = CASES[0].make(seed=9)
+    val = DataLoader(TensorDataset(x, y), batch_size=5)
+    for grid in ([1e6, 1e7, 1e8], [0.01, 1.0, 100.0]):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            la.optimize_prior_precision(val_loader=val, grid=grid, prior="global")
+        assert la.tuning is not None
+        searched = sorted(la.tuning.scores)
+        best = min(la.tuning.scores, key=la.tuning.scores.__getitem__)
+        if best in (searched[0], searched[-1]):  # the search moved past the grid's ends
+            assert searched[0] < grid[0] or searched[-1] > grid[-1]
+        warned = any("end of the searched range" in str(w.message) for w in caught)
+        assert warned == la.tuning.at_edge
 
 
 def test_bad_input_gets_clear_errors() -> None:

@@ -25,14 +25,16 @@ from torch.nn.utils import parameters_to_vector
 
 from ..blocks import CurvatureBlock
 from ..curvature import Curvature, fit_curvature
-from ..options import FisherType, Link, PredMethod, Structure, TuneMethod
+from ..options import FisherType, Link, PredMethod, Structure
 from ..stats import Target, targets_for
 from . import predictive, serialization
 from ._layout import Layout
 from ._posterior import logdet_precision
+from ._recorder import TRAIN_SAMPLE, Recorder
+from .optimize import optimize_prior
 from .predictive import PosteriorView
 from .prior import PriorPrecision, check_prior_precision, prior_precision_vector
-from .tuning import Metric, TuningResult, nll, tune_marglik, tune_on_loader
+from .tuning import Metric, TuningResult
 
 
 class Laplace:
@@ -94,7 +96,9 @@ class Laplace:
             check_prior_precision(torch.as_tensor(prior_precision, dtype=torch.float64))
         self.curvature: Curvature | None = None
         self.tuning: TuningResult | None = None
+        self.temperature = 1.0  # the predictive's logits are divided by it (tuned with τ)
         self._tau: Tensor | None = None
+        self._train_sample: tuple[Tensor, Tensor] | None = None
 
     @property
     def subset(self) -> str | list[str]:
@@ -112,10 +116,15 @@ class Laplace:
         return self.curvature
 
     def fit(self, train_loader: Iterable[Any]) -> Laplace:
-        """Fit the curvature over every batch of ``train_loader`` (``(x, y)`` pairs)."""
+        """Fit the curvature over every batch of ``train_loader`` (``(x, y)`` pairs).
+
+        The first :data:`TRAIN_SAMPLE` points the fit sees are kept (on the CPU) for tuning
+        without validation data (``optimize_prior_precision(method="consistency")``).
+        """
+        recorder = Recorder(train_loader, TRAIN_SAMPLE)
         curv = fit_curvature(
             self.model,
-            train_loader,
+            recorder,
             self.structure,
             self.fisher,
             self.modules,
@@ -123,6 +132,7 @@ class Laplace:
             **self.fit_kwargs,
         )
         self._install(curv)
+        self._train_sample = recorder.sample()
         self.prior_precision = self._prior_init
         return self
 
@@ -134,6 +144,7 @@ class Laplace:
             b.eigenvalues()  # decompose once, up front; raises on a non-PSD factor
         self.curvature = curv
         self.tuning = None
+        self.temperature = 1.0
         self.layout = Layout.build(
             self.model, {k: list(b.param_shapes) for k, b in curv.blocks.items()}, self.device
         )
@@ -218,49 +229,69 @@ class Laplace:
         self,
         method: str | None = None,
         *,
-        per_module: bool = True,
         val_loader: Iterable[Any] | None = None,
+        train_loader: Iterable[Any] | None = None,
+        prior: str = "scaled",
+        temperature: bool = True,
         grid: Sequence[float] | Tensor | None = None,
         metric: Metric | None = None,
+        one_se: bool = True,
+        per_module: bool = True,
         pred_method: str = "glm",
         link: str = "probit",
         n_samples: int = 100,
     ) -> Tensor:
-        """Tune ``τ``, install it, and return it (one value per block); the full outcome is
-        :attr:`tuning` (a :class:`~bayes_kfoc.laplace.tuning.TuningResult`).
+        """Tune the prior (and the predictive temperature), install them, and return ``τ`` (one
+        value per block); the full outcome is :attr:`tuning` (a
+        :class:`~bayes_kfoc.laplace.TuningResult`).
 
-        - ``"marglik"``: maximise :meth:`log_marginal_likelihood` exactly (bisection on its
-          monotone derivative in ``log τ``), per module (``per_module=True``) or one shared τ.
-        - ``"gridsearch"``: one shared τ from ``grid`` (default ``logspace(-2, 5, 29)``, then a
-          7-point refinement between the best point's neighbours) minimising
-          ``metric(probs, labels)`` (default: NLL) of the predictive on ``val_loader``.
-        - ``None`` (default): ``"gridsearch"`` when ``val_loader`` is given, else ``"marglik"``.
+        The prior is ``τ_b = s · P_b / ||θ*_b||²`` (``prior="scaled"``, the default: one scale
+        ``s`` over blocks whose base precision makes the prior's mean squared weight that of the
+        MAP, equivariant to the arbitrary scale of normalised weights) or ``τ_b = s``
+        (``prior="global"``).
+
+        - ``"gridsearch"`` (the default when ``val_loader`` is given): for the GLM probit
+          predictive, ``s`` on a log grid (``grid``, default ``logspace(-2, 5, 29)``, expanded
+          while the best scale is at an end, then refined) jointly with the predictive
+          temperature ``T ≥ 1`` (``temperature=True``; logits divided by ``T``) minimising the
+          validation NLL (or ``metric(probs, labels)``); the one-standard-error rule
+          (``one_se``) then takes the smallest scale within one paired standard error of the
+          best. Contains the MAP and temperature scaling (``s → ∞``) as special cases. Other
+          predictives search ``s`` alone on ``grid`` with ``T = 1``.
+        - ``"consistency"`` (the default without ``val_loader``): the largest posterior whose
+          drop of the training log-likelihood stays as the Laplace approximation predicts, on
+          up to 1,000 training points recorded by :meth:`fit` (or from ``train_loader``);
+          ``T = 1``. See :mod:`bayes_kfoc.laplace.consistency`.
+        - ``"marglik"``: maximise :meth:`log_marginal_likelihood` exactly, per module
+          (``per_module=True``) or one shared τ; ``T = 1``.
 
         .. warning:: Post-hoc marglik on *all* weights of a network trained with weak weight
            decay picks a small τ and a grossly underconfident predictive (on the digits MLP:
-           ECE 0.33 against the MAP's 0.02). The validation grid is the calibrated default.
+           ECE 0.32 against the MAP's 0.02); it is no longer the default.
         """
         self._require_fit("optimize_prior_precision")
-        if method is None:
-            method = "gridsearch" if val_loader is not None else "marglik"
-        m = TuneMethod.parse(method, "Laplace.optimize_prior_precision: method")
-        if m is TuneMethod.MARGLIK:
-            result = tune_marglik(list(self.blocks.values()), self._block_sq_norms(), per_module)
-        else:
-            if val_loader is None:
-                raise ValueError("Laplace.optimize_prior_precision: gridsearch needs val_loader.")
-            pm = PredMethod.parse(pred_method, "Laplace.optimize_prior_precision: pred_method")
-            lk = Link.parse(link, "Laplace.optimize_prior_precision: link")
-            view = self.view()
-            result = tune_on_loader(view, val_loader, grid, metric or nll, pm, lk, n_samples)
+        result = optimize_prior(
+            self.view(),
+            self._block_sq_norms(),
+            self.num_data,
+            self._train_sample,
+            method=method,
+            per_module=per_module,
+            val_loader=val_loader,
+            train_loader=train_loader,
+            prior=prior,
+            temperature=temperature,
+            grid=grid,
+            metric=metric,
+            pred_method=pred_method,
+            link=link,
+            n_samples=n_samples,
+            one_se=one_se,
+        )
         self.prior_precision = result.prior_precision
+        self.temperature = result.temperature
         self.tuning = result
         return self.prior_precision
-
-    @property
-    def gridsearch_scores(self) -> dict[float, float]:
-        """``{τ: metric}`` of the last grid search (an alias of ``tuning.scores``)."""
-        return {} if self.tuning is None else dict(self.tuning.scores)
 
     # -- sampling and prediction ------------------------------------------------------------------
     def view(self, prior_precision: Tensor | None = None) -> PosteriorView:
@@ -277,6 +308,7 @@ class Laplace:
             self._targets,
             self.input_shape,
             self.chunk_size,
+            self.temperature,
         )
 
     def sample(self, n_samples: int = 100, generator: torch.Generator | None = None) -> Tensor:
@@ -326,15 +358,9 @@ class Laplace:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to rebuild the posterior, as tensors and plain Python values."""
         curv = self._require_fit("state_dict")
+        args = (self.likelihood, self.structure, self.fisher, self.modules, self.model, curv)
         return serialization.posterior_state(
-            self.likelihood,
-            self.structure,
-            self.fisher,
-            self.modules,
-            self.model,
-            curv,
-            self.prior_precision,
-            self.map_vector,
+            *args, self.prior_precision, self.map_vector, self.temperature
         )
 
     def load_state_dict(self, state: dict[str, Any], check_weights: bool = True) -> Laplace:
@@ -347,6 +373,7 @@ class Laplace:
         self._install(curv)
         self.map_vector = map_vector.to(self.device, self.map_vector.dtype)
         self.prior_precision = state["prior_precision"]
+        self.temperature = float(state.get("temperature", 1.0))
         return self
 
     def save(self, path: str | Path) -> None:

@@ -50,6 +50,7 @@ class PosteriorView:
         targets: the blocks' modules (for the Jacobian collector).
         input_shape: the shape of one input the posterior was fitted on.
         chunk_size: points per chunk of Jacobians.
+        temperature: ``T``; every predictive divides the logits by it.
     """
 
     model: nn.Module
@@ -60,6 +61,7 @@ class PosteriorView:
     targets: list[Target]
     input_shape: tuple[int, ...]
     chunk_size: int
+    temperature: float = 1.0
 
     def with_tau(self, tau: Tensor) -> PosteriorView:
         return dataclasses.replace(self, tau=tau)
@@ -96,8 +98,8 @@ def jacobians(view: PosteriorView, x: Tensor) -> list[Chunk]:
 
 
 def glm_mean_variance(view: PosteriorView, x: Tensor) -> tuple[Tensor, Tensor]:
-    """Mean and variances ``[B, C]`` of the linearised logits, chunk by chunk: memory
-    ``O(chunk_size · C)`` beyond one chunk's Jacobian statistics (no ``[B, C, C]``)."""
+    """Mean and variances ``[B, C]`` of the linearised logits ``f(x)`` (untempered), chunk by
+    chunk: memory ``O(chunk_size · C)`` beyond one chunk's Jacobian statistics."""
     means, variances = [], []
     for chunk in iter_jacobians(view, x):
         var = total_variance(chunk_variances(chunk, view.blocks), view.tau)
@@ -107,8 +109,11 @@ def glm_mean_variance(view: PosteriorView, x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def glm_distribution(view: PosteriorView, x: Tensor) -> tuple[Tensor, Tensor]:
-    """Mean ``[B, C]`` and covariance ``[B, C, C]`` of the linearised logits at ``x``."""
-    return glm_moments(jacobians(view, x), view.blocks, view.tau)
+    """Mean ``[B, C]`` and covariance ``[B, C, C]`` of the linearised, tempered logits
+    ``f(x) / T`` at ``x`` (memory ``B·C²``)."""
+    mean, cov = glm_moments(jacobians(view, x), view.blocks, view.tau)
+    t = view.temperature
+    return (mean, cov) if t == 1.0 else (mean / t, cov / t**2)
 
 
 def sample(view: PosteriorView, n: int, generator: torch.Generator | None) -> Tensor:
@@ -123,7 +128,8 @@ def sample(view: PosteriorView, n: int, generator: torch.Generator | None) -> Te
 def predictive_samples(
     view: PosteriorView, x: Tensor, method: PredMethod, n: int, generator: torch.Generator | None
 ) -> Tensor:
-    """``[n, B, C]`` probabilities: GLM logit draws, or the network at sampled weights (a
+    """``[n, B, C]`` probabilities of the tempered logits ``f / T``: GLM logit draws, or the
+    network at sampled weights (a
     single-block posterior whose module produces the logits runs the deterministic trunk
     once)."""
     if method is PredMethod.GLM:
@@ -140,8 +146,9 @@ def predictive_samples(
             logits = head_logits(
                 target.module, list(block.param_shapes), shapes, mean + draw.to(mean.dtype), feats
             )
-            return torch.softmax(logits, dim=-1)
-    return torch.softmax(logits_at(view.model, sample(view, n, generator), x), dim=-1)
+            return torch.softmax(logits / view.temperature, dim=-1)
+    logits = logits_at(view.model, sample(view, n, generator), x)
+    return torch.softmax(logits / view.temperature, dim=-1)
 
 
 def predict(
@@ -154,5 +161,5 @@ def predict(
 ) -> Tensor:
     """Predictive class probabilities ``[B, C]`` (GLM probit in closed form, else MC)."""
     if method is PredMethod.GLM and link is Link.PROBIT:
-        return probit(*glm_mean_variance(view, x))
+        return probit(*glm_mean_variance(view, x), view.temperature)
     return predictive_samples(view, x, method, n, generator).mean(0)

@@ -58,3 +58,20 @@ def prior_precision_vector(
                 "scalar, one value per block, or a dict {module: τ}."
             )
     return check_prior_precision(tau, what.rpartition(": ")[2] or "prior_precision")
+
+
+def scaled_prior_base(sq_norms: Tensor, sizes: Tensor) -> Tensor:
+    """``P_b / ||θ*_b||²`` per block: the precision of an isotropic Gaussian whose mean squared
+    weight equals the block's MAP (float64).
+
+    The scaled prior ``τ_b = s · P_b / ||θ*_b||²`` is equivariant to a block's scale: weights
+    that precede a normalisation (BatchNorm, LayerNorm) can be rescaled by ``c`` without changing
+    the network, which scales their Fisher by ``1/c²``, and ``τ_b`` scales the same way, so the
+    posterior's predictive does not depend on that arbitrary scale. A block whose weights are
+    all zero falls back to the whole network's ``P / ||θ*||²``.
+    """
+    sq = sq_norms.double()
+    size = sizes.to(sq)
+    overall = size.sum() / sq.sum().clamp_min(torch.finfo(torch.float64).tiny)
+    base = size / sq.clamp_min(torch.finfo(torch.float64).tiny)
+    return torch.where(sq > 0, base, overall)

@@ -126,6 +126,7 @@ def posterior_state(
     curv: Curvature,
     tau: Tensor,
     map_vector: Tensor,
+    temperature: float = 1.0,
 ) -> dict[str, Any]:
     """The state of a fitted posterior (``Laplace.state_dict``)."""
     return {
@@ -140,6 +141,7 @@ def posterior_state(
         "architecture": [[k, list(s)] for k, s in architecture(model)],
         "blocks": blocks_state(curv.blocks),
         "prior_precision": tau.detach().cpu(),
+        "temperature": float(temperature),
         "map_vector": map_vector.detach().cpu(),
         "num_data": curv.num_data,
         "log_likelihood": curv.info.log_likelihood,

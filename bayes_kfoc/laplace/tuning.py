@@ -9,19 +9,14 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..blocks import CurvatureBlock
-from ..options import Link, PredMethod
-from . import predictive
-from ._glm import chunk_variances, probit, total_variance
 from ._prior import marglik_root
-from .predictive import PosteriorView
 
 Metric = Callable[[Tensor, Tensor], float]
 """``metric(probs [N, C], labels [N]) -> float``, lower is better (e.g. NLL)."""
@@ -37,21 +32,31 @@ class TuningResult:
     """The outcome of :meth:`~bayes_kfoc.Laplace.optimize_prior_precision`.
 
     Attributes:
-        method: ``"marglik"`` or ``"gridsearch"``.
+        method: ``"gridsearch"``, ``"consistency"`` or ``"marglik"``.
         prior_precision: the chosen ``τ``, one value per block (block order), float64.
-        scores: gridsearch only: ``{τ: metric}`` for every ``τ`` scored, sorted by ``τ``.
-        at_edge: gridsearch: the best ``τ`` is an end of the grid; marglik: some block's
-            evidence had no interior maximum (clamped).
+        temperature: the chosen predictive temperature ``T`` (``1`` unless tuned).
+        prior: ``"scaled"`` (``τ_b = s · P_b / ||θ*_b||²``) or ``"global"`` (``τ_b = s``);
+            ``"per-module"`` / ``"shared"`` for the evidence.
+        scale: the chosen ``s`` (``None`` for the evidence).
+        scores: ``{s: metric}`` for every scale scored (gridsearch: the validation metric at
+            that scale's best ``T``; consistency: the ratio ``r(s)``), sorted by ``s``.
+        temperatures: gridsearch: ``{s: T}``, the best temperature at each scale.
+        at_edge: the chosen scale is an end of the searched range (for the validation search:
+            after expanding it), or the evidence had no interior maximum.
     """
 
     method: str
     prior_precision: Tensor
     scores: dict[float, float] = field(default_factory=dict)
     at_edge: bool = False
+    temperature: float = 1.0
+    prior: str = "global"
+    scale: float | None = None
+    temperatures: dict[float, float] = field(default_factory=dict)
 
     @property
     def grid(self) -> list[float]:
-        """Every ``τ`` scored (gridsearch), ascending."""
+        """Every scale ``s`` scored, ascending (``τ`` itself for the global prior)."""
         return sorted(self.scores)
 
 
@@ -78,7 +83,8 @@ def tune_marglik(
             tau = marglik_root([torch.cat(evals)], sq_norms.sum().reshape(1)).expand(len(evals))
     for w in caught:  # re-issue at the user's call site
         warnings.warn(w.message, w.category, stacklevel=3)
-    return TuningResult("marglik", tau.clone(), at_edge=bool(caught))
+    prior = "per-module" if per_module else "shared"
+    return TuningResult("marglik", tau.clone(), at_edge=bool(caught), prior=prior)
 
 
 def tune_gridsearch(
@@ -125,46 +131,3 @@ def tune_gridsearch(
         )
     tau = torch.full((num_blocks,), best_tau, dtype=torch.float64)
     return TuningResult("gridsearch", tau, dict(sorted(scores.items())), at_edge)
-
-
-def tune_on_loader(
-    view: PosteriorView,
-    val_loader: Iterable[Any],
-    grid: Sequence[float] | Tensor | None,
-    metric: Metric,
-    method: PredMethod,
-    link: Link,
-    n_samples: int,
-) -> TuningResult:
-    """:func:`tune_gridsearch` of ``metric`` on the predictive over ``val_loader``.
-
-    For the GLM probit predictive the Jacobians and MAP logits are computed once and every ``τ``
-    reuses them; other predictives are re-run per ``τ`` with a fixed seed.
-    """
-    xs, ys = [], []
-    for batch in val_loader:
-        if not isinstance(batch, list | tuple) or len(batch) != 2:
-            raise TypeError("Laplace: val_loader must yield (x, y) pairs.")
-        xs.append(batch[0])
-        ys.append(batch[1])
-    x, y = torch.cat(xs), torch.cat(ys).to(view.device)
-    glm_probit = method is PredMethod.GLM and link is Link.PROBIT
-    # The τ-independent work, once: squared Jacobian coordinates in each block's eigenbasis.
-    terms = (
-        [(chunk_variances(c, view.blocks), c[1]) for c in predictive.iter_jacobians(view, x)]
-        if glm_probit
-        else None
-    )
-    n = len(view.blocks)
-
-    def score(t: float) -> float:
-        tau = torch.full((n,), t, dtype=torch.float64, device=view.device)
-        if terms is not None:
-            var = torch.cat([total_variance(v, tau) for v, _ in terms])
-            probs = probit(torch.cat([m for _, m in terms]).to(var.dtype), var)
-        else:
-            gen = torch.Generator(view.device).manual_seed(0)
-            probs = predictive.predict(view.with_tau(tau), x, method, link, n_samples, gen)
-        return metric(probs, y)
-
-    return tune_gridsearch(score, grid, n)

@@ -107,8 +107,9 @@ class FitOptions:
     """Settings every method may read.
 
     Attributes:
-        tau_grid: Prior-precision values searched on the validation NLL (Laplace methods);
-            ``None`` for the library's default grid.
+        tau_grid: Prior scales ``s`` searched on the validation NLL (Laplace methods: the
+            scaled prior ``τ_b = s · P_b / ||θ*_b||²``, expanded past the ends when the best
+            scale is there); ``None`` for the library's default grid.
     """
 
     tau_grid: tuple[float, ...] | None = None
@@ -201,12 +202,17 @@ def _laplace_fit(structure: str, subset: str) -> FitFn:
         la.optimize_prior_precision(val_loader=_loader(splits.val), grid=options.tau_grid)
         tuned = time.perf_counter()
         tau = [float(t) for t in la.prior_precision.flatten()]
-        grid = la.tuning.grid if la.tuning is not None else []
-        if grid and tau[0] >= grid[-1]:
+        tuning = la.tuning
+        if (
+            tuning is not None
+            and tuning.at_edge
+            and tuning.grid
+            and tuning.scale == tuning.grid[-1]
+        ):
             warnings.warn(
-                f"the prior precision chosen on the validation NLL is the largest of the default "
-                f"grid (τ = {grid[-1]:g}): the validation split prefers the MAP, and the posterior "
-                "collapses onto it",
+                f"the prior scale chosen on the validation NLL is the largest searched "
+                f"(s = {tuning.scale:g}): the validation split prefers the MAP (with temperature "
+                f"T = {la.temperature:.3g}), and the posterior adds almost no variance",
                 StudyWarning,
                 stacklevel=2,
             )
@@ -224,8 +230,10 @@ def _laplace_fit(structure: str, subset: str) -> FitFn:
             fit_seconds=fitted - start,
             tune_seconds=tuned - fitted,
             hyperparameters={
-                "prior_precision": sum(tau) / len(tau),
+                "prior_precision": math.exp(sum(math.log(t) for t in tau) / len(tau)),
                 "prior_precision_per_block": tau,
+                "prior_scale": float(tuning.scale) if tuning and tuning.scale else float("nan"),
+                "temperature": float(la.temperature),
                 "num_params": float(la.num_params),
             },
         )

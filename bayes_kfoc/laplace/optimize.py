@@ -1,0 +1,155 @@
+"""``Laplace.optimize_prior_precision``'s dispatch: which data, which rule, which prior.
+
+- with validation data (``"gridsearch"``, the default when ``val_loader`` is given): the joint
+  search of the prior scale and the predictive temperature (:mod:`.validation`) for the GLM probit
+  predictive; other predictives search the scale alone (:func:`.tuning.tune_gridsearch`, ``T = 1``);
+- without (``"consistency"``, the default otherwise): the training-consistency rule
+  (:mod:`.consistency`) on the training points recorded by ``fit`` (or ``train_loader``);
+- ``"marglik"``: the evidence maximiser, per module or shared.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..options import Link, PredMethod, TuneMethod
+from . import predictive
+from ._glm import chunk_variances
+from .consistency import consistency
+from .predictive import PosteriorView
+from .prior import scaled_prior_base
+from .tuning import Metric, TuningResult, nll, tune_gridsearch, tune_marglik
+from .validation import ValidationTerms, search
+
+PRIORS = ("scaled", "global")
+
+
+def collect_points(
+    loader: Iterable[Any], what: str, limit: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """Concatenate ``(x, y)`` batches (at most ``limit`` points), with clear errors."""
+    xs, ys, count = [], [], 0
+    for batch in loader:
+        if not isinstance(batch, list | tuple) or len(batch) != 2:
+            raise TypeError(f"Laplace.optimize_prior_precision: {what} must yield (x, y) pairs.")
+        x, y = batch
+        if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+            raise TypeError(f"Laplace.optimize_prior_precision: {what} must yield tensors.")
+        if y.is_floating_point() or y.is_complex() or y.ndim != 1 or len(y) != len(x):
+            raise ValueError(
+                f"Laplace.optimize_prior_precision: {what} labels must be integer class labels of "
+                f"shape [N] matching the inputs; got {y.dtype} {tuple(y.shape)} for inputs "
+                f"{tuple(x.shape)}."
+            )
+        xs.append(x)
+        ys.append(y.long())
+        count += len(x)
+        if limit is not None and count >= limit:
+            break
+    if count == 0:
+        raise ValueError(f"Laplace.optimize_prior_precision: {what} yielded no points.")
+    x_all, y_all = torch.cat(xs), torch.cat(ys)
+    return (x_all, y_all) if limit is None else (x_all[:limit], y_all[:limit])
+
+
+def glm_terms(view: PosteriorView, x: Tensor, y: Tensor, what: str) -> ValidationTerms:
+    """Squared Jacobian coordinates of every block at ``x`` (once), MAP logits and labels."""
+    terms, logits = [], []
+    for chunk in predictive.iter_jacobians(view, x):
+        terms.append(chunk_variances(chunk, view.blocks))
+        logits.append(chunk[1])
+    out = torch.cat(logits).double()
+    y = y.to(out.device)
+    c = out.shape[1]
+    if int(y.min()) < 0 or int(y.max()) >= c:
+        raise ValueError(
+            f"Laplace.optimize_prior_precision: {what} labels must lie in [0, {c}); got values in "
+            f"[{int(y.min())}, {int(y.max())}]."
+        )
+    return ValidationTerms(terms, out, y)
+
+
+def optimize_prior(
+    view: PosteriorView,
+    sq_norms: Tensor,
+    num_data: int,
+    train_sample: tuple[Tensor, Tensor] | None,
+    *,
+    method: str | None,
+    per_module: bool,
+    val_loader: Iterable[Any] | None,
+    train_loader: Iterable[Any] | None,
+    prior: str,
+    temperature: bool,
+    grid: Sequence[float] | Tensor | None,
+    metric: Metric | None,
+    pred_method: str,
+    link: str,
+    n_samples: int,
+    one_se: bool,
+) -> TuningResult:
+    """Choose ``τ`` (and ``T``) as :meth:`~bayes_kfoc.Laplace.optimize_prior_precision` says."""
+    what = "Laplace.optimize_prior_precision"
+    if method is None:
+        method = "gridsearch" if val_loader is not None else "consistency"
+    m = TuneMethod.parse(method, f"{what}: method")
+    if prior not in PRIORS:
+        raise ValueError(f"{what}: prior must be one of {PRIORS}, got {prior!r}.")
+    blocks = list(view.blocks.values())
+    if m is TuneMethod.MARGLIK:
+        return tune_marglik(blocks, sq_norms, per_module)
+    sizes = torch.tensor([b.num_params for b in blocks], dtype=torch.float64)
+    base = (
+        scaled_prior_base(sq_norms.cpu(), sizes)
+        if prior == "scaled"
+        else torch.ones(len(blocks), dtype=torch.float64)
+    )
+    base = base.to(view.device)
+    if m is TuneMethod.CONSISTENCY:
+        if train_loader is not None:
+            train_sample = collect_points(train_loader, "train_loader", limit=1000)
+        if train_sample is None:
+            raise ValueError(
+                f"{what}: the consistency rule needs training points; pass train_loader= (or "
+                "val_loader= to tune on validation data). A loaded posterior keeps none."
+            )
+        terms = glm_terms(view, *train_sample, "train_loader")
+        return consistency(terms, base, blocks, num_data, prior=prior)
+    if val_loader is None:
+        raise ValueError(f"{what}: gridsearch needs val_loader.")
+    x, y = collect_points(val_loader, "val_loader")
+    pm = PredMethod.parse(pred_method, f"{what}: pred_method")
+    lk = Link.parse(link, f"{what}: link")
+    if pm is PredMethod.GLM and lk is Link.PROBIT:
+        terms = glm_terms(view, x, y, "val_loader")
+        return search(
+            terms,
+            base,
+            grid=grid,
+            temperature=temperature,
+            metric=metric,
+            one_se=one_se,
+            prior=prior,
+        )
+    y = y.to(view.device)
+
+    def score(s: float) -> float:
+        tau = s * base
+        gen = torch.Generator(view.device).manual_seed(0)
+        probs = predictive.predict(view.with_tau(tau), x, pm, lk, n_samples, gen)
+        return (metric or nll)(probs, y)
+
+    result = tune_gridsearch(score, grid, len(blocks))
+    scale = float(result.prior_precision[0])
+    return TuningResult(
+        "gridsearch",
+        (scale * base).double(),
+        result.scores,
+        result.at_edge,
+        prior=prior,
+        scale=scale,
+    )
