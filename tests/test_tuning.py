@@ -174,3 +174,18 @@ def test_scaled_prior_makes_the_predictive_invariant_to_normalised_weight_scale(
         la.prior_precision = 3.0 * scaled_prior_base(sq, sizes)
         preds.append(la.predict(x))
     torch.testing.assert_close(preds[0], preds[1], rtol=1e-8, atol=1e-10)
+
+
+def test_collapsing_weight_sampling_warns_once_per_prior() -> None:
+    la = _fit(CASES[0])
+    x = CASES[0].make()[1]
+    la.prior_precision = 1e-6  # a prior so wide that sampled networks lose their fit
+    with pytest.warns(UserWarning, match="weight sampling collapses"):
+        la.predict(x, method="mc", n_samples=8, generator=torch.Generator().manual_seed(1))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same prior again: no second check
+        la.predict(x, method="mc", n_samples=8, generator=torch.Generator().manual_seed(1))
+        la.prior_precision = 1e8  # a tight posterior: sampled networks are the MAP
+        la.predict(x, method="mc", n_samples=8, generator=torch.Generator().manual_seed(1))

@@ -26,3 +26,17 @@ def sample_blocks(
 ) -> list[Tensor]:
     """Per block ``[n, P_b]`` draws from ``N(0, P_b^{-1})``, through each block's eigenbasis."""
     return [b.sample(n, t.to(b.dtype), generator) for b, t in zip(blocks, tau, strict=True)]
+
+
+def log_evidence(
+    blocks: list[CurvatureBlock], tau: Tensor, sq_norms: Tensor, log_likelihood: float
+) -> Tensor:
+    """``log p(D|θ*) − ½Σ τ_b||θ_b||² + ½Σ P_b log τ_b − ½ Σ log det(F_b + τ_b I)``
+    (``docs/math.md``, "Laplace evidence"), differentiable in ``tau`` (one value per block)."""
+    sizes = torch.tensor([b.num_params for b in blocks], dtype=tau.dtype, device=tau.device)
+    return (
+        log_likelihood
+        - 0.5 * (tau * sq_norms.to(tau.device)).sum()
+        + 0.5 * (sizes * tau.log()).sum()
+        - 0.5 * logdet_precision(blocks, tau)
+    )

@@ -7,10 +7,9 @@ precision ``P_b = F_b + τ_b I``: ``F_b`` the **summed** Fisher block of module 
 zero. Parameters outside ``modules`` stay at the MAP. Every power of ``P_b`` (sampling, variances,
 log-determinants) goes through the eigendecomposition of its factors, with exact damping.
 
-A ``Laplace`` holds a :class:`~bayes_kfoc.Curvature` (on the model's device, in ``eig_dtype``) and
-the prior; tuning lives in :mod:`.tuning`, persistence in :mod:`.serialization`.
-
-Vectors returned by :meth:`Laplace.sample` follow ``parameters_to_vector(model.parameters())``.
+A ``Laplace`` holds a :class:`~bayes_kfoc.Curvature` (on the model's device, in ``eig_dtype``), the
+prior and the predictive temperature; tuning is in :mod:`.optimize`, prediction in
+:mod:`.predictive`, persistence in :mod:`.serialization`. Samples follow ``parameters_to_vector``.
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ from ..options import FisherType, Link, PredMethod, Structure
 from ..stats import Target, targets_for
 from . import predictive, serialization
 from ._layout import Layout
-from ._posterior import logdet_precision
+from ._posterior import log_evidence
 from ._recorder import TRAIN_SAMPLE, Recorder
 from .optimize import optimize_prior
 from .predictive import PosteriorView
@@ -45,9 +44,8 @@ class Laplace:
         likelihood: ``"classification"`` (softmax / categorical); the only one supported.
         structure: ``"kfoc"`` (default), ``"kfac"``, ``"diag"`` or ``"full"``.
         fisher: ``"exact"``, ``"mc"`` or ``"empirical"`` (see :func:`fit_curvature`).
-        modules: ``"all"``, ``"last_layer"`` or a list of module names; only these are random
-            (the same argument as :func:`fit_curvature`'s ``modules``). ``subset`` is accepted
-            as its laplace-torch-style alias.
+        modules: ``"all"``, ``"last_layer"`` or module names: only these are random (as in
+            :func:`fit_curvature`); ``subset`` is its laplace-torch-style alias.
         prior_precision: ``τ``; a scalar, one value per module (dict by module name, or a tensor
             in block order).
         eig_dtype: dtype of the posterior's eigendecompositions (e.g. ``torch.float64`` for
@@ -99,6 +97,7 @@ class Laplace:
         self.temperature = 1.0  # the predictive's logits are divided by it (tuned with τ)
         self._tau: Tensor | None = None
         self._train_sample: tuple[Tensor, Tensor] | None = None
+        self._mc_checked: tuple[tuple[float, ...], float] | None = None
 
     @property
     def subset(self) -> str | list[str]:
@@ -214,16 +213,8 @@ class Laplace:
         )
         tau = tau.expand(len(self.blocks)) if tau.numel() == 1 else tau.flatten()
         check_prior_precision(tau.detach())
-        sizes = torch.tensor(
-            [b.num_params for b in self.blocks.values()], dtype=tau.dtype, device=tau.device
-        )
         blocks = list(self.blocks.values())
-        return (
-            self.log_likelihood
-            - 0.5 * (tau * self._block_sq_norms().to(tau.device)).sum()
-            + 0.5 * (sizes * tau.log()).sum()
-            - 0.5 * logdet_precision(blocks, tau)
-        )
+        return log_evidence(blocks, tau, self._block_sq_norms(), self.log_likelihood)
 
     def optimize_prior_precision(
         self,
@@ -331,7 +322,15 @@ class Laplace:
     ) -> Tensor:
         """``[n, B, C]`` probability samples: GLM logit draws, or the network at sampled weights."""
         m = PredMethod.parse(method, "Laplace.predictive_samples: method")
+        self._check_sampling(m)
         return predictive.predictive_samples(self.view(), x, m, n_samples, generator)
+
+    def _check_sampling(self, m: PredMethod) -> None:
+        """Once per prior: warn when weight sampling collapses on the recorded training points."""
+        key = (tuple(self.prior_precision.tolist()), self.temperature)
+        if m is PredMethod.MC and self._train_sample is not None and self._mc_checked != key:
+            self._mc_checked = key
+            predictive.warn_if_sampling_collapses(self.view(), *self._train_sample)
 
     def predict(
         self,
@@ -350,6 +349,7 @@ class Laplace:
         view = self.view()
         m = PredMethod.parse(method, "Laplace.predict: method")
         lk = Link.parse(link, "Laplace.predict: link")
+        self._check_sampling(m)
         return predictive.predict(view, x, m, lk, n_samples, generator)
 
     __call__ = predict

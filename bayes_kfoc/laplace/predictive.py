@@ -163,3 +163,29 @@ def predict(
     if method is PredMethod.GLM and link is Link.PROBIT:
         return probit(*glm_mean_variance(view, x), view.temperature)
     return predictive_samples(view, x, method, n, generator).mean(0)
+
+
+COLLAPSE_DROP = 0.05  # accuracy points the weight-sampling predictive may lose on training data
+COLLAPSE_POINTS, COLLAPSE_SAMPLES = 256, 16
+
+
+def warn_if_sampling_collapses(view: PosteriorView, x: Tensor, y: Tensor) -> None:
+    """Warn when the weight-sampling predictive loses more than :data:`COLLAPSE_DROP` accuracy
+    against the MAP on (up to :data:`COLLAPSE_POINTS`) training points: sampled weights then
+    leave the region where the network still fits its own data, the known failure of weight
+    sampling for all-weights posteriors (the GLM predictive has no such failure)."""
+    x, y = x[:COLLAPSE_POINTS].to(view.device), y[:COLLAPSE_POINTS].to(view.device)
+    with torch.no_grad():
+        map_acc = float((view.model(x).argmax(-1) == y).double().mean())
+    gen = torch.Generator(view.device).manual_seed(0)
+    probs = predictive_samples(view, x, PredMethod.MC, COLLAPSE_SAMPLES, gen).mean(0)
+    mc_acc = float((probs.argmax(-1) == y).double().mean())
+    if mc_acc < map_acc - COLLAPSE_DROP:
+        import warnings
+
+        warnings.warn(
+            f"Laplace: weight sampling collapses at this prior: the sampled networks reach "
+            f"{mc_acc:.1%} accuracy on training points where the MAP reaches {map_acc:.1%}. Use "
+            "the GLM predictive (method='glm', the default), or a larger prior precision.",
+            stacklevel=4,
+        )
