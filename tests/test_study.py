@@ -176,11 +176,16 @@ def test_shared_glm_pass_equals_the_librarys_predict_and_samples() -> None:
     la = fitted.predict.__self__  # the Laplace object behind the method
     assert isinstance(la, Laplace)
     x = splits.test.tensors[0]
-    probs, samples = predictive(fitted, x, 5, seed=3)
+    probs, samples, logits = predictive(fitted, x, 5, seed=3, logits=True)
     assert torch.allclose(probs, la.predict(x), atol=1e-6)
     gen = torch.Generator().manual_seed(3)
     assert samples is not None
     assert torch.allclose(samples, la.predictive_samples(x, 5, generator=gen), atol=1e-6)
+    # the logit scores' logits: the GLM mean, i.e. the MAP logits divided by the temperature
+    assert logits is not None
+    assert torch.allclose(logits, la.glm_distribution(x)[0], atol=1e-6)
+    with torch.no_grad():
+        assert torch.allclose(logits, model(x) / la.temperature, atol=1e-5)
 
 
 def test_expanded_methods_and_fingerprint() -> None:

@@ -39,6 +39,8 @@ SCORE_LABELS = {
     "max_prob": "max probability",
     "entropy": "− predictive entropy",
     "mutual_info": "− mutual information",
+    "energy": "− energy (logsumexp of the logits)",
+    "max_logit": "max logit",
 }
 DPI = 110
 
