@@ -14,6 +14,7 @@ from typing import Any
 
 from evaluation.study.errors import StudyRunError
 from evaluation.study.figures import SCORE_LABELS
+from evaluation.study.sweep_report import sweep_section
 from evaluation.study.tables import Column, format_geometric, format_mean_std, markdown_table
 
 __all__ = ["check_finite", "render_report", "write_json"]
@@ -370,6 +371,7 @@ def render_report(results: dict[str, Any]) -> str:
         lines += _ood_section(results)
     else:
         lines += ["## OOD detection", "", "No OOD sets; see the notes.", ""]
+    lines += sweep_section(results)
     lines += _fidelity_section(results)
     lines += _convergence_section(results)
     lines += _timing_section(results)
