@@ -143,7 +143,7 @@ def sweep_section(results: dict[str, Any]) -> list[str]:
         + " | "
         + " | ".join(f"{SWEEP_METRICS[k][0]}, tuned" for k in metrics)
         + " |",
-        "| --- | ---: | ---: | ---: | " + " ---: |" * (2 * len(metrics)),
+        "| --- | ---: | ---: | ---: |" + " ---: |" * (2 * len(metrics)),
     ]
     for s, c in curves.items():
         ch, tu = c["chosen"], c["tuned"]
