@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from evaluation.study.config import DEFAULT_TAU_RANGE, StudyConfig, default_threads
+from evaluation.study.config import DEFAULT_TAU_RANGE, PARTS, StudyConfig, default_threads
 
 __all__ = ["build_parser", "main"]
 
@@ -156,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("shift", "the rotation shift"),
         ("ood", "OOD detection"),
         ("fidelity", "the Fisher-fidelity check"),
+        ("sweep", "the matched-prior sweep comparing diag / K-FAC / K-FOC (seed 0)"),
     ):
         g.add_argument(f"--no-{part}", action="store_true", help=f"skip {what}")
     g.add_argument(
@@ -231,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         batch_size=args.batch_size,
         tau_range=args.tau_range,
         angles=args.angles,
-        skip=tuple(part for part in ("shift", "ood", "fidelity") if getattr(args, f"no_{part}")),
+        skip=tuple(part for part in PARTS if getattr(args, f"no_{part}")),
         shift_points=args.shift_points,
         ood_points=args.ood_points,
         fidelity_points=args.fidelity_points,

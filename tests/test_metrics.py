@@ -431,6 +431,55 @@ def test_scores_plug_into_ood_metrics() -> None:
     assert M.auroc(-h_in, -h_out) > 0.9
 
 
+def test_logit_scores_closed_forms() -> None:
+    # Equal logits a: E = -log(C e^a) = -(a + log C); max logit = a.
+    logits = np.array([[2.0, 2.0, 2.0, 2.0], [0.0, math.log(3.0), 0.0, 0.0]])
+    np.testing.assert_allclose(M.energy(logits[:1]), [-(2.0 + math.log(4))], atol=1e-12)
+    # Row [0, log 3, 0, 0]: sum of exps = 1 + 3 + 1 + 1 = 6.
+    np.testing.assert_allclose(M.energy(logits[1:]), [-math.log(6.0)], atol=1e-12)
+    np.testing.assert_allclose(M.max_logit(logits), [2.0, math.log(3.0)])
+    # Temperature: E_T(f) = T * E_1(f / T); two classes (0, 2T): -T log(1 + e^2).
+    t = 0.5
+    np.testing.assert_allclose(
+        M.energy(np.array([[0.0, 2 * t]]), temperature=t), [-t * math.log(1 + math.e**2)]
+    )
+    # Huge logits stay finite (stable logsumexp): -E -> max logit as the gap grows.
+    big = np.array([[1000.0, 0.0], [1000.0, 1000.0]])
+    np.testing.assert_allclose(M.energy(big), [-1000.0, -(1000.0 + math.log(2))], atol=1e-9)
+    # Bounds: max f <= -E <= max f + log C.
+    rng = np.random.default_rng(3)
+    f = rng.normal(size=(100, 7)) * 5
+    neg_e = -M.energy(f)
+    assert np.all(neg_e >= M.max_logit(f) - 1e-12)
+    assert np.all(neg_e <= M.max_logit(f) + math.log(7) + 1e-12)
+    out = M.energy(torch.as_tensor(f, dtype=torch.float32))
+    assert isinstance(out, np.ndarray) and out.dtype == np.float64 and out.shape == (100,)
+    # Shifting every logit by c shifts -E and the max logit by c; softmax scores are unchanged.
+    np.testing.assert_allclose(-M.energy(f + 3.0), neg_e + 3.0, atol=1e-10)
+    np.testing.assert_allclose(M.max_logit(f + 3.0), M.max_logit(f) + 3.0)
+
+
+def test_logit_scores_plug_into_ood_metrics() -> None:
+    """One dominant logit in, flat logits out: both logit scores separate them (negated energy)."""
+    rng = np.random.default_rng(5)
+    f_in = rng.normal(size=(200, 5)) * 0.5 + 4.0 * np.eye(5)[rng.integers(0, 5, 200)]
+    f_out = rng.normal(size=(200, 5)) * 0.5
+    assert M.auroc(-M.energy(f_in), -M.energy(f_out)) > 0.9
+    assert M.auroc(M.max_logit(f_in), M.max_logit(f_out)) > 0.9
+
+
+def test_invalid_logits_raise() -> None:
+    with pytest.raises(ValueError, match=r"^energy: .*NaN or Inf"):
+        M.energy(np.array([[0.0, np.inf]]))
+    with pytest.raises(ValueError, match=r"^max_logit: .*\[N, C\]"):
+        M.max_logit(np.zeros(3))
+    with pytest.raises(ValueError, match=r"^max_logit: .*empty"):
+        M.max_logit(np.zeros((0, 3)))
+    for bad in (0.0, -1.0, float("nan"), True):
+        with pytest.raises(ValueError, match=r"^energy: temperature"):
+            M.energy(np.zeros((2, 3)), temperature=bad)
+
+
 # --------------------------------------------------------------------------------------------
 # Input types and return types
 # --------------------------------------------------------------------------------------------

@@ -147,7 +147,8 @@ def test_help_works(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--dataset" in out and "--overwrite" in out
     for name in ("digits04", "breast_cancer", "cifar10", "natural_patches", "digits59"):
         assert name in out  # data sets and OOD sets are listed
-    for option in ("--tau-range", "--angles", "--no-shift", "--ood-points", "--fidelity-points"):
+    for option in ("--tau-range", "--angles", "--no-shift", "--ood-points", "--fidelity-points",
+                   "--no-sweep"):  # fmt: skip
         assert option in out
 
 
@@ -176,11 +177,16 @@ def test_shared_glm_pass_equals_the_librarys_predict_and_samples() -> None:
     la = fitted.predict.__self__  # the Laplace object behind the method
     assert isinstance(la, Laplace)
     x = splits.test.tensors[0]
-    probs, samples = predictive(fitted, x, 5, seed=3)
+    probs, samples, logits = predictive(fitted, x, 5, seed=3, logits=True)
     assert torch.allclose(probs, la.predict(x), atol=1e-6)
     gen = torch.Generator().manual_seed(3)
     assert samples is not None
     assert torch.allclose(samples, la.predictive_samples(x, 5, generator=gen), atol=1e-6)
+    # the logit scores' logits: the GLM mean, i.e. the MAP logits divided by the temperature
+    assert logits is not None
+    assert torch.allclose(logits, la.glm_distribution(x)[0], atol=1e-6)
+    with torch.no_grad():
+        assert torch.allclose(logits, model(x) / la.temperature, atol=1e-5)
 
 
 def test_expanded_methods_and_fingerprint() -> None:
@@ -503,7 +509,7 @@ def _numbers(obj: Any, path: str = "") -> list[tuple[str, float]]:
 def test_smoke_study_writes_a_complete_finite_report(smoke_report: Path) -> None:
     results = json.loads((smoke_report / "results.json").read_text())
     expected_figures = ["figures/reliability.png", "figures/shift.png",
-                        "figures/fisher_fidelity.png"]  # fmt: skip
+                        "figures/fisher_fidelity.png", "figures/prior_sweep.png"]  # fmt: skip
     for o in ("uniform", "gaussian", "natural_patches"):
         expected_figures += [f"figures/ood_{o}.png", f"figures/roc_{o}.png"]
     assert sorted(results["figures"]) == sorted(expected_figures)
@@ -525,13 +531,37 @@ def test_smoke_study_writes_a_complete_finite_report(smoke_report: Path) -> None
         assert len(entry["shift"]["nll"]) == len(results["angles"]) > 1
         has_mi = "mutual_info" in entry["ood"]["uniform"]
         assert has_mi == m.startswith("kfoc")
+        for o in results["ood_sets"]:  # the logit scores: every method, every OOD set
+            assert {"max_prob", "entropy", "energy", "max_logit"} <= set(entry["ood"][o])
     assert seed["methods"]["kfoc"]["hyperparameters"]["prior_precision"] > 0
+    assert seed["methods"]["kfoc"]["hyperparameters"]["prior_scale"] > 0
+    assert seed["methods"]["kfoc"]["hyperparameters"]["temperature"] >= 1.0
+    # the matched-prior sweep: the study's own kfoc posterior (not refitted), 15 scales
+    sweep = results["prior_sweep"]
+    assert list(sweep["structures"]) == ["kfoc"] and sweep["ood_set"] == "uniform"
+    curve = sweep["structures"]["kfoc"]
+    assert not curve["refit"] and len(curve["nll"]) == len(sweep["scales"]) == 15
+    assert curve["chosen"]["scale"] == seed["methods"]["kfoc"]["hyperparameters"]["prior_scale"]
+    kfoc = seed["methods"]["kfoc"]  # the tuned predictive: the numbers of the tables
+    assert curve["tuned"]["nll"] == pytest.approx(kfoc["in_distribution"]["nll"], rel=1e-6)
+    assert curve["tuned"]["ece"] == pytest.approx(kfoc["in_distribution"]["ece"], abs=1e-6)
+    assert curve["tuned"]["auroc"] == pytest.approx(
+        kfoc["ood"]["uniform"]["entropy"]["auroc"], abs=1e-6
+    )
+    mapped = seed["methods"]["map"]
+    assert sweep["map"]["nll"] == pytest.approx(mapped["in_distribution"]["nll"], rel=1e-6)
+    assert sweep["map"]["auroc"] == pytest.approx(mapped["ood"]["uniform"]["entropy"]["auroc"])
+    assert curve["nll"][-1] == pytest.approx(sweep["map"]["nll"], rel=0.05)  # s → ∞: the MAP
     assert seed["methods"]["temp"]["hyperparameters"]["temperature"] > 0
     assert results["fisher_fidelity"]["layers"]
     report = (smoke_report / "report.md").read_text()
     for m in results["methods"]:
         assert f"| {m} |" in report
     assert "**" in report and "nan" not in report.lower()
+    for text in ("#### energy", "#### max-logit", "Does curvature quality matter?",
+                 "nothing to compare", "figures/prior_sweep.png", "| kfoc | T (mean ± sd) |",
+                 "| kfoc | prior scale s", "| temp | T (mean ± sd) |"):  # fmt: skip
+        assert text in report, text
     assert not [p for p in smoke_report.parent.iterdir() if p.name.startswith(".")]
 
 

@@ -1,7 +1,7 @@
 """Evaluation metrics: classification, calibration and OOD detection.
 
-All metrics are pure functions of ``(probs, labels)`` or of score vectors; they accept torch
-tensors or NumPy arrays, return Python floats (or small dataclasses), and raise
+All metrics are pure functions of ``(probs, labels)``, of logits or of score vectors; they
+accept torch tensors or NumPy arrays, return Python floats (or small dataclasses), and raise
 :class:`ValueError` naming the metric on invalid input (NaN/Inf, wrong shapes, rows of ``probs``
 not summing to one, labels out of range, empty or mismatched inputs).
 """
@@ -21,8 +21,10 @@ from evaluation.metrics.ood import (
     aupr_in,
     aupr_out,
     auroc,
+    energy,
     fpr_at_95_tpr,
     fpr_at_tpr,
+    max_logit,
     max_probability,
     mutual_information,
     ood_metrics,
@@ -43,8 +45,10 @@ __all__ = [
     "auroc",
     "brier_score",
     "ece",
+    "energy",
     "fpr_at_95_tpr",
     "fpr_at_tpr",
+    "max_logit",
     "max_probability",
     "mce",
     "mutual_information",

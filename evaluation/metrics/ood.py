@@ -2,9 +2,13 @@
 
 Score convention: the detection metrics take one score per sample for the in-distribution set
 (``scores_in``) and the OOD set (``scores_out``) where **larger scores mean "more
-in-distribution"** (e.g. :func:`max_probability`). Uncertainty scores such as
-:func:`predictive_entropy` or :func:`mutual_information` are larger for OOD inputs, so pass
-their negation (``-predictive_entropy(p)``).
+in-distribution"** (e.g. :func:`max_probability`, :func:`max_logit`). Uncertainty scores such as
+:func:`predictive_entropy`, :func:`mutual_information` or :func:`energy` are larger for OOD
+inputs, so pass their negation (``-predictive_entropy(p)``, ``-energy(logits)``).
+
+Probability scores take ``[N, C]`` probabilities (or ``[S, N, C]`` samples); logit scores
+(:func:`energy`, :func:`max_logit`) take ``[N, C]`` logits, which are unconstrained but must be
+finite.
 
 Positive class: AUROC, AUPR-in and FPR@95%TPR treat the **in-distribution** samples as positives
 (TPR = fraction of in-distribution samples accepted, FPR = fraction of OOD samples accepted at a
@@ -18,6 +22,7 @@ metric.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -322,3 +327,54 @@ def mutual_information(sample_probs: ArrayLike) -> np.ndarray:
     p = as_sample_probs(sample_probs, "mutual_information")
     mi = _entropy(p.mean(axis=0)) - _entropy(p).mean(axis=0)
     return np.maximum(mi, 0.0)
+
+
+def _logits(logits: ArrayLike, name: str) -> np.ndarray:
+    f = as_float_array(logits, name, "logits")
+    if f.ndim != 2 or f.shape[1] < 1:
+        raise ValueError(f"{name}: logits must have shape [N, C] with C >= 1, got {f.shape}")
+    return f
+
+
+def energy(logits: ArrayLike, temperature: float = 1.0) -> np.ndarray:
+    r"""Free energy of the logits (Liu et al., 2020), larger = more OOD.
+
+    .. math::
+        E_i = -T \log \sum_c \exp(f_{ic} / T)
+
+    computed stably (``logsumexp`` with the row maximum taken out). :math:`-E` is a smooth
+    version of :func:`max_logit`: :math:`\max_c f_{ic} \le -E_i \le \max_c f_{ic} + T \log C`.
+
+    Args:
+        logits: Logits ``[N, C]`` (finite).
+        temperature: :math:`T > 0` of the energy (the study uses ``1``; a predictive's own
+            temperature belongs in the logits passed here, e.g. ``f / T_pred``).
+
+    Returns:
+        Energies, shape ``[N]``, ``float64``. Negate before passing to the detection metrics.
+
+    Raises:
+        ValueError: On non-finite or non-``[N, C]`` logits, or ``temperature <= 0``.
+    """
+    t = temperature
+    if isinstance(t, bool) or not isinstance(t, int | float) or not (math.isfinite(t) and t > 0):
+        raise ValueError(f"energy: temperature must be a finite number > 0, got {temperature!r}")
+    z = _logits(logits, "energy") / temperature
+    top = z.max(axis=1)
+    lse = top + np.log(np.exp(z - top[:, None]).sum(axis=1))
+    return -temperature * lse
+
+
+def max_logit(logits: ArrayLike) -> np.ndarray:
+    r"""Maximum logit :math:`\max_c f_{ic}` (Hendrycks et al., 2022), larger = more in-distribution.
+
+    Args:
+        logits: Logits ``[N, C]`` (finite).
+
+    Returns:
+        Scores, shape ``[N]``, ``float64``. Use directly as ``scores_in``/``scores_out``.
+
+    Raises:
+        ValueError: On non-finite or non-``[N, C]`` logits.
+    """
+    return _logits(logits, "max_logit").max(axis=1)

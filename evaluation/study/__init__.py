@@ -11,6 +11,8 @@ atomically. One concept per module:
 - :mod:`~evaluation.study.methods`: the method registry (name → fitted predictor);
 - :mod:`~evaluation.study.evaluate`: in-distribution, shift and OOD metrics;
 - :mod:`~evaluation.study.fidelity`: per-layer Fisher fidelity of the seed-0 model;
+- :mod:`~evaluation.study.sweep` / :mod:`~evaluation.study.sweep_report`: diag, K-FAC and K-FOC
+  at matched priors (seed 0), its report section and figure;
 - :mod:`~evaluation.study.tables` / :mod:`~evaluation.study.report`: ``report.md`` and
   ``results.json``; :mod:`~evaluation.study.outdir`: atomic output directories;
 - :mod:`~evaluation.study.figures`: the PNG figures;

@@ -36,7 +36,7 @@ FILE_DATASETS: tuple[str, ...] = ("mnist", "fashion_mnist", "kmnist", "cifar10",
 
 DEFAULT_TAU_RANGE: tuple[float, float, int] = (1e-2, 1e5, 29)
 """Prior-precision grid: ``(lowest, highest, points)``, log-spaced (the library's default grid)."""
-PARTS: tuple[str, ...] = ("shift", "ood", "fidelity")
+PARTS: tuple[str, ...] = ("shift", "ood", "fidelity", "sweep")
 """Parts of the study that ``--no-<part>`` skips."""
 
 # Fields that do not change the numbers of a study (they are left out of its fingerprint).

@@ -7,9 +7,16 @@
   :func:`datasets.rotation_angles`; accuracy, NLL, Brier and ECE per angle.
 - **OOD**: the test split is in distribution, each OOD set out; scores follow the metrics'
   convention *larger = more in-distribution*: ``max_prob`` (max predicted probability),
-  ``entropy`` (negative predictive entropy) and, for Bayesian methods, ``mutual_info``
-  (negative mutual information from ``mi_samples`` predictive samples); AUROC, AUPR-in,
-  AUPR-out and FPR@95%TPR for each.
+  ``entropy`` (negative predictive entropy), for Bayesian methods ``mutual_info`` (negative
+  mutual information from ``mi_samples`` predictive samples), and from the method's logits
+  ``energy`` (negative free energy, ``logsumexp f``, i.e. energy temperature 1) and
+  ``max_logit`` (``max_c f_c``); AUROC, AUPR-in, AUPR-out and FPR@95%TPR for each.
+
+  Logits of the logit scores: the network's for ``map``, divided by the fitted ``T`` for
+  ``temp``, and for a GLM Laplace method the *mean* of its tempered linearised logits
+  (``glm_distribution(x)[0]``), which is the MAP's logits divided by the method's temperature:
+  these two scores therefore do not see the posterior's variance (max-logit ranks the inputs
+  exactly as the MAP's max-logit does), only its temperature.
 
 Work shared rather than repeated: the rotated test images are made once per seed
 (:func:`rotated_inputs`) for every method; for a GLM-probit Laplace method the linearised
@@ -46,6 +53,7 @@ __all__ = [
     "SHIFT_METRICS",
     "MethodEvaluation",
     "evaluate_method",
+    "ood_scores",
     "predictive",
     "rotated_inputs",
     "seeded_subset",
@@ -67,7 +75,7 @@ SHIFT_METRICS: dict[str, Callable[[Tensor, Tensor], float]] = {
     "brier": M.brier_score,
     "ece": M.ece,
 }
-OOD_SCORES: tuple[str, ...] = ("max_prob", "entropy", "mutual_info")
+OOD_SCORES: tuple[str, ...] = ("max_prob", "entropy", "mutual_info", "energy", "max_logit")
 OOD_METRICS: tuple[str, ...] = ("auroc", "aupr_in", "aupr_out", "fpr95")
 
 
@@ -129,17 +137,21 @@ def _gaussian_samples(mean: Tensor, cov: Tensor, n: int, seed: int) -> Tensor:
 
 
 def predictive(
-    fitted: FittedMethod, x: Tensor, n_samples: int, seed: int
-) -> tuple[Tensor, Tensor | None]:
-    """Probabilities ``[N, C]`` and, for Bayesian methods with ``n_samples > 0``, probability
-    samples ``[n, N, C]`` of ``fitted`` at ``x``, in chunks of :data:`PREDICT_CHUNK` (each chunk's
+    fitted: FittedMethod, x: Tensor, n_samples: int, seed: int, *, logits: bool = False
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Probabilities ``[N, C]``, for Bayesian methods with ``n_samples > 0`` probability samples
+    ``[n, N, C]``, and with ``logits`` the logits ``[N, C]`` of the logit scores (``None`` where
+    the method has none) of ``fitted`` at ``x``, in chunks of :data:`PREDICT_CHUNK` (each chunk's
     samples from a generator seeded with ``seed``).
 
-    For a method with ``glm`` both come from one GLM pass per chunk.
+    For a method with ``glm`` all three come from one GLM pass per chunk (the logits are its
+    mean).
     """
     probs: list[Tensor] = []
     draws: list[Tensor] = []
+    means: list[Tensor] = []
     want = n_samples > 0 and fitted.samples is not None
+    want_logits = logits and (fitted.glm is not None or fitted.logits is not None)
     for xb in torch.split(x, PREDICT_CHUNK):
         if fitted.glm is not None:
             with torch.no_grad():
@@ -147,12 +159,21 @@ def predictive(
             probs.append(_probit(mean, cov).detach())
             if want:
                 draws.append(_gaussian_samples(mean, cov, n_samples, seed).detach())
+            if want_logits:
+                means.append(mean.detach())
             continue
         probs.append(fitted.predict(xb).detach())
         if want:
             assert fitted.samples is not None
             draws.append(fitted.samples(xb, n_samples, seed).detach())
-    return torch.cat(probs), (torch.cat(draws, dim=1) if want else None)
+        if want_logits:
+            assert fitted.logits is not None
+            means.append(fitted.logits(xb).detach())
+    return (
+        torch.cat(probs),
+        torch.cat(draws, dim=1) if want else None,
+        torch.cat(means) if want_logits else None,
+    )
 
 
 def seeded_subset(n: int, size: int | None, seed: int) -> Tensor | None:
@@ -183,13 +204,21 @@ def _reliability(probs: Tensor, labels: Tensor) -> dict[str, list[float]]:
     }
 
 
-def _scores(probs: Tensor, samples: Tensor | None) -> dict[str, np.ndarray]:
+def ood_scores(
+    probs: Tensor, samples: Tensor | None, logits: Tensor | None
+) -> dict[str, np.ndarray]:
+    """Every OOD score (larger = more in-distribution) the inputs allow, in
+    :data:`OOD_SCORES` order: ``mutual_info`` needs ``samples``, ``energy`` and ``max_logit``
+    need ``logits``."""
     out = {
         "max_prob": M.max_probability(probs),
         "entropy": -M.predictive_entropy(probs),
     }
     if samples is not None:
         out["mutual_info"] = -M.mutual_information(samples)
+    if logits is not None:
+        out["energy"] = -M.energy(logits)
+        out["max_logit"] = M.max_logit(logits)
     return out
 
 
@@ -225,7 +254,9 @@ def evaluate_method(
     x, y = test
     note("test split")
     start = time.perf_counter()
-    probs, test_samples = predictive(fitted, x, mi_samples if ood else 0, seed)
+    probs, test_samples, test_logits = predictive(
+        fitted, x, mi_samples if ood else 0, seed, logits=bool(ood)
+    )
     predict_seconds = time.perf_counter() - start
     with _step(name, seed, "in-distribution metrics"):
         ind = {k: fn(probs, y) for k, fn in IN_DISTRIBUTION_METRICS.items()}
@@ -237,7 +268,7 @@ def evaluate_method(
     for angle in angles:
         assert shift is not None
         note(f"rotation {angle}°")
-        pr, _ = predictive(fitted, shift[0][angle], 0, seed)
+        pr, _, _ = predictive(fitted, shift[0][angle], 0, seed)
         with _step(name, seed, f"rotation shift at {angle}°"):
             for k, fn in SHIFT_METRICS.items():
                 shift_numbers[k].append(fn(pr, shift[1]))
@@ -246,12 +277,12 @@ def evaluate_method(
     ood_numbers: dict[str, dict[str, dict[str, float]]] = {}
     if ood:
         with _step(name, seed, "OOD scores of the test split"):
-            scores["test"] = _scores(probs, test_samples)
+            scores["test"] = ood_scores(probs, test_samples, test_logits)
     for set_name, x_out in ood.items():
         note(f"OOD {set_name}")
-        p_out, samples_out = predictive(fitted, x_out, mi_samples, seed)
+        p_out, samples_out, logits_out = predictive(fitted, x_out, mi_samples, seed, logits=True)
         with _step(name, seed, f"OOD set {set_name!r}"):
-            s_out = _scores(p_out, samples_out)
+            s_out = ood_scores(p_out, samples_out, logits_out)
             scores[set_name] = s_out
             ood_numbers[set_name] = {
                 score: asdict(M.ood_metrics(scores["test"][score], s_out[score])) for score in s_out

@@ -7,6 +7,8 @@
 - ``ood_<set>.png``: histograms of each OOD score, test split against the OOD set (seed 0);
 - ``roc_<set>.png``: ROC curves per score, one line per method (seed 0; in-distribution is the
   positive class, as in :mod:`evaluation.metrics.ood`);
+- ``prior_sweep.png``: test NLL, ECE and far-OOD AUROC of diag / K-FAC / K-FOC against a shared
+  prior scale (seed 0; :mod:`evaluation.study.sweep_report`);
 - ``fisher_fidelity.png``: per-layer relative Frobenius error of diag / K-FAC / K-FOC (mean and
   sd over the random subsets), layers named by module and type.
 
@@ -33,12 +35,16 @@ import pandas as pd
 import seaborn as sns
 from sklearn.metrics import roc_curve
 
+from evaluation.study.sweep_report import sweep_figure
+
 __all__ = ["SCORE_LABELS", "write_figures"]
 
 SCORE_LABELS = {
     "max_prob": "max probability",
     "entropy": "− predictive entropy",
     "mutual_info": "− mutual information",
+    "energy": "− energy (logsumexp of the logits)",
+    "max_logit": "max logit",
 }
 DPI = 110
 
@@ -340,6 +346,8 @@ def write_figures(
     for ood_set in results["ood_sets"]:
         ood_histogram_figure(results, scores, ood_set, out(f"ood_{ood_set}.png"))
         roc_figure(results, scores, ood_set, out(f"roc_{ood_set}.png"))
+    if results.get("prior_sweep"):
+        sweep_figure(results, out("prior_sweep.png"))
     if results.get("fisher_fidelity"):
         fid = results["fisher_fidelity"]
         fidelity_figure(

@@ -2,7 +2,8 @@
 
 Every method returns a :class:`FittedMethod`: a ``predict(x) -> probs [B, C]`` callable, and for
 Bayesian methods ``samples(x, n, seed) -> [n, B, C]`` probability samples (for mutual
-information), with its fit / tuning times and chosen hyperparameters.
+information), the logits the energy and max-logit OOD scores read (see :class:`FittedMethod`),
+with its fit / tuning times and chosen hyperparameters.
 
 Names:
 
@@ -81,9 +82,17 @@ class FittedMethod:
         predict: ``x -> probs [B, C]``.
         samples: ``(x, n, seed) -> [n, B, C]`` for Bayesian methods, ``None`` for point
             predictors (no mutual information).
-        glm: ``x -> (mean [B, C], cov [B, C, C])`` of the linearised logits, for GLM-probit
-            Laplace methods: ``predict`` is its probit and ``samples`` its Gaussian draws, so the
-            evaluation computes it once per input and derives both (``None`` otherwise).
+        glm: ``x -> (mean [B, C], cov [B, C, C])`` of the linearised, tempered logits, for
+            GLM-probit Laplace methods: ``predict`` is its probit and ``samples`` its Gaussian
+            draws, so the evaluation computes it once per input and derives both (``None``
+            otherwise).
+        logits: ``x -> [B, C]``, the logits of the logit-based OOD scores (energy, max-logit):
+            the network's logits for ``map``, divided by ``T`` for ``temp``, the GLM mean of
+            laplace-torch (the MAP logits). For a method with ``glm`` the evaluation uses the
+            GLM mean instead (the MAP logits divided by the method's temperature), and this is
+            ``None``; ``None`` also where a method has no logits.
+        posterior: The fitted :class:`bayes_kfoc.Laplace` of a bayes_kfoc method (the prior
+            sweep re-evaluates it at other priors), ``None`` otherwise.
         convergence: K-FOC's solver record per block (``Curvature.convergence()``: iterations,
             residual, σ₁, converged, ...), JSON-ready; ``None`` for other methods.
         fit_seconds: Wall time of fitting (curvature / nothing).
@@ -96,6 +105,8 @@ class FittedMethod:
     predict: Callable[[Tensor], Tensor]
     samples: SampleFn | None
     glm: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None
+    logits: Callable[[Tensor], Tensor] | None = None
+    posterior: Laplace | None = field(default=None, repr=False)
     convergence: dict[str, dict[str, float | int | bool | str]] | None = None
     fit_seconds: float = 0.0
     tune_seconds: float = 0.0
@@ -143,10 +154,13 @@ def _loader(data: torch.utils.data.Dataset, batch_size: int = FIT_BATCH_SIZE) ->
 
 def _fit_map(model: nn.Module, splits: Splits, options: FitOptions) -> FittedMethod:
     @torch.no_grad()
-    def predict(x: Tensor) -> Tensor:
-        return torch.softmax(model(x), dim=-1)
+    def logits(x: Tensor) -> Tensor:
+        return model(x)
 
-    return FittedMethod("map", predict, None)
+    def predict(x: Tensor) -> Tensor:
+        return torch.softmax(logits(x), dim=-1)
+
+    return FittedMethod("map", predict, None, logits=logits)
 
 
 def _fit_temperature(model: nn.Module, splits: Splits, options: FitOptions) -> FittedMethod:
@@ -162,10 +176,16 @@ def _fit_temperature(model: nn.Module, splits: Splits, options: FitOptions) -> F
             StudyWarning,
             stacklevel=2,
         )
+
+    @torch.no_grad()
+    def logits(x: Tensor) -> Tensor:
+        return model(x) / scaled.temperature
+
     return FittedMethod(
         "temp",
         scaled.predict,
         None,
+        logits=logits,
         tune_seconds=time.perf_counter() - start,
         hyperparameters={"temperature": scaled.temperature},
     )
@@ -221,21 +241,25 @@ def _laplace_fit(structure: str, subset: str) -> FitFn:
             gen = torch.Generator(la.device).manual_seed(seed)
             return la.predictive_samples(x, n, generator=gen)
 
+        hyperparameters: dict[str, float | list[float]] = {
+            "prior_precision": math.exp(sum(math.log(t) for t in tau) / len(tau)),
+            "prior_precision_per_block": tau,
+            "temperature": float(la.temperature),
+            "num_params": float(la.num_params),
+        }
+        if tuning is not None and tuning.scale is not None:  # absent for the evidence
+            hyperparameters["prior_scale"] = float(tuning.scale)
+
         return FittedMethod(
             name,
             la.predict,
             samples,
             glm=la.glm_distribution,
+            posterior=la,
             convergence=_convergence(la),
             fit_seconds=fitted - start,
             tune_seconds=tuned - fitted,
-            hyperparameters={
-                "prior_precision": math.exp(sum(math.log(t) for t in tau) / len(tau)),
-                "prior_precision_per_block": tau,
-                "prior_scale": float(tuning.scale) if tuning and tuning.scale else float("nan"),
-                "temperature": float(la.temperature),
-                "num_params": float(la.num_params),
-            },
+            hyperparameters=hyperparameters,
         )
 
     return fit
@@ -247,10 +271,16 @@ def _peer_fit(subset: str) -> FitFn:
 
         name = PEER + (LL_SUFFIX if subset == "last_layer" else "")
         peer = fit_laplace_torch(model, _loader(splits.train), _loader(splits.val), subset)
+
+        @torch.no_grad()
+        def logits(x: Tensor) -> Tensor:  # the GLM mean: the MAP logits (no temperature)
+            return model(x)
+
         return FittedMethod(
             name,
             peer.predict,
             peer.samples,
+            logits=logits,
             fit_seconds=peer.fit_seconds,
             tune_seconds=peer.tune_seconds,
             hyperparameters={"prior_precision": peer.prior_precision},

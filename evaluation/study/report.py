@@ -14,6 +14,7 @@ from typing import Any
 
 from evaluation.study.errors import StudyRunError
 from evaluation.study.figures import SCORE_LABELS
+from evaluation.study.sweep_report import sweep_section
 from evaluation.study.tables import Column, format_geometric, format_mean_std, markdown_table
 
 __all__ = ["check_finite", "render_report", "write_json"]
@@ -38,8 +39,20 @@ OOD_COLUMNS = (
     Column("aupr_out", "AUPR-out", "max"),
     Column("fpr95", "FPR@95", "min"),
 )
-SCORE_SHORT = {"max_prob": "maxprob", "entropy": "entropy", "mutual_info": "MI"}
+SCORE_SHORT = {
+    "max_prob": "maxprob",
+    "entropy": "entropy",
+    "mutual_info": "MI",
+    "energy": "energy",
+    "max_logit": "max-logit",
+}
 PREFERRED_ANGLES = (30, 60, 90, 180)
+HYPERPARAMETER_ROWS = {
+    "temperature": "T (mean ± sd)",
+    "prior_scale": "prior scale s of τ_b = s·P_b/‖θ_b‖² (geometric mean ×/÷ sd)",
+    "prior_precision": "prior precision τ, geometric mean over blocks (geometric mean ×/÷ sd)",
+}
+"""The chosen hyperparameters the report shows, in order (T arithmetic, scales geometric)."""
 
 
 def check_finite(obj: Any, path: str = "results") -> None:
@@ -130,25 +143,35 @@ def _ood_section(results: dict[str, Any]) -> list[str]:
     lines = [
         "## OOD detection",
         "",
-        "In-distribution = the test split (positives for AUROC / AUPR-in / FPR@95%TPR). Scores: "
-        "maxprob = max predicted probability, entropy = − predictive entropy, MI = − mutual "
-        f"information ({results['mi_samples']} GLM samples; Bayesian methods only).",
+        "In-distribution = the test split (positives for AUROC / AUPR-in / FPR@95%TPR). Scores "
+        "(larger = more in-distribution): maxprob = max predicted probability, entropy = − "
+        f"predictive entropy, MI = − mutual information ({results['mi_samples']} GLM samples; "
+        "Bayesian methods only), energy = − energy = logsumexp of the logits (energy "
+        "temperature 1), max-logit = the largest logit. The logits are the network's for `map`, "
+        "divided by the fitted T for `temp`, and for the Laplace methods the mean of the "
+        "tempered GLM logits, which is the MAP's logits divided by the method's T: energy and "
+        "max-logit do not see the posterior's variance (a Laplace method's max-logit AUROC "
+        "equals the MAP's), only its temperature.",
         "",
-        "### AUROC summary",
+        "### AUROC by score",
         "",
     ]
-    cols: list[Column] = []
-    cells: dict[tuple[str, str], list[float]] = {}
-    for o in sets:
-        for sc in SCORE_LABELS:
-            key = f"{o}/{sc}"
-            present = [m for m in methods if sc in seeds[0]["methods"][m]["ood"][o]]
-            if not present:
-                continue
-            cols.append(Column(key, f"{o} {SCORE_SHORT[sc]}", "max"))
-            for m in present:
-                cells[(m, key)] = [s["methods"][m]["ood"][o][sc]["auroc"] for s in seeds]
-    lines += [markdown_table(methods, cols, cells), ""]
+    for sc in SCORE_LABELS:
+        present = [m for m in methods if sc in seeds[0]["methods"][m]["ood"][sets[0]]]
+        if not present:
+            continue
+        cols = tuple(Column(o, o, "max") for o in sets)
+        cells = {
+            (m, o): [s["methods"][m]["ood"][o][sc]["auroc"] for s in seeds]
+            for m in present
+            for o in sets
+        }
+        lines += [
+            f"#### {SCORE_SHORT[sc]} ({SCORE_LABELS[sc]})",
+            "",
+            markdown_table(present, cols, cells),
+            "",
+        ]
     for o in sets:
         rows: list[str] = []
         cells = {}
@@ -256,15 +279,15 @@ def _timing_section(results: dict[str, Any]) -> list[str]:
         "| --- | --- | ---: |",
     ]
     for m in methods:
-        hp = seeds[0]["methods"][m]["hyperparameters"]
-        for k in ("temperature", "prior_precision"):
-            if k in hp:
-                vals = [s["methods"][m]["hyperparameters"][k] for s in seeds]
-                if k == "temperature":
-                    lines.append(f"| {m} | T (mean ± sd) | {format_mean_std(vals, 3)} |")
-                else:
-                    text = format_geometric(vals, 3)
-                    lines.append(f"| {m} | prior precision τ (geometric mean ×/÷ sd) | {text} |")
+        hps = [s["methods"][m]["hyperparameters"] for s in seeds]
+        for k, label in HYPERPARAMETER_ROWS.items():
+            vals = [hp[k] for hp in hps if k in hp]
+            if not vals:
+                continue
+            text = format_mean_std(vals, 3) if k == "temperature" else format_geometric(vals, 3)
+            if len(vals) < len(seeds):
+                text += f" ({len(vals)} of {len(seeds)} seeds)"
+            lines.append(f"| {m} | {label} | {text} |")
     train = [s["map"]["seconds"] for s in seeds]
     cached = sum(bool(s["map"]["cached"]) for s in seeds)
     lines += [
@@ -348,6 +371,7 @@ def render_report(results: dict[str, Any]) -> str:
         lines += _ood_section(results)
     else:
         lines += ["## OOD detection", "", "No OOD sets; see the notes.", ""]
+    lines += sweep_section(results)
     lines += _fidelity_section(results)
     lines += _convergence_section(results)
     lines += _timing_section(results)

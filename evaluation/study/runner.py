@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import importlib.metadata
 import os
 import platform
@@ -29,6 +30,7 @@ from evaluation.study.methods import METHODS, FitOptions, fit_method
 from evaluation.study.outdir import atomic_output, check_output_dir, study_stamp
 from evaluation.study.progress import Progress
 from evaluation.study.report import render_report, write_json
+from evaluation.study.sweep import PriorSweep, sweep_structures
 
 __all__ = ["RESULTS_FORMAT", "prepare", "run_study"]
 
@@ -115,6 +117,22 @@ def _subset(x: Tensor, size: int | None, seed: int) -> Tensor:
     return x if idx is None else x[idx]
 
 
+def _prefixed_step(show: Progress, prefix: str, what: str) -> None:
+    show.step(prefix + what)
+
+
+def _refit(
+    structure: str, model: torch.nn.Module, splits: Any, options: FitOptions, show: Progress
+) -> Any:
+    """A tuned all-weights posterior of ``structure`` (the sweep of a last-layer-only request)."""
+    show.step(f"{structure}: fitting on all weights for the sweep")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # already reported for the methods the study ran
+        fitted = fit_method(structure, model, splits, options)
+    assert fitted.posterior is not None
+    return fitted.posterior
+
+
 def _run(config: StudyConfig) -> Path:
     started = dt.datetime.now(dt.timezone.utc)
     t0 = time.perf_counter()
@@ -134,6 +152,8 @@ def _run(config: StudyConfig) -> Path:
     scores0: dict[str, dict[str, dict[str, np.ndarray]]] = {}
     model0 = splits0 = None
     warned: dict[str, list[int]] = {}
+    swept = sweep_structures(methods) if config.runs("sweep") else ()
+    sweep: PriorSweep | None = None
     for seed in show.bar(config.seed_list, "seeds"):
         data = plan.load(seed)
         map_model = get_map_model(config, data.splits, seed, show)
@@ -148,6 +168,8 @@ def _run(config: StudyConfig) -> Path:
             if config.runs("ood")
             else {}
         )
+        if seed == 0 and swept:
+            sweep = PriorSweep(swept, map_model.model, (x_test, y_test), ood)
         per_method: dict[str, Any] = {}
         for name in show.bar(methods, f"seed {seed}", leave=False):
             show.step(f"{name}: fitting")
@@ -184,6 +206,9 @@ def _run(config: StudyConfig) -> Path:
                 per_method[name]["convergence"] = fitted.convergence
             if seed == 0:
                 scores0[name] = ev.scores
+                if sweep is not None and name in swept and fitted.posterior is not None:
+                    step = functools.partial(_prefixed_step, show, f"{name}: sweep, ")
+                    sweep.add(name, fitted.posterior, step=step)
         seeds_out.append(
             {
                 "seed": seed,
@@ -212,6 +237,15 @@ def _run(config: StudyConfig) -> Path:
         notes.append(f"Rotation shift on a seeded subset of {config.shift_points} test points.")
     if config.ood_points is not None and config.runs("ood"):
         notes.append(f"OOD sets subsampled to at most {config.ood_points} points (seeded).")
+
+    prior_sweep: dict[str, Any] | None = None
+    if sweep is not None:
+        show.line("matched-prior sweep of the seed-0 network")
+        prior_sweep = sweep.finish(
+            lambda structure: _refit(structure, model0, splits0, options, show), step=show.step
+        )
+    elif sweep_structures(methods):
+        notes.append("Matched-prior sweep of diag / K-FAC / K-FOC skipped (--no-sweep).")
 
     fidelity: dict[str, Any] | None = None
     if config.runs("fidelity"):
@@ -255,6 +289,7 @@ def _run(config: StudyConfig) -> Path:
         "notes": notes,
         "seeds": seeds_out,
         "fisher_fidelity": fidelity,
+        "prior_sweep": prior_sweep,
         "figures": [],
         "timings": {},
     }
