@@ -126,12 +126,10 @@ def prepare(model: nn.Module, loader: Iterable[Any], opts: FitOptions) -> FitSet
     buffers = snapshot_buffers(model)
     order, counts, out0 = probe(model, x0)
     targets, skipped = select(model, opts.modules, opts.exclude, order)
-    shared = [t.name for t in targets if counts.get(t.name, 0) > 1]
-    if shared:
-        raise RuntimeError(
-            f"fit_curvature: module(s) {shared} are called more than once per forward pass "
-            "(weight sharing), which is not supported; exclude them with exclude=[...]."
-        )
+    for t in targets:  # weight sharing: one block, statistics summed over the calls
+        if counts.get(t.name, 0) > 1:
+            note = f"called {counts[t.name]} times per forward pass: statistics summed over calls"
+            t.note = f"{t.note}; {note}" if t.note else note
     if opts.check_determinism:
         check_determinism(model, x0, out0, buffers)
     passes.resume = itertools.chain([first], started)

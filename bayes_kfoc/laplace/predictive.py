@@ -72,13 +72,17 @@ class PosteriorView:
 
 
 def check_inputs(view: PosteriorView, x: Tensor) -> Tensor:
-    """``x`` on the posterior's device; raises unless it is a batch of fitted-shape inputs."""
+    """``x`` on the posterior's device; raises unless it is a batch of inputs like the fitted
+    ones: the same number of dimensions and the same trailing (feature) size. The other sizes
+    (e.g. the sequence length ``T`` of ``[N, T, d]``) may differ from the fit's."""
     if not isinstance(x, Tensor):
         raise TypeError(f"Laplace.predict: x must be a tensor, got {type(x).__name__}.")
-    if tuple(x.shape[1:]) != view.input_shape:
+    fitted = view.input_shape
+    if x.ndim != len(fitted) + 1 or (fitted and x.shape[-1] != fitted[-1]):
         raise ValueError(
             f"Laplace.predict: inputs have shape {tuple(x.shape)}, but the model was fitted "
-            f"on inputs [N, {', '.join(map(str, view.input_shape))}]."
+            f"on inputs [N, {', '.join(map(str, fitted))}]; the number of dimensions and the last "
+            "(feature) size must match (other sizes, e.g. a sequence length, may differ)."
         )
     return x.to(view.device)
 

@@ -128,7 +128,7 @@ class Collector:
         self.clone_outputs = False
         self.batched_grads = True
         self._active: set[str] = set()
-        self._cap: dict[str, dict[str, Any]] = {}
+        self._cap: dict[str, list[dict[str, Any]]] = {}
         self._handles: list[Any] = []
 
     def __enter__(self) -> Collector:
@@ -147,13 +147,11 @@ class Collector:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
             if t.name not in self._active:
                 return None
-            if t.name in self._cap:
-                raise RuntimeError(
-                    f"fit_curvature: module {t.name!r} is called more than once per forward pass "
-                    "(weight sharing); this is not supported. Exclude it with exclude=[...]."
-                )
             if not isinstance(out, Tensor):
-                raise TypeError(f"fit_curvature: module {t.name!r} must return a tensor.")
+                raise TypeError(
+                    f"fit_curvature: module {t.name!r} returns {type(out).__name__}; a module with "
+                    "a curvature block must return one tensor. Exclude it with exclude=[...]."
+                )
             cap: dict[str, Any] = {"z": out, "version": out._version}
             x = args[0] if args else kwargs.get("input")
             if t.kind == LINEAR:
@@ -162,15 +160,16 @@ class Collector:
                         f"fit_curvature: Linear module {t.name!r} needs batched inputs [N, ..., "
                         "d_in]."
                     )
-                a = x.detach().reshape(x.shape[0], -1, x.shape[-1])
-                cap["a"] = a
+                cap["a"] = x.detach().reshape(x.shape[0], -1, x.shape[-1])
             elif t.kind == CONV2D:
                 assert isinstance(module, nn.Conv2d) and isinstance(x, Tensor)
                 cap["a"] = _conv_unfold(module, x.detach())
             else:
                 cap["args"] = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
                 cap["kwargs"] = kwargs
-            self._cap[t.name] = cap
+            # a module called k times per forward (weight sharing): every call is kept, and its
+            # statistics sum over the calls (docs/math.md, "Weight sharing")
+            self._cap.setdefault(t.name, []).append(cap)
             return out.clone() if self.clone_outputs else None
 
         return hook
@@ -226,7 +225,7 @@ class Collector:
         names = {t.name for t in self.targets} if names is None else names
         logits = self._forward(x, names)
         if not self.clone_outputs and any(
-            c["z"]._version != c["version"] for c in self._cap.values()
+            c["z"]._version != c["version"] for caps in self._cap.values() for c in caps
         ):
             self.clone_outputs = True  # an in-place op modified a captured output: redo cloned
             logits = self._forward(x, names)
@@ -239,23 +238,30 @@ class Collector:
             raise FloatingPointError("fit_curvature: the model's outputs (logits) contain NaN/Inf.")
         cot = directions(logits.detach())
         active = [t for t in self.targets if t.name in names]
-        grads = self._output_grads(logits, [self._cap[t.name]["z"] for t in active], cot)
-        out: dict[str, Stats] = {}
+        missing = [t.name for t in active if t.name not in self._cap]
+        if missing:
+            raise RuntimeError(
+                f"fit_curvature: module(s) {missing} were not called in this batch's forward "
+                "pass; every module with a block must be called for every batch."
+            )
+        calls = [(t, c) for t in active for c in self._cap[t.name]]
+        grads = self._output_grads(logits, [c["z"] for _, c in calls], cot)
         finite = [torch.isfinite(g).all() for g in grads if g is not None]
         if finite and not bool(torch.stack(finite).all()):  # one host sync per batch
             bad = next(
                 t.name
-                for t, g in zip(active, grads, strict=True)
+                for (t, _), g in zip(calls, grads, strict=True)
                 if g is not None and not bool(torch.isfinite(g).all())
             )
             raise FloatingPointError(
                 f"fit_curvature: the backpropagated directions at module {bad!r} contain NaN/Inf."
             )
-        for t, g in zip(active, grads, strict=True):
-            cap = self._cap[t.name]
+        per_module: dict[str, list[tuple[dict[str, Any], Tensor]]] = {}
+        for (t, cap), g in zip(calls, grads, strict=True):
             if g is None:
                 g = torch.zeros((cot.shape[0], *cap["z"].shape), dtype=cot.dtype, device=cot.device)
-            out[t.name] = self._stats(t, cap, g.detach())
+            per_module.setdefault(t.name, []).append((cap, g.detach()))
+        out: dict[str, Stats] = {t.name: self._stats(t, per_module[t.name]) for t in active}
         self._cap = {}
         return out, logits.detach()
 
@@ -281,21 +287,34 @@ class Collector:
             for i in range(len(zs))
         ]
 
-    def _stats(self, t: Target, cap: dict[str, Any], g: Tensor) -> Stats:
-        v, n = g.shape[0], g.shape[1]
+    def _stats(self, t: Target, calls: list[tuple[dict[str, Any], Tensor]]) -> Stats:
+        """One module's statistics, summed over its calls in the forward pass: explicit gradients
+        add up, and a Kronecker module's calls are stacked as extra positions ``T``, which makes
+        ``M = Σ_calls Σ_t δ ā^T`` (``docs/math.md``, "Weight sharing")."""
         if t.kind == GENERIC:
-            grads = per_sample_param_grads(
-                t.module, t.local_names, cap["args"], cap["kwargs"], g, t.name
-            )
-            return GradStats(grads.to(self.stats_dtype or grads.dtype))
-        a: Tensor = cap["a"]
-        if self.stats_dtype is not None:  # accumulate in a wider dtype than the model's
-            a, g = a.to(self.stats_dtype), g.to(self.stats_dtype)
+            total: Tensor | None = None
+            for cap, g in calls:
+                grads = per_sample_param_grads(
+                    t.module, t.local_names, cap["args"], cap["kwargs"], g, t.name
+                )
+                total = grads if total is None else total + grads
+            assert total is not None
+            return GradStats(total.to(self.stats_dtype or total.dtype))
         bias = "bias" in t.param_shapes
-        if bias:
-            a = torch.cat([a, a.new_ones((*a.shape[:-1], 1))], dim=-1)
-        if t.kind == CONV2D:
-            d = g.reshape(v, n, g.shape[2], -1).transpose(2, 3)  # [V, N, T, C_out]
-        else:
-            d = g.reshape(v, n, -1, g.shape[-1])
-        return kron_stats(a, d, bias)
+        a_parts, d_parts = [], []
+        for cap, g in calls:
+            a: Tensor = cap["a"]
+            v, n = g.shape[0], g.shape[1]
+            if self.stats_dtype is not None:  # accumulate in a wider dtype than the model's
+                a, g = a.to(self.stats_dtype), g.to(self.stats_dtype)
+            if bias:
+                a = torch.cat([a, a.new_ones((*a.shape[:-1], 1))], dim=-1)
+            if t.kind == CONV2D:
+                d = g.reshape(v, n, g.shape[2], -1).transpose(2, 3)  # [V, N, T, C_out]
+            else:
+                d = g.reshape(v, n, -1, g.shape[-1])
+            a_parts.append(a)
+            d_parts.append(d)
+        if len(calls) == 1:
+            return kron_stats(a_parts[0], d_parts[0], bias)
+        return kron_stats(torch.cat(a_parts, dim=1), torch.cat(d_parts, dim=2), bias)
