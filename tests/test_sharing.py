@@ -210,3 +210,69 @@ def test_predict_at_another_sequence_length_equals_dense_glm(structure: str) -> 
         la.predict(torch.randn(3, 11, 5, dtype=torch.float64))
     with pytest.raises(ValueError, match="number of dimensions"):
         la.predict(torch.randn(3, 4, dtype=torch.float64))
+
+
+class TiedLM(nn.Module):
+    """An embedding whose weight is also the output head's (tied), a Linear between them."""
+
+    def __init__(self, vocab: int = 6, dim: int = 3) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.mid = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, vocab)
+        self.head.weight = self.embed.weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.mid(self.embed(x))).mean(1))
+
+
+def _tied(seed: int = 0, n: int = 9) -> tuple[nn.Module, list[tuple[Tensor, Tensor]]]:
+    torch.manual_seed(seed)
+    model = TiedLM().double().eval()
+    x = torch.randint(0, 6, (n, 4))
+    return model, [(x[:5], torch.randint(0, 6, (5,))), (x[5:], torch.randint(0, 6, (n - 5,)))]
+
+
+@pytest.mark.parametrize("structure", ["kfoc", "diag", "full"])
+def test_tied_weights_get_one_exact_block_covering_every_use(structure: str) -> None:
+    model, batches = _tied()
+    F_, names = dense_fisher(model, batches, "exact")
+    curv = fit_curvature(model, batches, structure, tol=1e-12, max_iter=500, progress=False)
+    assert set(curv.blocks) == {"embed", "mid", "head"}
+    assert list(curv.blocks["head"].param_shapes) == ["bias"]  # its weight is embed's
+    assert set(curv.coverage) == {"embed.weight", "mid.weight", "mid.bias", "head.bias"}
+    assert "tied to 'head.weight'" in curv.coverage["embed.weight"]
+    assert "tied to 'embed.weight'" in curv.coverage["head.bias"]
+    for name, b in curv.blocks.items():
+        sl = module_slice(model, names, name)
+        if isinstance(b, KronBlock):
+            n = b.d_in + int(b.bias)
+            best, _, _ = top1_kron(kron_order(F_[sl, sl], b.d_out, n, b.bias), b.d_out, n)
+            assert rel_err(kron_order(b.to_dense(), b.d_out, n, b.bias), best) < RTOL
+        elif structure == "full":
+            torch.testing.assert_close(b.to_dense(), F_[sl, sl], rtol=RTOL, atol=1e-12)
+        else:
+            assert isinstance(b, DiagBlock)
+            torch.testing.assert_close(b.values, torch.diagonal(F_[sl, sl]), rtol=RTOL, atol=1e-12)
+    # the head's own use of the tied tensor is in embed's block: untying would change it
+    untied = TiedLM().double().eval()
+    untied.load_state_dict(model.state_dict())
+    untied.head.weight = nn.Parameter(model.embed.weight.detach().clone())
+    F_u, names_u = dense_fisher(untied, batches, "exact")
+    sl_u = module_slice(untied, names_u, "embed")
+    assert not torch.allclose(torch.diagonal(F_u[sl_u, sl_u]), torch.diagonal(F_[:18, :18]))
+
+
+@pytest.mark.parametrize("structure", ["kfoc", "full"])
+def test_tied_weights_glm_covariance_equals_dense_j_sigma_jt(structure: str) -> None:
+    model, batches = _tied()
+    la = Laplace(model, structure=structure, prior_precision=0.7, progress=False, tol=1e-12)
+    la.fit(batches)
+    assert la.layout.num_params == sum(b.num_params for b in la.blocks.values())
+    xt = torch.randint(0, 6, (4, 7))  # another sequence length too
+    _, cov = la.glm_distribution(xt)
+    sigma = torch.linalg.inv(dense_posterior_precision(la))
+    jac = per_point_jacobians(model, xt)
+    names = [f"{k}.{p}" if k else p for k, b in la.blocks.items() for p in b.param_shapes]
+    j = torch.cat([jac[n].reshape(4, jac[n].shape[1], -1) for n in names], dim=2)
+    torch.testing.assert_close(cov, j @ sigma @ j.transpose(1, 2), rtol=RTOL, atol=1e-10)

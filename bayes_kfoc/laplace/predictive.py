@@ -73,12 +73,14 @@ class PosteriorView:
 
 def check_inputs(view: PosteriorView, x: Tensor) -> Tensor:
     """``x`` on the posterior's device; raises unless it is a batch of inputs like the fitted
-    ones: the same number of dimensions and the same trailing (feature) size. The other sizes
-    (e.g. the sequence length ``T`` of ``[N, T, d]``) may differ from the fit's."""
+    ones: the same number of dimensions and, for floating-point inputs, the same trailing
+    (feature) size. The other sizes (the sequence length ``T`` of ``[N, T, d]``, or of integer
+    token ids ``[N, T]``) may differ from the fit's."""
     if not isinstance(x, Tensor):
         raise TypeError(f"Laplace.predict: x must be a tensor, got {type(x).__name__}.")
     fitted = view.input_shape
-    if x.ndim != len(fitted) + 1 or (fitted and x.shape[-1] != fitted[-1]):
+    features = bool(fitted) and x.is_floating_point()
+    if x.ndim != len(fitted) + 1 or (features and x.shape[-1] != fitted[-1]):
         raise ValueError(
             f"Laplace.predict: inputs have shape {tuple(x.shape)}, but the model was fitted "
             f"on inputs [N, {', '.join(map(str, fitted))}]; the number of dimensions and the last "

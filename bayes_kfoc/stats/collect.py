@@ -17,7 +17,7 @@ from ..options import FisherType
 from .directions import logit_directions
 from .generic import GradStats, per_sample_param_grads
 from .kron import KronStats, kron_stats
-from .targets import CONV2D, GENERIC, LINEAR, Target, owners
+from .targets import CONV2D, GENERIC, LINEAR, TIED, Target, owners
 
 Stats = KronStats | GradStats
 """The statistics of one module for one batch: Kronecker-capable, or explicit gradients."""
@@ -133,6 +133,8 @@ class Collector:
 
     def __enter__(self) -> Collector:
         for t in self.targets:
+            if t.kind == TIED:  # whole-model gradients, no hook
+                continue
             self._handles.append(
                 t.module.register_forward_hook(self._make_hook(t), with_kwargs=True)
             )
@@ -237,7 +239,7 @@ class Collector:
         if not bool(torch.isfinite(logits).all()):
             raise FloatingPointError("fit_curvature: the model's outputs (logits) contain NaN/Inf.")
         cot = directions(logits.detach())
-        active = [t for t in self.targets if t.name in names]
+        active = [t for t in self.targets if t.name in names and t.kind != TIED]
         missing = [t.name for t in active if t.name not in self._cap]
         if missing:
             raise RuntimeError(
@@ -245,7 +247,7 @@ class Collector:
                 "pass; every module with a block must be called for every batch."
             )
         calls = [(t, c) for t in active for c in self._cap[t.name]]
-        grads = self._output_grads(logits, [c["z"] for _, c in calls], cot)
+        grads = self._output_grads(logits, [c["z"] for _, c in calls], cot) if calls else []
         finite = [torch.isfinite(g).all() for g in grads if g is not None]
         if finite and not bool(torch.stack(finite).all()):  # one host sync per batch
             bad = next(
@@ -262,6 +264,9 @@ class Collector:
                 g = torch.zeros((cot.shape[0], *cap["z"].shape), dtype=cot.dtype, device=cot.device)
             per_module.setdefault(t.name, []).append((cap, g.detach()))
         out: dict[str, Stats] = {t.name: self._stats(t, per_module[t.name]) for t in active}
+        for t in self.targets:
+            if t.kind == TIED and t.name in names:
+                out[t.name] = self._tied_stats(t, x, cot)
         self._cap = {}
         return out, logits.detach()
 
@@ -286,6 +291,13 @@ class Collector:
             None if per_v[0][i] is None else torch.stack([g[i] for g in per_v])
             for i in range(len(zs))
         ]
+
+    def _tied_stats(self, t: Target, x: Tensor, cot: Tensor) -> GradStats:
+        """A module owning a tied tensor: per-point gradients of the whole model (every use of
+        the tensor) w.r.t. the module's own parameters, by ``torch.func``."""
+        full = [f"{t.name}.{k}" if t.name else k for k in t.local_names]
+        grads = per_sample_param_grads(self.model, full, (x,), {}, cot, t.name)
+        return GradStats(grads.to(self.stats_dtype or grads.dtype))
 
     def _stats(self, t: Target, calls: list[tuple[dict[str, Any], Tensor]]) -> Stats:
         """One module's statistics, summed over its calls in the forward pass: explicit gradients
