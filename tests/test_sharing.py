@@ -276,3 +276,92 @@ def test_tied_weights_glm_covariance_equals_dense_j_sigma_jt(structure: str) -> 
     names = [f"{k}.{p}" if k else p for k, b in la.blocks.items() for p in b.param_shapes]
     j = torch.cat([jac[n].reshape(4, jac[n].shape[1], -1) for n in names], dim=2)
     torch.testing.assert_close(cov, j @ sigma @ j.transpose(1, 2), rtol=RTOL, atol=1e-10)
+
+
+class MaskedEncoder(nn.Module):
+    """``model(input_ids=..., attention_mask=...)``: embedding, a Linear, a masked mean, a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(7, 3)
+        self.lin = nn.Linear(3, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        h = torch.tanh(self.lin(self.embed(input_ids)))
+        m = attention_mask.to(h.dtype).unsqueeze(-1)
+        return self.head((h * m).sum(1) / m.sum(1))
+
+
+class Packed(nn.Module):
+    """The reference's view of a dict model: one tensor ``[ids | mask]`` (tests only)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: Tensor) -> Tensor:
+        t = x.shape[1] // 2
+        return self.inner(input_ids=x[:, :t], attention_mask=x[:, t:])
+
+
+def _dict_batches(pad_token: int = 0) -> tuple[nn.Module, list[tuple[dict[str, Tensor], Tensor]]]:
+    torch.manual_seed(0)
+    model = MaskedEncoder().double().eval()
+    batches = []
+    for n, t in [(4, 5), (3, 6)]:
+        lengths = torch.randint(1, t + 1, (n,))
+        mask = (torch.arange(t) < lengths[:, None]).long()
+        ids = torch.randint(0, 7, (n, t)).masked_fill(mask == 0, pad_token)
+        batches.append(({"input_ids": ids, "attention_mask": mask}, torch.randint(0, 3, (n,))))
+    return model, batches
+
+
+@pytest.mark.parametrize("structure", ["kfoc", "diag", "full"])
+def test_mapping_inputs_are_passed_as_keywords_and_match_dense(structure: str) -> None:
+    model, batches = _dict_batches()
+    curv = fit_curvature(model, batches, structure, tol=1e-12, max_iter=500, progress=False)
+    packed = Packed(model)
+    ref_batches = [(torch.cat([x["input_ids"], x["attention_mask"]], 1), y) for x, y in batches]
+    F_, names = dense_fisher(packed, ref_batches, "exact")
+    assert curv.num_data == 7 and curv.info.input_shape == (5,)
+    for name, b in curv.blocks.items():
+        sl = module_slice(packed, names, f"inner.{name}")
+        if isinstance(b, KronBlock):
+            n = b.d_in + int(b.bias)
+            best, _, _ = top1_kron(kron_order(F_[sl, sl], b.d_out, n, b.bias), b.d_out, n)
+            assert rel_err(kron_order(b.to_dense(), b.d_out, n, b.bias), best) < RTOL
+        elif structure == "full":
+            torch.testing.assert_close(b.to_dense(), F_[sl, sl], rtol=RTOL, atol=1e-12)
+        else:
+            torch.testing.assert_close(b.values, torch.diagonal(F_[sl, sl]), rtol=RTOL, atol=1e-12)
+    # padded positions contribute nothing (the model masks them): another pad token, same blocks
+    other = fit_curvature(
+        model, _dict_batches(pad_token=5)[1], structure, tol=1e-12, progress=False
+    )
+    for name, b in curv.blocks.items():
+        torch.testing.assert_close(
+            other.blocks[name].to_dense(), b.to_dense(), rtol=1e-6, atol=1e-12
+        )
+
+
+@pytest.mark.filterwarnings("ignore:Laplace. weight sampling collapses")
+def test_mapping_inputs_in_the_glm_predictive_and_predict() -> None:
+    model, batches = _dict_batches()
+    la = Laplace(model, structure="kfoc", prior_precision=0.6, progress=False, tol=1e-12)
+    la.fit(batches)
+    la.chunk_size = 2  # several chunks of the dict
+    xt = _dict_batches(pad_token=3)[1][1][0]  # 3 points, another length
+    _, cov = la.glm_distribution(xt)
+    packed = Packed(model)
+    xp = torch.cat([xt["input_ids"], xt["attention_mask"]], 1)
+    sigma = torch.linalg.inv(dense_posterior_precision(la))
+    jac = per_point_jacobians(packed, xp)
+    names = [f"inner.{k}.{p}" for k, b in la.blocks.items() for p in b.param_shapes]
+    j = torch.cat([jac[n].reshape(3, jac[n].shape[1], -1) for n in names], dim=2)
+    torch.testing.assert_close(cov, j @ sigma @ j.transpose(1, 2), rtol=RTOL, atol=1e-10)
+    assert la.predict(xt).shape == (3, 3)
+    probs = la.predict(xt, method="mc", n_samples=4, generator=torch.Generator().manual_seed(0))
+    assert probs.shape == (3, 3) and torch.isfinite(probs).all()
+    with pytest.raises(ValueError, match="share the batch size"):
+        la.predict({"input_ids": xt["input_ids"], "attention_mask": xt["attention_mask"][:2]})

@@ -6,7 +6,7 @@ predictive (Jacobian directions ``e_c``) and the diagnostics, each through :data
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from ..options import FisherType
 from .directions import logit_directions
 from .generic import GradStats, per_sample_param_grads
+from .inputs import Inputs, batch_size, call_model, check_mapping, inputs_to
 from .kron import KronStats, kron_stats
 from .targets import CONV2D, GENERIC, LINEAR, TIED, Target, owners
 
@@ -23,7 +24,7 @@ Stats = KronStats | GradStats
 """The statistics of one module for one batch: Kronecker-capable, or explicit gradients."""
 
 
-def unpack_batch(batch: Any, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def unpack_batch(batch: Any, device: torch.device, dtype: torch.dtype) -> tuple[Inputs, Tensor]:
     """Validate a loader batch ``(x, y)`` and move it to the model's device."""
     if not isinstance(batch, list | tuple) or len(batch) != 2:
         raise TypeError(
@@ -33,6 +34,14 @@ def unpack_batch(batch: Any, device: torch.device, dtype: torch.dtype) -> tuple[
             + ". Wrap the dataset so it returns (x, y)."
         )
     x, y = batch
+    if isinstance(x, Mapping) and isinstance(y, Tensor):  # model(**x): dict inputs
+        check_mapping(x, "fit_curvature")
+        if y.ndim != 1 or y.shape[0] != batch_size(x):
+            raise ValueError(
+                f"fit_curvature: targets must have shape [N] matching the inputs' batch size "
+                f"{batch_size(x)}; got targets {tuple(y.shape)}."
+            )
+        return inputs_to(x, device), y.to(device, non_blocking=True)
     if not isinstance(x, Tensor) or not isinstance(y, Tensor):
         raise TypeError("fit_curvature: inputs and targets must be tensors.")
     if x.is_floating_point() and x.dtype != dtype:
@@ -57,7 +66,7 @@ def unpack_batch(batch: Any, device: torch.device, dtype: torch.dtype) -> tuple[
     return x, y
 
 
-def probe(model: nn.Module, x: Tensor) -> tuple[list[str], dict[str, int], Tensor]:
+def probe(model: nn.Module, x: Inputs) -> tuple[list[str], dict[str, int], Tensor]:
     """One forward pass without gradients: call order and call counts of parameter owners."""
     order: list[str] = []
     counts: dict[str, int] = {}
@@ -72,7 +81,7 @@ def probe(model: nn.Module, x: Tensor) -> tuple[list[str], dict[str, int], Tenso
         handles.append(module.register_forward_hook(hook))
     try:
         with torch.no_grad():
-            out = model(x)
+            out = call_model(model, x)
     finally:
         for h in handles:
             h.remove()
@@ -176,19 +185,19 @@ class Collector:
 
         return hook
 
-    def _forward(self, x: Tensor, names: set[str]) -> Tensor:
+    def _forward(self, x: Inputs, names: set[str]) -> Tensor:
         self._cap = {}
         self._active = names
         try:
             with torch.enable_grad():
-                logits = self.model(x)
+                logits = call_model(self.model, x)
         finally:
             self._active = set()
         return logits
 
     def batch(
         self,
-        x: Tensor,
+        x: Inputs,
         y: Tensor,
         generator: torch.Generator | None,
         names: set[str] | None = None,
@@ -210,7 +219,7 @@ class Collector:
         return self._run(x, names, directions)
 
     def jacobians(
-        self, x: Tensor, names: set[str] | None = None
+        self, x: Inputs, names: set[str] | None = None
     ) -> tuple[dict[str, Stats], Tensor]:
         """Per-point Jacobians of the logits (directions ``e_c``, ``V = C``) and the logits."""
 
@@ -222,7 +231,7 @@ class Collector:
         return self._run(x, names, directions)
 
     def _run(
-        self, x: Tensor, names: set[str] | None, directions: Callable[[Tensor], Tensor]
+        self, x: Inputs, names: set[str] | None, directions: Callable[[Tensor], Tensor]
     ) -> tuple[dict[str, Stats], Tensor]:
         names = {t.name for t in self.targets} if names is None else names
         logits = self._forward(x, names)
@@ -292,10 +301,15 @@ class Collector:
             for i in range(len(zs))
         ]
 
-    def _tied_stats(self, t: Target, x: Tensor, cot: Tensor) -> GradStats:
+    def _tied_stats(self, t: Target, x: Inputs, cot: Tensor) -> GradStats:
         """A module owning a tied tensor: per-point gradients of the whole model (every use of
         the tensor) w.r.t. the module's own parameters, by ``torch.func``."""
         full = [f"{t.name}.{k}" if t.name else k for k in t.local_names]
+        if not isinstance(x, Tensor):
+            raise TypeError(
+                f"fit_curvature: module {t.name!r} owns a tied tensor, whose whole-model "
+                "gradients need tensor inputs, not a mapping; exclude it with exclude=[...]."
+            )
         grads = per_sample_param_grads(self.model, full, (x,), {}, cot, t.name)
         return GradStats(grads.to(self.stats_dtype or grads.dtype))
 
