@@ -7,6 +7,8 @@ import os
 import torch
 from torch import Tensor, nn
 
+from ..stats.inputs import Inputs, call_model
+
 _STOCHASTIC = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)
 
 
@@ -29,11 +31,11 @@ def snapshot_buffers(model: nn.Module) -> dict[str, Tensor]:
 
 
 def check_determinism(
-    model: nn.Module, x: Tensor, first_out: Tensor, buffers: dict[str, Tensor]
+    model: nn.Module, x: Inputs, first_out: Tensor, buffers: dict[str, Tensor]
 ) -> None:
     """Re-run one batch; raise (restoring buffers) if outputs or buffers changed."""
     with torch.no_grad():
-        second = model(x)
+        second = call_model(model, x)
     changed = [k for k, b in model.named_buffers() if not torch.equal(b, buffers[k])]
     if changed:
         with torch.no_grad():

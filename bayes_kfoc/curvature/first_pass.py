@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ..options import Mode, Structure
 from ..stats import Collector, KronStats, LinearStats, SharedStats, Target
+from ..stats.inputs import batch_size
 from ._checks import default_memory_budget, human_bytes
 from .passes import FitSetup, dataset_size
 
@@ -88,7 +89,7 @@ def first_pass(setup: FitSetup, collector: Collector) -> FirstPass:
     gen = passes.generator()
     for i, (x, y) in enumerate(passes.batches("curvature")):
         stats, logits = collector.batch(x, y, gen)
-        num_data += x.shape[0]
+        num_data += batch_size(x)
         log_lik += torch.log_softmax(logits, dim=-1).gather(1, y.unsqueeze(1)).sum()
         for t in setup.targets:
             st = stats[t.name]
@@ -113,7 +114,7 @@ def first_pass(setup: FitSetup, collector: Collector) -> FirstPass:
             )
             size = dataset_size(passes.loader)
             if size is not None:
-                estimate = int(cache_bytes / x.shape[0] * size)
+                estimate = int(cache_bytes / batch_size(x) * size)
         if cache is not None and max(cache_bytes, estimate or 0) + work > budget:
             need = human_bytes(max(cache_bytes, estimate or 0) + work)
             if opts.mode is Mode.CACHED:

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from ..blocks import CurvatureBlock, DenseBlock, DiagBlock, KronBlock
 from ..options import Solver, Structure
 from ..stats import Collector
+from ..stats.inputs import first_tensor
 from ._kfoc import Result, warn_unconverged
 from ._result import Curvature
 from .coverage import coverage
@@ -145,7 +146,7 @@ def fit_curvature(
     blocks = _blocks(setup, first, solved)
     info = FitInfo(
         log_likelihood=first.log_likelihood,
-        input_shape=tuple(setup.first[0].shape[1:]),
+        input_shape=tuple(first_tensor(setup.first[0]).shape[1:]),
         base_seed=opts.base_seed,
         cache_bytes_estimate=first.cache_bytes_estimate,
         peak_bytes_estimate=first.peak_bytes_estimate,

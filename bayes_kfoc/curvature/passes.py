@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..stats import Collector, KronStats, Target, probe, select, unpack_batch
+from ..stats.inputs import Inputs, batch_size
 from ._checks import check_determinism, check_train_mode, snapshot_buffers
 from ._reduce import Reducer
 from .options import FitOptions
@@ -58,7 +59,7 @@ class DataPasses:
         g.manual_seed(self.opts.base_seed)
         return g
 
-    def batches(self, desc: str) -> Iterator[tuple[Tensor, Tensor]]:
+    def batches(self, desc: str) -> Iterator[tuple[Inputs, Tensor]]:
         """One pass over the loader: validated ``(x, y)`` on the model's device."""
         it: Iterable[Any] = self.loader if self.resume is None else self.resume
         self.resume = None
@@ -71,7 +72,7 @@ class DataPasses:
         )
         for batch in bar:
             x, y = unpack_batch(batch, self.device, self.dtype)
-            if x.shape[0] == 0:
+            if batch_size(x) == 0:
                 continue
             yield x, y
 
@@ -126,12 +127,10 @@ def prepare(model: nn.Module, loader: Iterable[Any], opts: FitOptions) -> FitSet
     buffers = snapshot_buffers(model)
     order, counts, out0 = probe(model, x0)
     targets, skipped = select(model, opts.modules, opts.exclude, order)
-    shared = [t.name for t in targets if counts.get(t.name, 0) > 1]
-    if shared:
-        raise RuntimeError(
-            f"fit_curvature: module(s) {shared} are called more than once per forward pass "
-            "(weight sharing), which is not supported; exclude them with exclude=[...]."
-        )
+    for t in targets:  # weight sharing: one block, statistics summed over the calls
+        if counts.get(t.name, 0) > 1:
+            note = f"called {counts[t.name]} times per forward pass: statistics summed over calls"
+            t.note = f"{t.note}; {note}" if t.note else note
     if opts.check_determinism:
         check_determinism(model, x0, out0, buffers)
     passes.resume = itertools.chain([first], started)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from ..stats.inputs import Inputs, call_model
 
-def head_features(model: nn.Module, head: nn.Module, x: Tensor) -> Tensor | None:
+
+def head_features(model: nn.Module, head: nn.Module, x: Inputs) -> Tensor | None:
     """The input of ``head`` at ``x`` when ``head``'s output *is* the model's output, else None.
 
     Then only ``head`` depends on the random parameters, and the rest of the network runs once.
@@ -23,7 +26,7 @@ def head_features(model: nn.Module, head: nn.Module, x: Tensor) -> Tensor | None
     handle = head.register_forward_hook(hook)
     try:
         with torch.no_grad():
-            logits = model(x)
+            logits = call_model(model, x)
     finally:
         handle.remove()
     args = seen.get("input", ())
@@ -47,7 +50,7 @@ def head_logits(
         return vmap(forward)(block_draws)
 
 
-def logits_at(model: nn.Module, thetas: Tensor, x: Tensor, chunk: int = 32) -> Tensor:
+def logits_at(model: nn.Module, thetas: Tensor, x: Inputs, chunk: int = 32) -> Tensor:
     """``[S, B, C]`` logits of ``model`` at each full parameter vector ``thetas[s]``.
 
     Uses ``torch.func.functional_call`` under ``vmap`` over chunks of samples (no
@@ -58,9 +61,11 @@ def logits_at(model: nn.Module, thetas: Tensor, x: Tensor, chunk: int = 32) -> T
     sizes = [p.numel() for _, p in model.named_parameters()]
     buffers = dict(model.named_buffers())
 
-    def forward(theta: Tensor, xb: Tensor) -> Tensor:
+    def forward(theta: Tensor, xb: Inputs) -> Tensor:
         parts = torch.split(theta, sizes)
         params = {k: v.view(s) for k, v, s in zip(names, parts, shapes, strict=True)}
+        if isinstance(xb, Mapping):  # model(**x)
+            return functional_call(model, (params, buffers), (), dict(xb))
         return functional_call(model, (params, buffers), (xb,))
 
     outs = []

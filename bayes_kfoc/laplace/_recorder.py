@@ -12,7 +12,8 @@ TRAIN_SAMPLE = 1000  # training points ``Laplace.fit`` keeps for the consistency
 
 class Recorder:
     """Iterates ``loader`` unchanged (``len`` and ``dataset`` pass through) and keeps a CPU copy
-    of the first ``limit`` ``(x, y)`` points of its first pass."""
+    of the first ``limit`` ``(x, y)`` points of its first pass (only the batches whose inputs have
+    the first batch's shape, so varying sequence lengths still give one tensor)."""
 
     def __init__(self, loader: Iterable[Any], limit: int):
         self.loader = loader
@@ -29,6 +30,9 @@ class Recorder:
             if first and self._count < self.limit and isinstance(batch, list | tuple):
                 if len(batch) == 2 and all(isinstance(t, Tensor) for t in batch):
                     x, y = batch
+                    if self._xs and x.shape[1:] != self._xs[0].shape[1:]:
+                        yield batch  # another sequence length: the sample keeps one shape
+                        continue
                     take = min(self.limit - self._count, len(x))
                     self._xs.append(x[:take].detach().cpu().clone())
                     self._ys.append(y[:take].detach().cpu().clone())

@@ -14,7 +14,7 @@ prior and the predictive temperature; tuning is in :mod:`.optimize`, prediction 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -309,13 +309,13 @@ class Laplace:
         """
         return predictive.sample(self.view(), n_samples, generator)
 
-    def glm_distribution(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def glm_distribution(self, x: Tensor | Mapping[str, Any]) -> tuple[Tensor, Tensor]:
         """Mean ``[B, C]`` and covariance ``[B, C, C]`` of the linearised logits at ``x``."""
         return predictive.glm_distribution(self.view(), x)
 
     def predictive_samples(
         self,
-        x: Tensor,
+        x: Tensor | Mapping[str, Any],  # a mapping is passed as model(**x)
         n_samples: int = 100,
         method: str = "glm",
         generator: torch.Generator | None = None,
@@ -334,7 +334,7 @@ class Laplace:
 
     def predict(
         self,
-        x: Tensor,
+        x: Tensor | Mapping[str, Any],  # a mapping is passed as model(**x)
         method: str = "glm",
         link: str = "probit",
         n_samples: int = 100,

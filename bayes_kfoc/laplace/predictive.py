@@ -8,7 +8,7 @@ grid search can score another ``τ`` without touching the posterior.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from ..blocks import CurvatureBlock
 from ..options import Link, PredMethod
 from ..stats import Collector, Target
+from ..stats.inputs import Inputs, check_mapping, inputs_to, split_inputs
 from ._glm import Chunk, chunk_variances, glm_moments, probit, sample_logits, total_variance
 from ._layout import Layout
 from ._mc import head_features, head_logits, logits_at
@@ -71,33 +72,43 @@ class PosteriorView:
         return self.map_vector.device
 
 
-def check_inputs(view: PosteriorView, x: Tensor) -> Tensor:
-    """``x`` on the posterior's device; raises unless it is a batch of fitted-shape inputs."""
+def check_inputs(view: PosteriorView, x: Inputs) -> Inputs:
+    """``x`` on the posterior's device; raises unless it is a batch of inputs like the fitted
+    ones: the same number of dimensions and, for floating-point inputs, the same trailing
+    (feature) size. The other sizes (the sequence length ``T`` of ``[N, T, d]``, or of integer
+    token ids ``[N, T]``) may differ from the fit's. A mapping is passed as ``model(**x)``
+    (its tensor values must share the batch size)."""
+    if isinstance(x, Mapping):
+        check_mapping(x, "Laplace.predict")
+        return inputs_to(x, view.device)
     if not isinstance(x, Tensor):
         raise TypeError(f"Laplace.predict: x must be a tensor, got {type(x).__name__}.")
-    if tuple(x.shape[1:]) != view.input_shape:
+    fitted = view.input_shape
+    features = bool(fitted) and x.is_floating_point()
+    if x.ndim != len(fitted) + 1 or (features and x.shape[-1] != fitted[-1]):
         raise ValueError(
             f"Laplace.predict: inputs have shape {tuple(x.shape)}, but the model was fitted "
-            f"on inputs [N, {', '.join(map(str, view.input_shape))}]."
+            f"on inputs [N, {', '.join(map(str, fitted))}]; the number of dimensions and the last "
+            "(feature) size must match (other sizes, e.g. a sequence length, may differ)."
         )
     return x.to(view.device)
 
 
-def iter_jacobians(view: PosteriorView, x: Tensor) -> Iterator[Chunk]:
+def iter_jacobians(view: PosteriorView, x: Inputs) -> Iterator[Chunk]:
     """Jacobian statistics and MAP logits at ``x``, one chunk of ``chunk_size`` points at a
     time (independent of ``τ``)."""
     x = check_inputs(view, x)
     with Collector(view.model, view.targets) as col:
-        for xb in torch.split(x, view.chunk_size):
+        for xb in split_inputs(x, view.chunk_size):
             yield col.jacobians(xb)
 
 
-def jacobians(view: PosteriorView, x: Tensor) -> list[Chunk]:
+def jacobians(view: PosteriorView, x: Inputs) -> list[Chunk]:
     """Every chunk of :func:`iter_jacobians` (for reuse across ``τ``)."""
     return list(iter_jacobians(view, x))
 
 
-def glm_mean_variance(view: PosteriorView, x: Tensor) -> tuple[Tensor, Tensor]:
+def glm_mean_variance(view: PosteriorView, x: Inputs) -> tuple[Tensor, Tensor]:
     """Mean and variances ``[B, C]`` of the linearised logits ``f(x)`` (untempered), chunk by
     chunk: memory ``O(chunk_size · C)`` beyond one chunk's Jacobian statistics."""
     means, variances = [], []
@@ -108,7 +119,7 @@ def glm_mean_variance(view: PosteriorView, x: Tensor) -> tuple[Tensor, Tensor]:
     return torch.cat(means), torch.cat(variances)
 
 
-def glm_distribution(view: PosteriorView, x: Tensor) -> tuple[Tensor, Tensor]:
+def glm_distribution(view: PosteriorView, x: Inputs) -> tuple[Tensor, Tensor]:
     """Mean ``[B, C]`` and covariance ``[B, C, C]`` of the linearised, tempered logits
     ``f(x) / T`` at ``x`` (memory ``B·C²``)."""
     mean, cov = glm_moments(jacobians(view, x), view.blocks, view.tau)
@@ -126,7 +137,7 @@ def sample(view: PosteriorView, n: int, generator: torch.Generator | None) -> Te
 
 
 def predictive_samples(
-    view: PosteriorView, x: Tensor, method: PredMethod, n: int, generator: torch.Generator | None
+    view: PosteriorView, x: Inputs, method: PredMethod, n: int, generator: torch.Generator | None
 ) -> Tensor:
     """``[n, B, C]`` probabilities of the tempered logits ``f / T``: GLM logit draws, or the
     network at sampled weights (a
@@ -153,7 +164,7 @@ def predictive_samples(
 
 def predict(
     view: PosteriorView,
-    x: Tensor,
+    x: Inputs,
     method: PredMethod,
     link: Link,
     n: int,

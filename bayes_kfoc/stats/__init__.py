@@ -13,12 +13,24 @@ from .collect import Collector, Stats, probe, unpack_batch
 from .directions import logit_directions, num_directions
 from .generic import GradStats
 from .kron import GradientStats, KfacSums, KronStats, LinearStats, SharedStats, kron_stats, sym_tmm
-from .targets import CONV2D, GENERIC, LINEAR, Target, classify, owners, select, targets_for
+from .targets import (
+    CONV2D,
+    GENERIC,
+    LINEAR,
+    TIED,
+    Target,
+    classify,
+    owners,
+    select,
+    targets_for,
+    tied,
+)
 
 __all__ = [
     "CONV2D",
     "GENERIC",
     "LINEAR",
+    "TIED",
     "Collector",
     "GradStats",
     "GradientStats",
@@ -37,5 +49,6 @@ __all__ = [
     "select",
     "sym_tmm",
     "targets_for",
+    "tied",
     "unpack_batch",
 ]

@@ -6,7 +6,7 @@ predictive (Jacobian directions ``e_c``) and the diagnostics, each through :data
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -16,14 +16,15 @@ from torch import Tensor, nn
 from ..options import FisherType
 from .directions import logit_directions
 from .generic import GradStats, per_sample_param_grads
+from .inputs import Inputs, batch_size, call_model, check_mapping, inputs_to
 from .kron import KronStats, kron_stats
-from .targets import CONV2D, GENERIC, LINEAR, Target, owners
+from .targets import CONV2D, GENERIC, LINEAR, TIED, Target, owners
 
 Stats = KronStats | GradStats
 """The statistics of one module for one batch: Kronecker-capable, or explicit gradients."""
 
 
-def unpack_batch(batch: Any, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def unpack_batch(batch: Any, device: torch.device, dtype: torch.dtype) -> tuple[Inputs, Tensor]:
     """Validate a loader batch ``(x, y)`` and move it to the model's device."""
     if not isinstance(batch, list | tuple) or len(batch) != 2:
         raise TypeError(
@@ -33,6 +34,14 @@ def unpack_batch(batch: Any, device: torch.device, dtype: torch.dtype) -> tuple[
             + ". Wrap the dataset so it returns (x, y)."
         )
     x, y = batch
+    if isinstance(x, Mapping) and isinstance(y, Tensor):  # model(**x): dict inputs
+        check_mapping(x, "fit_curvature")
+        if y.ndim != 1 or y.shape[0] != batch_size(x):
+            raise ValueError(
+                f"fit_curvature: targets must have shape [N] matching the inputs' batch size "
+                f"{batch_size(x)}; got targets {tuple(y.shape)}."
+            )
+        return inputs_to(x, device), y.to(device, non_blocking=True)
     if not isinstance(x, Tensor) or not isinstance(y, Tensor):
         raise TypeError("fit_curvature: inputs and targets must be tensors.")
     if x.is_floating_point() and x.dtype != dtype:
@@ -57,7 +66,7 @@ def unpack_batch(batch: Any, device: torch.device, dtype: torch.dtype) -> tuple[
     return x, y
 
 
-def probe(model: nn.Module, x: Tensor) -> tuple[list[str], dict[str, int], Tensor]:
+def probe(model: nn.Module, x: Inputs) -> tuple[list[str], dict[str, int], Tensor]:
     """One forward pass without gradients: call order and call counts of parameter owners."""
     order: list[str] = []
     counts: dict[str, int] = {}
@@ -72,7 +81,7 @@ def probe(model: nn.Module, x: Tensor) -> tuple[list[str], dict[str, int], Tenso
         handles.append(module.register_forward_hook(hook))
     try:
         with torch.no_grad():
-            out = model(x)
+            out = call_model(model, x)
     finally:
         for h in handles:
             h.remove()
@@ -128,11 +137,13 @@ class Collector:
         self.clone_outputs = False
         self.batched_grads = True
         self._active: set[str] = set()
-        self._cap: dict[str, dict[str, Any]] = {}
+        self._cap: dict[str, list[dict[str, Any]]] = {}
         self._handles: list[Any] = []
 
     def __enter__(self) -> Collector:
         for t in self.targets:
+            if t.kind == TIED:  # whole-model gradients, no hook
+                continue
             self._handles.append(
                 t.module.register_forward_hook(self._make_hook(t), with_kwargs=True)
             )
@@ -147,13 +158,11 @@ class Collector:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
             if t.name not in self._active:
                 return None
-            if t.name in self._cap:
-                raise RuntimeError(
-                    f"fit_curvature: module {t.name!r} is called more than once per forward pass "
-                    "(weight sharing); this is not supported. Exclude it with exclude=[...]."
-                )
             if not isinstance(out, Tensor):
-                raise TypeError(f"fit_curvature: module {t.name!r} must return a tensor.")
+                raise TypeError(
+                    f"fit_curvature: module {t.name!r} returns {type(out).__name__}; a module with "
+                    "a curvature block must return one tensor. Exclude it with exclude=[...]."
+                )
             cap: dict[str, Any] = {"z": out, "version": out._version}
             x = args[0] if args else kwargs.get("input")
             if t.kind == LINEAR:
@@ -162,32 +171,33 @@ class Collector:
                         f"fit_curvature: Linear module {t.name!r} needs batched inputs [N, ..., "
                         "d_in]."
                     )
-                a = x.detach().reshape(x.shape[0], -1, x.shape[-1])
-                cap["a"] = a
+                cap["a"] = x.detach().reshape(x.shape[0], -1, x.shape[-1])
             elif t.kind == CONV2D:
                 assert isinstance(module, nn.Conv2d) and isinstance(x, Tensor)
                 cap["a"] = _conv_unfold(module, x.detach())
             else:
                 cap["args"] = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
                 cap["kwargs"] = kwargs
-            self._cap[t.name] = cap
+            # a module called k times per forward (weight sharing): every call is kept, and its
+            # statistics sum over the calls (docs/math.md, "Weight sharing")
+            self._cap.setdefault(t.name, []).append(cap)
             return out.clone() if self.clone_outputs else None
 
         return hook
 
-    def _forward(self, x: Tensor, names: set[str]) -> Tensor:
+    def _forward(self, x: Inputs, names: set[str]) -> Tensor:
         self._cap = {}
         self._active = names
         try:
             with torch.enable_grad():
-                logits = self.model(x)
+                logits = call_model(self.model, x)
         finally:
             self._active = set()
         return logits
 
     def batch(
         self,
-        x: Tensor,
+        x: Inputs,
         y: Tensor,
         generator: torch.Generator | None,
         names: set[str] | None = None,
@@ -209,7 +219,7 @@ class Collector:
         return self._run(x, names, directions)
 
     def jacobians(
-        self, x: Tensor, names: set[str] | None = None
+        self, x: Inputs, names: set[str] | None = None
     ) -> tuple[dict[str, Stats], Tensor]:
         """Per-point Jacobians of the logits (directions ``e_c``, ``V = C``) and the logits."""
 
@@ -221,12 +231,12 @@ class Collector:
         return self._run(x, names, directions)
 
     def _run(
-        self, x: Tensor, names: set[str] | None, directions: Callable[[Tensor], Tensor]
+        self, x: Inputs, names: set[str] | None, directions: Callable[[Tensor], Tensor]
     ) -> tuple[dict[str, Stats], Tensor]:
         names = {t.name for t in self.targets} if names is None else names
         logits = self._forward(x, names)
         if not self.clone_outputs and any(
-            c["z"]._version != c["version"] for c in self._cap.values()
+            c["z"]._version != c["version"] for caps in self._cap.values() for c in caps
         ):
             self.clone_outputs = True  # an in-place op modified a captured output: redo cloned
             logits = self._forward(x, names)
@@ -238,24 +248,34 @@ class Collector:
         if not bool(torch.isfinite(logits).all()):
             raise FloatingPointError("fit_curvature: the model's outputs (logits) contain NaN/Inf.")
         cot = directions(logits.detach())
-        active = [t for t in self.targets if t.name in names]
-        grads = self._output_grads(logits, [self._cap[t.name]["z"] for t in active], cot)
-        out: dict[str, Stats] = {}
+        active = [t for t in self.targets if t.name in names and t.kind != TIED]
+        missing = [t.name for t in active if t.name not in self._cap]
+        if missing:
+            raise RuntimeError(
+                f"fit_curvature: module(s) {missing} were not called in this batch's forward "
+                "pass; every module with a block must be called for every batch."
+            )
+        calls = [(t, c) for t in active for c in self._cap[t.name]]
+        grads = self._output_grads(logits, [c["z"] for _, c in calls], cot) if calls else []
         finite = [torch.isfinite(g).all() for g in grads if g is not None]
         if finite and not bool(torch.stack(finite).all()):  # one host sync per batch
             bad = next(
                 t.name
-                for t, g in zip(active, grads, strict=True)
+                for (t, _), g in zip(calls, grads, strict=True)
                 if g is not None and not bool(torch.isfinite(g).all())
             )
             raise FloatingPointError(
                 f"fit_curvature: the backpropagated directions at module {bad!r} contain NaN/Inf."
             )
-        for t, g in zip(active, grads, strict=True):
-            cap = self._cap[t.name]
+        per_module: dict[str, list[tuple[dict[str, Any], Tensor]]] = {}
+        for (t, cap), g in zip(calls, grads, strict=True):
             if g is None:
                 g = torch.zeros((cot.shape[0], *cap["z"].shape), dtype=cot.dtype, device=cot.device)
-            out[t.name] = self._stats(t, cap, g.detach())
+            per_module.setdefault(t.name, []).append((cap, g.detach()))
+        out: dict[str, Stats] = {t.name: self._stats(t, per_module[t.name]) for t in active}
+        for t in self.targets:
+            if t.kind == TIED and t.name in names:
+                out[t.name] = self._tied_stats(t, x, cot)
         self._cap = {}
         return out, logits.detach()
 
@@ -281,21 +301,46 @@ class Collector:
             for i in range(len(zs))
         ]
 
-    def _stats(self, t: Target, cap: dict[str, Any], g: Tensor) -> Stats:
-        v, n = g.shape[0], g.shape[1]
-        if t.kind == GENERIC:
-            grads = per_sample_param_grads(
-                t.module, t.local_names, cap["args"], cap["kwargs"], g, t.name
+    def _tied_stats(self, t: Target, x: Inputs, cot: Tensor) -> GradStats:
+        """A module owning a tied tensor: per-point gradients of the whole model (every use of
+        the tensor) w.r.t. the module's own parameters, by ``torch.func``."""
+        full = [f"{t.name}.{k}" if t.name else k for k in t.local_names]
+        if not isinstance(x, Tensor):
+            raise TypeError(
+                f"fit_curvature: module {t.name!r} owns a tied tensor, whose whole-model "
+                "gradients need tensor inputs, not a mapping; exclude it with exclude=[...]."
             )
-            return GradStats(grads.to(self.stats_dtype or grads.dtype))
-        a: Tensor = cap["a"]
-        if self.stats_dtype is not None:  # accumulate in a wider dtype than the model's
-            a, g = a.to(self.stats_dtype), g.to(self.stats_dtype)
+        grads = per_sample_param_grads(self.model, full, (x,), {}, cot, t.name)
+        return GradStats(grads.to(self.stats_dtype or grads.dtype))
+
+    def _stats(self, t: Target, calls: list[tuple[dict[str, Any], Tensor]]) -> Stats:
+        """One module's statistics, summed over its calls in the forward pass: explicit gradients
+        add up, and a Kronecker module's calls are stacked as extra positions ``T``, which makes
+        ``M = Σ_calls Σ_t δ ā^T`` (``docs/math.md``, "Weight sharing")."""
+        if t.kind == GENERIC:
+            total: Tensor | None = None
+            for cap, g in calls:
+                grads = per_sample_param_grads(
+                    t.module, t.local_names, cap["args"], cap["kwargs"], g, t.name
+                )
+                total = grads if total is None else total + grads
+            assert total is not None
+            return GradStats(total.to(self.stats_dtype or total.dtype))
         bias = "bias" in t.param_shapes
-        if bias:
-            a = torch.cat([a, a.new_ones((*a.shape[:-1], 1))], dim=-1)
-        if t.kind == CONV2D:
-            d = g.reshape(v, n, g.shape[2], -1).transpose(2, 3)  # [V, N, T, C_out]
-        else:
-            d = g.reshape(v, n, -1, g.shape[-1])
-        return kron_stats(a, d, bias)
+        a_parts, d_parts = [], []
+        for cap, g in calls:
+            a: Tensor = cap["a"]
+            v, n = g.shape[0], g.shape[1]
+            if self.stats_dtype is not None:  # accumulate in a wider dtype than the model's
+                a, g = a.to(self.stats_dtype), g.to(self.stats_dtype)
+            if bias:
+                a = torch.cat([a, a.new_ones((*a.shape[:-1], 1))], dim=-1)
+            if t.kind == CONV2D:
+                d = g.reshape(v, n, g.shape[2], -1).transpose(2, 3)  # [V, N, T, C_out]
+            else:
+                d = g.reshape(v, n, -1, g.shape[-1])
+            a_parts.append(a)
+            d_parts.append(d)
+        if len(calls) == 1:
+            return kron_stats(a_parts[0], d_parts[0], bias)
+        return kron_stats(torch.cat(a_parts, dim=1), torch.cat(d_parts, dim=2), bias)

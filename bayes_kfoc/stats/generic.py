@@ -63,13 +63,15 @@ def per_sample_param_grads(
     """``[V, N, P]`` gradients of ``⟨cotangent, module(x_n)⟩`` w.r.t. the module's own parameters.
 
     ``cotangents`` is ``[V, N, *out]``; ``P`` follows ``names`` (``named_parameters`` order).
+    With ``module`` the whole model and dotted ``names`` these are the gradients of a tied
+    tensor over every use (``functional_call`` keeps the ties).
     """
     num = cotangents.shape[1]
     if len(args) == 1 and isinstance(args[0], Tensor) and not kwargs:
         fast = _norm_grads(module, args[0], cotangents, names)
         if fast is not None:
             return fast
-    params = {k: getattr(module, k).detach() for k in names}
+    params = {k: module.get_parameter(k).detach() for k in names}  # dotted names too
     in_dims = tuple(
         0 if isinstance(x, Tensor) and x.ndim > 0 and x.shape[0] == num else None for x in args
     )

@@ -11,6 +11,7 @@ from torch import nn
 LINEAR = "linear"  # nn.Linear: Kronecker-capable (rank-one per point, or shared dims)
 CONV2D = "conv2d"  # nn.Conv2d with groups=1: Kronecker-capable via the unfold
 GENERIC = "generic"  # anything else with trainable parameters: diagonal or dense only
+TIED = "tied"  # owns a tensor that other modules share: whole-model per-point gradients
 
 
 @dataclass
@@ -48,22 +49,58 @@ def classify(module: nn.Module) -> tuple[str, str]:
     return GENERIC, ""
 
 
+def tied(model: nn.Module) -> dict[int, list[str]]:
+    """``{id(p): [full names]}`` of the trainable tensors owned by more than one module object
+    (tied weights); the first name is the one ``named_parameters`` lists (the tensor's *home*)."""
+    names: dict[int, list[str]] = {}
+    holders: dict[int, set[int]] = {}
+    for mname, module in model.named_modules(remove_duplicate=False):
+        for pname, p in own_trainable(module).items():
+            full = f"{mname}.{pname}" if mname else pname
+            if full not in names.setdefault(id(p), []):
+                names[id(p)].append(full)
+            holders.setdefault(id(p), set()).add(id(module))
+    home = {id(p): k for k, p in model.named_parameters()}
+    out: dict[int, list[str]] = {}
+    for key, every in names.items():
+        if len(holders[key]) > 1:
+            out[key] = [home[key]] + [f for f in every if f != home[key]]
+    return out
+
+
+def _kind(
+    name: str, module: nn.Module, ties: dict[int, list[str]]
+) -> tuple[str, str, dict[str, nn.Parameter]]:
+    """The statistics kind, note and own parameters of one module, tied weights resolved: a
+    shared tensor belongs to its home module only (a whole-model ``TIED`` block there)."""
+    prefix = f"{name}." if name else ""
+    params, kind, notes = {}, "", []
+    for k, p in own_trainable(module).items():
+        if id(p) not in ties:
+            params[k] = p
+        elif ties[id(p)][0] == prefix + k:
+            params[k], kind = p, TIED
+            others = ", ".join(repr(o) for o in ties[id(p)][1:])
+            notes.append(
+                f"{k!r} is tied to {others}: exact per-point gradients over every use "
+                "(torch.func over the whole model), diagonal or dense block"
+            )
+        else:
+            kind = kind or GENERIC
+            notes.append(f"{k!r} is tied to {ties[id(p)][0]!r} and covered by that block")
+    if not kind:
+        kind, note = classify(module)
+        notes = [note] if note else []
+    return kind, "; ".join(notes), params
+
+
 def owners(model: nn.Module) -> dict[str, nn.Module]:
-    """Modules that own trainable parameters directly, by name; tied parameters raise."""
-    seen: dict[int, str] = {}
+    """Modules that own trainable parameters directly, by name (a tied tensor counts for its
+    home module only, see :func:`tied`)."""
+    ties = tied(model)
     out: dict[str, nn.Module] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        params = own_trainable(module)
-        for pname, p in params.items():
-            full = f"{name}.{pname}" if name else pname
-            if id(p) in seen and seen[id(p)] != full:
-                raise ValueError(
-                    f"fit_curvature: parameter {full!r} is the same tensor as {seen[id(p)]!r} "
-                    "(tied weights); tied parameters are not supported. Untie them, or exclude "
-                    "one of the owning modules."
-                )
-            seen[id(p)] = full
-        if params and name not in out:
+    for name, module in model.named_modules():
+        if _kind(name, module, ties)[2]:
             out[name] = module
     return out
 
@@ -101,6 +138,7 @@ def select(
     ``call_order`` lists the parameter-owning modules in the order of the first forward pass.
     """
     owned = owners(model)
+    ties = tied(model)
     if not owned:
         raise ValueError(
             f"fit_curvature: {type(model).__name__} has no trainable parameters; nothing to fit."
@@ -113,7 +151,7 @@ def select(
         elif modules == "last_layer":
             if not call_order:
                 raise ValueError("fit_curvature: no module with trainable parameters was called.")
-            kron = [c for c in call_order if classify(owned[c])[0] in (LINEAR, CONV2D)]
+            kron = [c for c in call_order if _kind(c, owned[c], ties)[0] in (LINEAR, CONV2D)]
             chosen = [(kron or list(call_order))[-1]]
         else:
             raise ValueError(
@@ -134,42 +172,34 @@ def select(
         skipped[o] = "excluded by the user"
     if not chosen:
         raise ValueError("fit_curvature: every module was excluded; nothing to fit.")
-    missing = [c for c in chosen if c not in called]
+    # a tied home module may itself be unused: its tensor's other owners were called
+    missing = [c for c in chosen if c not in called and _kind(c, owned[c], ties)[0] != TIED]
     if missing:
         raise ValueError(
             f"fit_curvature: module(s) {missing} own trainable parameters but were not called in "
             "the forward pass, so their Fisher is zero. Exclude them with exclude=[...]."
         )
-    order = [c for c in call_order if c in chosen]
-    targets = []
-    for name in order:
-        module = owned[name]
-        kind, note = classify(module)
-        params = own_trainable(module)
-        targets.append(
-            Target(
-                name=name,
-                module=module,
-                kind=kind,
-                note=note,
-                param_shapes={k: p.shape for k, p in params.items()},
-                local_names=list(params),
-            )
-        )
-    return targets, skipped
+    order = [c for c in call_order if c in chosen] + [c for c in chosen if c not in called]
+    return targets_for(model, order), skipped
 
 
 def targets_for(model: nn.Module, names: Sequence[str]) -> list[Target]:
     """Targets for already-resolved module names (e.g. the blocks of a fitted curvature)."""
     modules = dict(model.named_modules())
+    ties = tied(model)
     out = []
     for name in names:
         if name not in modules:
             raise ValueError(f"module {name!r} does not exist in {type(model).__name__}.")
-        module = modules[name]
-        kind, note = classify(module)
-        params = own_trainable(module)
+        kind, note, params = _kind(name, modules[name], ties)
         out.append(
-            Target(name, module, kind, {k: p.shape for k, p in params.items()}, note, list(params))
+            Target(
+                name,
+                modules[name],
+                kind,
+                {k: p.shape for k, p in params.items()},
+                note,
+                list(params),
+            )
         )
     return out
