@@ -16,8 +16,9 @@ from torch import Tensor, nn
 
 from ..blocks import CurvatureBlock
 from ..options import Link, PredMethod
-from ..stats import Collector, Target
+from ..stats import Collector, Target, call_model, normal_tensor
 from ._glm import Chunk, chunk_variances, glm_moments, probit, sample_logits, total_variance
+from ._guard import check_num_samples
 from ._layout import Layout
 from ._mc import head_features, head_logits, logits_at
 from ._posterior import sample_blocks
@@ -27,6 +28,7 @@ __all__ = [
     "check_inputs",
     "glm_distribution",
     "glm_mean_variance",
+    "glm_probability_samples",
     "head_features",
     "iter_jacobians",
     "jacobians",
@@ -78,7 +80,14 @@ def check_inputs(view: PosteriorView, x: Tensor) -> Tensor:
             f"Laplace.predict: inputs have shape {tuple(x.shape)}, but the model was fitted "
             f"on inputs [N, {', '.join(map(str, view.input_shape))}]."
         )
-    return x.to(view.device)
+    x = x.to(view.device)
+    if x.is_inference():  # made under torch.inference_mode(): autograd cannot record it
+        with torch.inference_mode(False):
+            x = normal_tensor(x)
+    if not x.is_floating_point() and x.shape[0]:  # e.g. uint8 images: a clear error, up front
+        with torch.no_grad():
+            call_model(view.model, x[:1], "Laplace.predict")
+    return x
 
 
 def iter_jacobians(view: PosteriorView, x: Tensor) -> Iterator[Chunk]:
@@ -87,7 +96,9 @@ def iter_jacobians(view: PosteriorView, x: Tensor) -> Iterator[Chunk]:
     x = check_inputs(view, x)
     with Collector(view.model, view.targets) as col:
         for xb in torch.split(x, view.chunk_size):
-            yield col.jacobians(xb)
+            with torch.inference_mode(False):  # e.g. inside Lightning's test loop
+                chunk = col.jacobians(xb)
+            yield chunk
 
 
 def jacobians(view: PosteriorView, x: Tensor) -> list[Chunk]:
@@ -107,12 +118,29 @@ def glm_mean_variance(view: PosteriorView, x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def glm_distribution(view: PosteriorView, x: Tensor) -> tuple[Tensor, Tensor]:
-    """Mean ``[B, C]`` and covariance ``[B, C, C]`` of the linearised logits at ``x``."""
+    """Mean ``[B, C]`` and covariance ``[B, C, C]`` of the linearised logits at ``x``.
+
+    Memory: the full covariance, ``B·C²`` numbers (8 GB in float64 for 1,000 points and 1,000
+    classes); the predictives themselves go chunk by chunk (:func:`glm_mean_variance`,
+    :func:`glm_probability_samples`).
+    """
     return glm_moments(jacobians(view, x), view.blocks, view.tau)
+
+
+def glm_probability_samples(
+    view: PosteriorView, x: Tensor, n: int, generator: torch.Generator | None
+) -> Iterator[Tensor]:
+    """``[n, b, C]`` softmax probabilities of GLM logit draws, one chunk of ``chunk_size``
+    points at a time: memory ``O(chunk_size · C · (C + n))`` beyond the chunk's Jacobians."""
+    n = check_num_samples(n, "Laplace.predict")
+    for chunk in iter_jacobians(view, x):
+        mean, cov = glm_moments([chunk], view.blocks, view.tau)
+        yield torch.softmax(sample_logits(mean, cov, n, generator), dim=-1)
 
 
 def sample(view: PosteriorView, n: int, generator: torch.Generator | None) -> Tensor:
     """``[n, P]`` full parameter vectors: ``θ* + P_b^{-1/2} ε`` on the blocks, MAP elsewhere."""
+    n = check_num_samples(n, "Laplace.sample")
     draws = sample_blocks(list(view.blocks.values()), view.tau, n, generator)
     thetas = view.map_vector.unsqueeze(0).repeat(n, 1)
     for name, d in zip(view.blocks, draws, strict=True):
@@ -125,10 +153,10 @@ def predictive_samples(
 ) -> Tensor:
     """``[n, B, C]`` probabilities: GLM logit draws, or the network at sampled weights (a
     single-block posterior whose module produces the logits runs the deterministic trunk
-    once)."""
+    once). Memory: the output, ``n·B·C`` numbers; the GLM draws go chunk by chunk."""
+    n = check_num_samples(n, "Laplace.predictive_samples")
     if method is PredMethod.GLM:
-        mean, cov = glm_distribution(view, x)
-        return torch.softmax(sample_logits(mean, cov, n, generator), dim=-1)
+        return torch.cat(list(glm_probability_samples(view, x, n, generator)), dim=1)
     x = check_inputs(view, x)
     if len(view.blocks) == 1:  # e.g. last layer: run the deterministic trunk once
         (name, block), target = next(iter(view.blocks.items())), view.targets[0]
@@ -152,7 +180,11 @@ def predict(
     n: int,
     generator: torch.Generator | None,
 ) -> Tensor:
-    """Predictive class probabilities ``[B, C]`` (GLM probit in closed form, else MC)."""
+    """Predictive class probabilities ``[B, C]`` (GLM probit in closed form, else MC; the GLM
+    draws are averaged chunk by chunk, so memory is bounded by ``chunk_size``)."""
     if method is PredMethod.GLM and link is Link.PROBIT:
         return probit(*glm_mean_variance(view, x))
+    n = check_num_samples(n, "Laplace.predict")
+    if method is PredMethod.GLM:
+        return torch.cat([p.mean(0) for p in glm_probability_samples(view, x, n, generator)])
     return predictive_samples(view, x, method, n, generator).mean(0)

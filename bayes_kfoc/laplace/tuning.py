@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ..blocks import CurvatureBlock
 from ..options import Link, PredMethod
+from ..stats import as_labels, call_model, check_label_range
 from . import predictive
 from ._glm import chunk_variances, probit, total_variance
 from ._prior import marglik_root
@@ -107,6 +108,12 @@ def tune_gridsearch(
         return scores[t]
 
     coarse = [scored(float(t)) for t in grid_t]
+    if not any(math.isfinite(v) for v in coarse):
+        raise ValueError(
+            "Laplace.optimize_prior_precision: the metric is NaN or infinite at every τ of the "
+            f"grid ({len(coarse)} values); check the metric (it gets probs [N, C] and labels [N] "
+            "and returns a float, lower is better) and the validation data."
+        )
     best = min(range(len(coarse)), key=coarse.__getitem__)
     if len(grid_t) > 2:
         lo = grid_t[max(best - 1, 0)].log()
@@ -127,6 +134,32 @@ def tune_gridsearch(
     return TuningResult("gridsearch", tau, dict(sorted(scores.items())), at_edge)
 
 
+def validation_data(view: PosteriorView, val_loader: Iterable[Any]) -> tuple[Tensor, Tensor]:
+    """Every ``(x, y)`` of ``val_loader``, concatenated and checked: at least one point, integer
+    labels (any width, as ``long``) within the model's classes."""
+    what = "Laplace.optimize_prior_precision: val_loader"
+    xs, ys = [], []
+    for batch in val_loader:
+        if not isinstance(batch, list | tuple) or len(batch) != 2:
+            raise TypeError(f"{what} must yield (x, y) pairs, got {type(batch).__name__}.")
+        if not isinstance(batch[0], Tensor) or not isinstance(batch[1], Tensor):
+            raise TypeError(f"{what} must yield tensors (x, y).")
+        xs.append(batch[0])
+        ys.append(as_labels(batch[1], what))
+    if not xs or sum(len(t) for t in xs) == 0:
+        raise ValueError(f"{what} yielded no points; pass a loader over held-out (x, y) data.")
+    x, y = torch.cat(xs), torch.cat(ys).to(view.device)
+    if y.ndim != 1 or y.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"{what}: labels must be [N] matching inputs [N, ...]; got {tuple(y.shape)} and "
+            f"{tuple(x.shape)}."
+        )
+    with torch.no_grad():
+        logits = call_model(view.model, predictive.check_inputs(view, x[:1]), what)
+    check_label_range(y, logits.shape[-1], what)
+    return x, y
+
+
 def tune_on_loader(
     view: PosteriorView,
     val_loader: Iterable[Any],
@@ -141,13 +174,7 @@ def tune_on_loader(
     For the GLM probit predictive the Jacobians and MAP logits are computed once and every ``τ``
     reuses them; other predictives are re-run per ``τ`` with a fixed seed.
     """
-    xs, ys = [], []
-    for batch in val_loader:
-        if not isinstance(batch, list | tuple) or len(batch) != 2:
-            raise TypeError("Laplace: val_loader must yield (x, y) pairs.")
-        xs.append(batch[0])
-        ys.append(batch[1])
-    x, y = torch.cat(xs), torch.cat(ys).to(view.device)
+    x, y = validation_data(view, val_loader)
     glm_probit = method is PredMethod.GLM and link is Link.PROBIT
     # The τ-independent work, once: squared Jacobian coordinates in each block's eigenbasis.
     terms = (
