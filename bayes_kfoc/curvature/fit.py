@@ -79,7 +79,10 @@ def fit_curvature(
 
     Args:
         model: a classifier returning logits ``[N, C]``, in eval mode.
-        loader: an iterable of ``(x, y)`` batches (re-iterable for ``mode="streaming"``).
+        loader: an iterable of ``(x, y)`` batches (integer labels of any width). Streaming needs
+            a re-iterable loader that yields the same points in every pass (checked; a one-shot
+            generator or a loader that changes between passes raises, see
+            ``docs/bad_inputs.md``); a cached fit takes one pass.
         structure: ``"kfoc"``, ``"kfac"``, ``"diag"`` or ``"full"``.
         fisher: ``"exact"`` (type-2), ``"mc"`` (``mc_samples`` sampled labels, averaged) or
             ``"empirical"`` (observed labels).
