@@ -217,7 +217,7 @@ def test_budget_between_cache_and_peak_streams() -> None:
     assert between.mode == "streaming"
 
 
-PEAK_RATIO = (0.6, 1.25)  # measured peak / peak_bytes_estimate (0.75 measured; old: 1.4)
+PEAK_RATIO = (0.4, 1.25)  # measured peak / peak_bytes_estimate (0.6-0.8 measured; old: 1.49)
 _MEASURE = """
 import os, resource, torch
 from torch import nn
@@ -228,6 +228,10 @@ model = nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 600)).eval()
 x, y = torch.randn(128, 32), torch.randint(0, 600, (128,))
 loader = [(x[i : i + 64], y[i : i + 64]) for i in range(0, 128, 64)]
 fit_curvature(model, [(x[:4], y[:4])], progress=False, max_iter=2)  # warm-up
+try:  # hand freed heap pages back, so that the fit cannot hide in them
+    __import__("ctypes").CDLL("libc.so.6").malloc_trim(0)
+except OSError:
+    pass
 base = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 curv = fit_curvature(model, loader, mode="cached", memory_budget=2**40, max_iter=5, progress=False)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
