@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import scipy.io
@@ -33,13 +34,16 @@ def read_svhn_mat(path: str | Path) -> tuple[NDArray[np.uint8], NDArray[np.int64
         ``(images, labels)``: uint8 ``[N, 3, 32, 32]`` and int64 ``[N]`` in 0..9.
 
     Raises:
-        DatasetFileError: If the file cannot be parsed (corrupt or truncated), lacks ``X`` or
-            ``y``, has unexpected shapes, or holds labels outside 1..10.
+        DatasetFileError: If the file cannot be parsed (corrupt, truncated or empty), lacks
+            ``X`` or ``y``, has unexpected shapes, holds labels outside 1..10, or pixels that are
+            not whole numbers in 0..255 (e.g. floats already scaled to [0, 1]).
     """
     path = Path(path)
     try:
         contents = scipy.io.loadmat(path)
-    except (ValueError, OSError, TypeError, EOFError, NotImplementedError) as err:
+    except (
+        ValueError, OSError, TypeError, EOFError, NotImplementedError, scipy.io.matlab.MatReadError
+    ) as err:  # fmt: skip
         raise DatasetFileError(
             f"'{path}': cannot read as a MATLAB v5 .mat file (corrupt or truncated?): {err}"
         ) from err
@@ -61,10 +65,32 @@ def read_svhn_mat(path: str | Path) -> tuple[NDArray[np.uint8], NDArray[np.int64
             f"'{path}': SVHN labels must lie in 1..10, found range {raw.min()}..{raw.max()}"
         )
     labels = check_labels(raw % 10, x.shape[3], SVHN_CLASSES, path)
-    if x.dtype != np.uint8 and (x.min() < 0 or x.max() > 255):
-        raise DatasetFileError(f"'{path}': X values must lie in 0..255")
+    if x.dtype != np.uint8:
+        _check_pixel_values(x, path)
     images = np.ascontiguousarray(x.transpose(3, 2, 0, 1), dtype=np.uint8)
     return images, labels
+
+
+def _check_pixel_values(x: NDArray[Any], path: Path) -> None:
+    """Non-uint8 ``X`` must hold whole numbers in 0..255 (a cast would otherwise truncate)."""
+    if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
+        raise DatasetFileError(f"'{path}': X has dtype {x.dtype}; expected uint8 pixels 0..255")
+    lo, hi = x.min(), x.max()
+    if not (np.isfinite(lo) and np.isfinite(hi)) or lo < 0 or hi > 255:
+        raise DatasetFileError(
+            f"'{path}': X values must lie in 0..255 (uint8 pixels), found range {lo}..{hi}"
+        )
+    if np.issubdtype(x.dtype, np.floating) and hi <= 1.0 and np.any(x != np.round(x)):
+        raise DatasetFileError(
+            f"'{path}': X is {x.dtype} in [0, 1] (range {lo:.3g}..{hi:.3g}): already scaled "
+            "pixels, which a uint8 cast would turn into black images; store the original uint8 "
+            "0..255 pixels (e.g. np.round(X * 255).astype(np.uint8))"
+        )
+    if np.issubdtype(x.dtype, np.floating) and np.any(x != np.round(x)):
+        raise DatasetFileError(
+            f"'{path}': X is {x.dtype} with fractional values; expected whole pixel values "
+            "0..255 (uint8), as distributed"
+        )
 
 
 def load_svhn(directory: str | Path) -> RawImageData:

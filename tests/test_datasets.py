@@ -573,6 +573,42 @@ def test_svhn_corrupt_and_truncated(tmp_path: Path) -> None:
         load_svhn(tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("x", "match"),
+    [
+        (np.full((32, 32, 3, 4), 0.5, np.float32), r"in \[0, 1\].*black images"),
+        (np.full((32, 32, 3, 4), 12.5, np.float64), "fractional values"),
+        (np.full((32, 32, 3, 4), 300, np.int32), r"0\.\.255.*300"),
+        (np.full((32, 32, 3, 4), np.nan, np.float32), r"0\.\.255"),
+    ],
+    ids=["unit-floats", "fractional", "over-255", "nan"],
+)
+def test_svhn_pixels_that_a_uint8_cast_would_mangle(
+    tmp_path: Path, x: np.ndarray, match: str
+) -> None:
+    """Float X in [0, 1] used to be cast to all-zero images."""
+    _write_svhn(tmp_path / "test_32x32.mat", 20, 1)
+    scipy.io.savemat(tmp_path / "train_32x32.mat", {"X": x, "y": np.ones((4, 1))})
+    with pytest.raises(DatasetFileError, match=match):
+        load_svhn(tmp_path)
+
+
+def test_svhn_whole_number_float_pixels_are_read(tmp_path: Path) -> None:
+    x, _ = _write_svhn(tmp_path / "test_32x32.mat", 20, 1)
+    scipy.io.savemat(
+        tmp_path / "train_32x32.mat", {"X": x.astype(np.float64), "y": np.ones((20, 1))}
+    )
+    raw = load_svhn(tmp_path)
+    assert np.array_equal(raw.train_images, raw.test_images)  # the same pixels, as uint8
+
+
+def test_svhn_empty_mat_is_a_dataset_file_error(tmp_path: Path) -> None:
+    _write_svhn(tmp_path / "test_32x32.mat", 20, 1)
+    (tmp_path / "train_32x32.mat").write_bytes(b"")
+    with pytest.raises(DatasetFileError, match=r"train_32x32\.mat.*corrupt or truncated"):
+        load_svhn(tmp_path)
+
+
 def test_svhn_missing_files_list_expected_names(tmp_path: Path) -> None:
     _write_svhn(tmp_path / "train_32x32.mat", 10, 0)
     with pytest.raises(DatasetFileError) as err:

@@ -24,7 +24,8 @@ def test_exact_directions_give_softmax_fisher(num_classes: int, scale: float) ->
     torch.testing.assert_close(got, want, rtol=0, atol=1e-14)
 
 
-def test_single_class_has_a_zero_direction() -> None:
-    d = logit_directions(torch.randn(4, 1), torch.zeros(4, dtype=torch.long), FisherType.EXACT)
-    assert d.shape == (1, 4, 1)
-    assert bool((d == 0).all())
+@pytest.mark.parametrize("fisher", list(FisherType))
+def test_single_class_logits_raise(fisher: FisherType) -> None:
+    """One logit has a constant softmax and a zero Fisher: an error, not a silent zero."""
+    with pytest.raises(ValueError, match=r"C >= 2 classes, got \(4, 1\)"):
+        logit_directions(torch.randn(4, 1), torch.zeros(4, dtype=torch.long), fisher)

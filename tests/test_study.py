@@ -60,6 +60,7 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
         (["--ood", "uniform,svhm"], ["unknown OOD set 'svhm'", "natural_patches", "digits59"]),
         (["--subsets", "first_layer"], ["first_layer", "all", "last_layer"]),
         (["--seeds", "0"], ["--seeds must be an integer >= 1"]),
+        (["--threads", "0"], ["--threads must be an integer >= 1, got 0"]),
         (["--dataset", "mnist"], ["--data-dir"]),
         (["--dataset", "wine", "--model", "cnn"], ["model 'cnn' needs an image data set"]),
     ],
@@ -565,18 +566,23 @@ def test_smoke_study_writes_a_complete_finite_report(smoke_report: Path) -> None
     assert not [p for p in smoke_report.parent.iterdir() if p.name.startswith(".")]
 
 
-def test_rerunning_the_same_study_replaces_it(
-    smoke_report: Path, capsys: pytest.CaptureFixture[str], no_training: None
-) -> None:
-    """Same fingerprint: not refused (it gets as far as training, which the fixture blocks)."""
-    with pytest.raises(AssertionError, match="started training"):
-        main(
-            [
-                "study", "--seeds", "1", "--epochs", "2", "--methods", ",".join(SMOKE_METHODS),
-                "--quick", "--no-progress", "--out", str(smoke_report),
-            ]
-        )  # fmt: skip
-    assert (smoke_report / "results.json").is_file()
+def test_rerunning_the_same_study_replaces_it(smoke_report: Path) -> None:
+    """Same fingerprint: not refused, and the report is written anew (a stale marker in the old
+    report's results.json is gone, no temporary directory is left)."""
+    stamp = json.loads((smoke_report / "study.json").read_text())
+    (smoke_report / "results.json").write_text('{"stale": true}')
+    code = main(
+        [
+            "study", "--dataset", "digits", "--model", "mlp", "--seeds", "1", "--epochs", "2",
+            "--methods", ",".join(SMOKE_METHODS), "--quick", "--no-progress",
+            "--out", str(smoke_report), "--cache-dir", str(smoke_report.parent / "cache"),
+        ]
+    )  # fmt: skip
+    assert code == 0
+    results = json.loads((smoke_report / "results.json").read_text())
+    assert "stale" not in results and results["fingerprint"] == stamp["fingerprint"]
+    assert json.loads((smoke_report / "study.json").read_text())["files"] == stamp["files"]
+    assert not [p for p in smoke_report.parent.iterdir() if p.name.startswith(".")]
 
 
 def test_notebook_executes_on_the_smoke_report(

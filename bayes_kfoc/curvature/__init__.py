@@ -5,6 +5,7 @@ checks the model and first batch, and the result is a :class:`Curvature` with ty
 :class:`FitInfo` and per-block :class:`SolverInfo`.
 """
 
+from ._checks import check_train_mode
 from ._kfoc import ConvergenceWarning
 from ._result import Curvature
 from .fit import fit_curvature
@@ -20,6 +21,7 @@ __all__ = [
     "FitOptions",
     "FitSetup",
     "SolverInfo",
+    "check_train_mode",
     "fit_curvature",
     "prepare",
 ]

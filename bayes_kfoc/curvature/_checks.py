@@ -7,13 +7,19 @@ import os
 import torch
 from torch import Tensor, nn
 
-from ..stats.inputs import Inputs, call_model
+from ..stats import call_model
+from ..stats.inputs import Inputs
 
 _STOCHASTIC = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)
 
 
-def check_train_mode(model: nn.Module) -> None:
-    """Raise when a module would make the forward pass stochastic or stateful."""
+def check_train_mode(
+    model: nn.Module,
+    what: str = "fit_curvature",
+    why: str = "dropout and batch-norm statistics make the Fisher ill-defined",
+) -> None:
+    """Raise when a module would make the forward pass stochastic or stateful (``what``: the
+    caller, ``why``: what it would break)."""
     culprits = [
         f"{name} ({type(m).__name__})"
         for name, m in model.named_modules()
@@ -21,8 +27,8 @@ def check_train_mode(model: nn.Module) -> None:
     ]
     if culprits:
         raise RuntimeError(
-            f"fit_curvature: the model is in train mode with {', '.join(culprits[:5])}; dropout "
-            "and batch-norm statistics make the Fisher ill-defined. Call model.eval() first."
+            f"{what}: the model is in train mode with {', '.join(culprits[:5])}; {why}. Call "
+            "model.eval() first."
         )
 
 
@@ -73,3 +79,53 @@ def human_bytes(n: float) -> str:
             return f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} PiB"
+
+
+def _fix_for(module: nn.Module) -> str:
+    if isinstance(module, nn.Embedding) and module.max_norm is not None:
+        return (
+            f"Embedding(max_norm={module.max_norm}) renormalises the rows it looks up in place "
+            "in every forward pass: renormalise every row once and set max_norm=None for the fit "
+            "(with torch.no_grad(): emb.weight.copy_(torch.renorm(emb.weight, "
+            f"{module.norm_type}, 0, emb.max_norm)); emb.max_norm = None)"
+        )
+    return "move the update out of forward(), or exclude the module"
+
+
+class ModelGuard:
+    """A fit never changes the user's model: parameters and buffers are copied before the first
+    forward pass, and :meth:`check` restores them and raises if a forward pass changed them.
+
+    Values are compared (a change through ``.data`` moves no version counter). Memory: one copy
+    of the parameters and buffers.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        tensors = [*model.named_parameters(), *model.named_buffers()]
+        self.saved = {k: (t, t.detach().clone()) for k, t in tensors}
+
+    def changed(self) -> list[str]:
+        return [k for k, (t, copy) in self.saved.items() if not torch.equal(t.detach(), copy)]
+
+    def check(self, cause: BaseException | None = None) -> None:
+        """Restore and raise (from ``cause``, if the fit already failed) when anything changed."""
+        changed = self.changed()
+        if not changed:
+            return
+        with torch.no_grad():
+            for k in changed:
+                t, copy = self.saved[k]
+                t.copy_(copy)
+        modules = dict(self.model.named_modules())
+        owner = changed[0].rpartition(".")[0]
+        module = modules[owner]
+        err = RuntimeError(
+            f"fit_curvature: the forward pass changed {changed[:5]} in place (restored); module "
+            f"{owner!r} ({type(module).__name__}) updates its own tensors, so the fit would "
+            f"change the model and its Fisher is not that of fixed weights. Fix: "
+            f"{_fix_for(module)}."
+        )
+        if cause is not None:
+            raise err from cause
+        raise err

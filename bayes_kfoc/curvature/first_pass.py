@@ -13,10 +13,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..options import Mode, Structure
-from ..stats import Collector, KronStats, LinearStats, SharedStats, Target
+from ..options import FisherType, Mode, Structure
+from ..stats import Collector, KronStats, LinearStats, SharedStats, Stats, Target
 from ..stats.inputs import batch_size
 from ._checks import default_memory_budget, human_bytes
+from ._loader import one_shot_error
 from .passes import FitSetup, dataset_size
 
 
@@ -47,8 +48,9 @@ class FirstPass:
             (``full``) of every other module.
         cache: K-FOC's per-batch statistics per Kronecker module, or ``None`` (streaming, or not
             K-FOC).
-        cache_bytes_estimate / peak_bytes_estimate: K-FOC's estimated cache for the whole loader
-            and that plus the per-layer solver work (``None`` when nothing was cached).
+        cache_bytes_estimate / peak_bytes_estimate: K-FOC's estimated cache for the whole loader,
+            and that plus one batch's work (:func:`batch_work_bytes`) and the solver's
+            factor-sized copies of every layer (``None`` when nothing was cached).
     """
 
     num_data: int
@@ -64,6 +66,21 @@ def kron_names(setup: FitSetup) -> list[str]:
     """The target modules that get Kronecker blocks (K-FOC / K-FAC on Linear / Conv2d)."""
     opts = setup.passes.opts
     return [t.name for t in setup.targets if t.kron_capable and opts.kronecker]
+
+
+BATCH_COPIES = 3
+"""A batch's statistics are alive about three times over while it is processed: the backward
+pass's per-direction output gradients and their temporaries, the statistics, their compact
+form (measured: ``evaluation/benchmarks/memory.py``)."""
+
+
+def batch_work_bytes(stats: dict[str, Stats], logits: Tensor, fisher: FisherType) -> int:
+    """Bytes alive while one batch is processed, besides the cache: :data:`BATCH_COPIES` times
+    its statistics, and for the exact Fisher the ``[N, C, C]`` Householder rows of its
+    directions (three such tensors at once; ``docs/math.md``, "Fisher directions")."""
+    n, c = logits.shape
+    directions = 3 * n * c * c * logits.element_size() if fisher is FisherType.EXACT else 0
+    return directions + BATCH_COPIES * sum(st.nbytes for st in stats.values())
 
 
 def _add(acc: dict[str, Tensor], name: str, value: Tensor) -> None:
@@ -85,12 +102,13 @@ def first_pass(setup: FitSetup, collector: Collector) -> FirstPass:
     sums: dict[str, KronSums] = {}
     exact: dict[str, Tensor] = {}
     num_data = 0
-    log_lik = torch.zeros((), dtype=passes.dtype, device=passes.device)
+    acc_dtype = opts.dtype or passes.dtype
+    log_lik = torch.zeros((), dtype=acc_dtype, device=passes.device)
     gen = passes.generator()
     for i, (x, y) in enumerate(passes.batches("curvature")):
         stats, logits = collector.batch(x, y, gen)
         num_data += batch_size(x)
-        log_lik += torch.log_softmax(logits, dim=-1).gather(1, y.unsqueeze(1)).sum()
+        log_lik += torch.log_softmax(logits.to(acc_dtype), dim=-1).gather(1, y.unsqueeze(1)).sum()
         for t in setup.targets:
             st = stats[t.name]
             if t.name in kron:
@@ -105,9 +123,7 @@ def first_pass(setup: FitSetup, collector: Collector) -> FirstPass:
             else:
                 _add(exact, t.name, st.diag())
         if cache is not None and i == 0:
-            # Per-layer work besides the cache: factor-sized copies (iterates, updates and the
-            # Lanczos bases) and one batch's temporaries (about that batch's statistics).
-            work = cache_bytes + sum(
+            work = batch_work_bytes(stats, logits, opts.fisher) + sum(
                 opts.factor_copies * (st.n**2 + st.o**2) * st.element_size
                 for k, st in stats.items()
                 if k in kron and isinstance(st, KronStats)
@@ -123,10 +139,18 @@ def first_pass(setup: FitSetup, collector: Collector) -> FirstPass:
                     f"per-layer work), over the memory_budget of {human_bytes(budget)}; use "
                     "mode='auto' or 'streaming', or raise memory_budget."
                 )
+            if passes.one_shot:
+                raise one_shot_error(
+                    passes.loader,
+                    f"mode='auto' with K-FOC's statistics (about {need}) over the memory_budget "
+                    f"of {human_bytes(budget)}: streaming",
+                )
             cache = None  # auto: fall back to streaming
     if num_data == 0:
         raise ValueError("fit_curvature: the loader yielded only empty batches.")
     if want_cache and red.any(cache is None, passes.device):
+        if passes.one_shot and cache is not None:
+            raise one_shot_error(passes.loader, "another rank's streaming fit")
         cache = None  # every rank must take the same path (the collectives differ)
     for s in sums.values():
         s.a = red.sum(s.a)

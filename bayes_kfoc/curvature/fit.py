@@ -18,6 +18,7 @@ from ..blocks import CurvatureBlock, DenseBlock, DiagBlock, KronBlock
 from ..options import Solver, Structure
 from ..stats import Collector
 from ..stats.inputs import first_tensor
+from ._checks import ModelGuard
 from ._kfoc import Result, warn_unconverged
 from ._result import Curvature
 from .coverage import coverage
@@ -79,7 +80,10 @@ def fit_curvature(
 
     Args:
         model: a classifier returning logits ``[N, C]``, in eval mode.
-        loader: an iterable of ``(x, y)`` batches (re-iterable for ``mode="streaming"``).
+        loader: an iterable of ``(x, y)`` batches (integer labels of any width). Streaming needs
+            a re-iterable loader that yields the same points in every pass (checked; a one-shot
+            generator or a loader that changes between passes raises, see
+            ``docs/bad_inputs.md``); a cached fit takes one pass.
         structure: ``"kfoc"``, ``"kfac"``, ``"diag"`` or ``"full"``.
         fisher: ``"exact"`` (type-2), ``"mc"`` (``mc_samples`` sampled labels, averaged) or
             ``"empirical"`` (observed labels).
@@ -106,7 +110,8 @@ def fit_curvature(
         distributed: all-reduce every sum over data across ``torch.distributed`` ranks (each rank
             iterating over its own shard); ``None`` detects an initialised group.
         dtype: accumulate statistics and factors in this dtype (e.g. ``torch.float64`` for a
-            float32 or bfloat16 model); default: the model's dtype.
+            float32 or bfloat16 model); default: the model's dtype, float32 for float16 and
+            bfloat16 models (their ``eigh`` / ``cholesky`` need it).
         solver: K-FOC's solver: ``"lanczos"`` (default: Golub–Kahan–Lanczos from K-FAC's
             ``A``, whose first ``G`` update replaces K-FAC's ``Σ B_n``; Ritz factors projected
             onto the PSD cone, the removed part ``O(tol)`` is ``info.psd_clamped``) or
@@ -138,11 +143,25 @@ def fit_curvature(
         dtype=dtype,
         solver=solver,
     )
+    guard = ModelGuard(model)
+    with torch.inference_mode(False):  # e.g. inside Lightning's test loop
+        try:
+            curv = _fit(model, loader, opts, guard)
+        except Exception as err:
+            guard.check(cause=err)
+            raise
+        guard.check()
+    return curv
+
+
+def _fit(model: nn.Module, loader: Iterable[Any], opts: FitOptions, guard: ModelGuard) -> Curvature:
     setup = prepare(model, loader, opts)
+    guard.check()  # the probe's forward passes, before the long work
+    opts = setup.passes.opts  # with the accumulation dtype resolved
     with Collector(model, setup.targets, opts.fisher, opts.mc_samples, opts.dtype) as collector:
         first = first_pass(setup, collector)
         solved, used_mode = _solve(setup, collector, first)
-    warn_unconverged([(k, r[2]) for k, r in solved.items()], stacklevel=2)
+    warn_unconverged([(k, r[2]) for k, r in solved.items()], stacklevel=3)
     blocks = _blocks(setup, first, solved)
     info = FitInfo(
         log_likelihood=first.log_likelihood,

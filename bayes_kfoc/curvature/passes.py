@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -11,9 +12,11 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..options import FisherType, Mode, Structure
 from ..stats import Collector, KronStats, Target, probe, select, unpack_batch
 from ..stats.inputs import Inputs, batch_size
 from ._checks import check_determinism, check_train_mode, snapshot_buffers
+from ._loader import PassRecord, check_batch, check_pass, is_one_shot, one_shot_error
 from ._reduce import Reducer
 from .options import FitOptions
 
@@ -41,7 +44,9 @@ class DataPasses:
 
     The first pass resumes the iterator the setup started (so a shuffling loader is not
     re-drawn, and its first batch not loaded twice); every pass draws the MC labels from the same
-    base seed, so the same batches give the same labels.
+    base seed, so the same batches give the same labels. The first pass records what it saw;
+    every later pass must see the same points (see :mod:`._loader`), and a one-shot loader
+    (``one_shot``) cannot be passed over twice.
     """
 
     def __init__(self, model: nn.Module, loader: Iterable[Any], opts: FitOptions):
@@ -52,6 +57,9 @@ class DataPasses:
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.resume: Iterator[Any] | None = None
+        self.one_shot = False
+        self.record: PassRecord | None = None
+        self.passes_done = 0
 
     def generator(self) -> torch.Generator:
         """The same MC labels in every pass: a fresh generator from one base seed."""
@@ -61,8 +69,13 @@ class DataPasses:
 
     def batches(self, desc: str) -> Iterator[tuple[Inputs, Tensor]]:
         """One pass over the loader: validated ``(x, y)`` on the model's device."""
+        if self.resume is None and self.one_shot:
+            raise one_shot_error(self.loader, "this fit (streaming K-FOC)")
         it: Iterable[Any] = self.loader if self.resume is None else self.resume
         self.resume = None
+        ref, seen = self.record, PassRecord()
+        ordered = self.opts.fisher is FisherType.MC
+        index = self.passes_done + 1
         bar = tqdm(
             it,
             desc=desc,
@@ -74,7 +87,15 @@ class DataPasses:
             x, y = unpack_batch(batch, self.device, self.dtype)
             if batch_size(x) == 0:
                 continue
+            seen.add(x, y)
+            if ref is not None and ordered:
+                check_batch(ref, seen, index)
             yield x, y
+        if ref is None:
+            self.record = seen
+        else:
+            check_pass(ref, seen, index, ordered)
+        self.passes_done += 1
 
     def stream(self, collector: Collector, work: dict[str, Update]) -> dict[str, list[Tensor]]:
         """One pass: ``work[k](stats)`` for every batch and layer ``k``, summed over the batches
@@ -116,8 +137,12 @@ def prepare(model: nn.Module, loader: Iterable[Any], opts: FitOptions) -> FitSet
     if not any(True for _ in model.parameters()):
         raise ValueError(f"fit_curvature: {type(model).__name__} has no parameters.")
     check_train_mode(model)
+    p = next(model.parameters())
+    if opts.dtype is None and p.dtype in (torch.float16, torch.bfloat16):
+        opts = dataclasses.replace(opts, dtype=torch.float32)  # half types accumulate in float32
     passes = DataPasses(model, loader, opts)
     started = iter(loader)
+    passes.one_shot = is_one_shot(loader, started)
     first = next(started, None)
     if first is None:
         raise ValueError(
@@ -133,5 +158,8 @@ def prepare(model: nn.Module, loader: Iterable[Any], opts: FitOptions) -> FitSet
             t.note = f"{t.note}; {note}" if t.note else note
     if opts.check_determinism:
         check_determinism(model, x0, out0, buffers)
+    kfoc = opts.structure is Structure.KFOC and any(t.kron_capable for t in targets)
+    if passes.one_shot and kfoc and opts.mode is Mode.STREAMING:
+        raise one_shot_error(loader, "mode='streaming'")
     passes.resume = itertools.chain([first], started)
     return FitSetup(passes, targets, skipped, first)

@@ -9,7 +9,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from ..stats.inputs import Inputs, call_model
+from ..stats import call_model
+from ..stats.inputs import Inputs
 
 
 def head_features(model: nn.Module, head: nn.Module, x: Inputs) -> Tensor | None:

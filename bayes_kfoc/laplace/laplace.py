@@ -27,6 +27,7 @@ from ..curvature import Curvature, fit_curvature
 from ..options import FisherType, Link, PredMethod, Structure
 from ..stats import Target, targets_for
 from . import predictive, serialization
+from ._guard import check_model, fingerprints
 from ._layout import Layout
 from ._posterior import log_evidence
 from ._recorder import TRAIN_SAMPLE, Recorder
@@ -49,7 +50,7 @@ class Laplace:
         prior_precision: ``τ``; a scalar, one value per module (dict by module name, or a tensor
             in block order).
         eig_dtype: dtype of the posterior's eigendecompositions (e.g. ``torch.float64`` for
-            float32 models); default: the model's dtype.
+            float32 models); default: the model's dtype, float32 for float16 / bfloat16 models.
         chunk_size: points per chunk in predictions (bounds memory for many classes or wide nets).
         fit_kwargs: forwarded to :func:`fit_curvature` (``mc_samples``, ``seed``, ``tol``, ...).
 
@@ -99,10 +100,7 @@ class Laplace:
         self._train_sample: tuple[Tensor, Tensor] | None = None
         self._mc_checked: tuple[tuple[float, ...], float] | None = None
 
-    @property
-    def subset(self) -> str | list[str]:
-        """Alias of :attr:`modules` (laplace-torch's name)."""
-        return self.modules
+    subset = property(lambda self: self.modules, doc="Alias of :attr:`modules` (laplace-torch).")
 
     # -- fitting --------------------------------------------------------------------------------
     @property
@@ -114,6 +112,7 @@ class Laplace:
             raise RuntimeError(f"Laplace.{what}: call fit(train_loader) first.")
         return self.curvature
 
+    @torch.inference_mode(False)  # e.g. inside Lightning's test loop
     def fit(self, train_loader: Iterable[Any]) -> Laplace:
         """Fit the curvature over every batch of ``train_loader`` (``(x, y)`` pairs).
 
@@ -138,7 +137,8 @@ class Laplace:
     def _install(self, curv: Curvature) -> None:
         p = next(self.model.parameters())
         self.device = p.device
-        curv = curv.to(self.device, self.eig_dtype or p.dtype)
+        half = p.dtype in (torch.float16, torch.bfloat16)  # no eigh / cholesky in half types
+        curv = curv.to(self.device, self.eig_dtype or (torch.float32 if half else p.dtype))
         for b in curv.blocks.values():
             b.eigenvalues()  # decompose once, up front; raises on a non-PSD factor
         self.curvature = curv
@@ -148,6 +148,7 @@ class Laplace:
             self.model, {k: list(b.param_shapes) for k, b in curv.blocks.items()}, self.device
         )
         self.map_vector = parameters_to_vector(self.model.parameters()).detach().clone()
+        self._weights = fingerprints(self.model)  # predictions check the model still has them
         self._targets: list[Target] = targets_for(self.model, list(curv.blocks))
 
     @property
@@ -287,19 +288,14 @@ class Laplace:
     # -- sampling and prediction ------------------------------------------------------------------
     def view(self, prior_precision: Tensor | None = None) -> PosteriorView:
         """The fitted posterior as a :class:`~bayes_kfoc.laplace.predictive.PosteriorView`
-        (at the current ``τ``, or at ``prior_precision``: one value per block)."""
+        (at the current ``τ``, or at ``prior_precision``: one value per block); raises if the
+        model left eval mode or its weights changed since the fit."""
         self._require_fit("view")
+        check_model(self.model, self._weights, "Laplace")
         tau = self.prior_precision if prior_precision is None else prior_precision
+        parts = (self.model, self.blocks, tau.to(self.device), self.map_vector, self.layout)
         return PosteriorView(
-            self.model,
-            self.blocks,
-            tau.to(self.device),
-            self.map_vector,
-            self.layout,
-            self._targets,
-            self.input_shape,
-            self.chunk_size,
-            self.temperature,
+            *parts, self._targets, self.input_shape, self.chunk_size, self.temperature
         )
 
     def sample(self, n_samples: int = 100, generator: torch.Generator | None = None) -> Tensor:
@@ -363,6 +359,7 @@ class Laplace:
             *args, self.prior_precision, self.map_vector, self.temperature
         )
 
+    @torch.inference_mode(False)
     def load_state_dict(self, state: dict[str, Any], check_weights: bool = True) -> Laplace:
         """Restore a posterior; the architecture must match, the model's weights the MAP."""
         curv, map_vector = serialization.posterior_from_state(state, self.model, check_weights)

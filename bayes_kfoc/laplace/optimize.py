@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ..options import Link, PredMethod, TuneMethod
+from ..stats import as_labels, check_label_range
 from . import predictive
 from ._glm import chunk_variances
 from .consistency import consistency
@@ -39,14 +40,14 @@ def collect_points(
         x, y = batch
         if not isinstance(x, Tensor) or not isinstance(y, Tensor):
             raise TypeError(f"Laplace.optimize_prior_precision: {what} must yield tensors.")
-        if y.is_floating_point() or y.is_complex() or y.ndim != 1 or len(y) != len(x):
+        y = as_labels(y, f"Laplace.optimize_prior_precision: {what}")
+        if y.ndim != 1 or len(y) != len(x):
             raise ValueError(
-                f"Laplace.optimize_prior_precision: {what} labels must be integer class labels of "
-                f"shape [N] matching the inputs; got {y.dtype} {tuple(y.shape)} for inputs "
-                f"{tuple(x.shape)}."
+                f"Laplace.optimize_prior_precision: {what} labels must have shape [N] matching "
+                f"the inputs; got {tuple(y.shape)} for inputs {tuple(x.shape)}."
             )
         xs.append(x)
-        ys.append(y.long())
+        ys.append(y)
         count += len(x)
         if limit is not None and count >= limit:
             break
@@ -64,12 +65,7 @@ def glm_terms(view: PosteriorView, x: Tensor, y: Tensor, what: str) -> Validatio
         logits.append(chunk[1])
     out = torch.cat(logits).double()
     y = y.to(out.device)
-    c = out.shape[1]
-    if int(y.min()) < 0 or int(y.max()) >= c:
-        raise ValueError(
-            f"Laplace.optimize_prior_precision: {what} labels must lie in [0, {c}); got values in "
-            f"[{int(y.min())}, {int(y.max())}]."
-        )
+    check_label_range(y, out.shape[1], f"Laplace.optimize_prior_precision: {what}")
     return ValidationTerms(terms, out, y)
 
 

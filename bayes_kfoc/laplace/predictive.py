@@ -16,9 +16,10 @@ from torch import Tensor, nn
 
 from ..blocks import CurvatureBlock
 from ..options import Link, PredMethod
-from ..stats import Collector, Target
+from ..stats import Collector, Target, call_model, normal_tensor
 from ..stats.inputs import Inputs, check_mapping, inputs_to, split_inputs
 from ._glm import Chunk, chunk_variances, glm_moments, probit, sample_logits, total_variance
+from ._guard import check_num_samples
 from ._layout import Layout
 from ._mc import head_features, head_logits, logits_at
 from ._posterior import sample_blocks
@@ -28,6 +29,7 @@ __all__ = [
     "check_inputs",
     "glm_distribution",
     "glm_mean_variance",
+    "glm_probability_samples",
     "head_features",
     "iter_jacobians",
     "jacobians",
@@ -91,7 +93,14 @@ def check_inputs(view: PosteriorView, x: Inputs) -> Inputs:
             f"on inputs [N, {', '.join(map(str, fitted))}]; the number of dimensions and the last "
             "(feature) size must match (other sizes, e.g. a sequence length, may differ)."
         )
-    return x.to(view.device)
+    x = x.to(view.device)
+    if x.is_inference():  # made under torch.inference_mode(): autograd cannot record it
+        with torch.inference_mode(False):
+            x = normal_tensor(x)
+    if not x.is_floating_point() and x.shape[0]:  # e.g. uint8 images: a clear error, up front
+        with torch.no_grad():
+            call_model(view.model, x[:1], "Laplace.predict")
+    return x
 
 
 def iter_jacobians(view: PosteriorView, x: Inputs) -> Iterator[Chunk]:
@@ -100,7 +109,9 @@ def iter_jacobians(view: PosteriorView, x: Inputs) -> Iterator[Chunk]:
     x = check_inputs(view, x)
     with Collector(view.model, view.targets) as col:
         for xb in split_inputs(x, view.chunk_size):
-            yield col.jacobians(xb)
+            with torch.inference_mode(False):  # e.g. inside Lightning's test loop
+                chunk = col.jacobians(xb)
+            yield chunk
 
 
 def jacobians(view: PosteriorView, x: Inputs) -> list[Chunk]:
@@ -121,14 +132,35 @@ def glm_mean_variance(view: PosteriorView, x: Inputs) -> tuple[Tensor, Tensor]:
 
 def glm_distribution(view: PosteriorView, x: Inputs) -> tuple[Tensor, Tensor]:
     """Mean ``[B, C]`` and covariance ``[B, C, C]`` of the linearised, tempered logits
-    ``f(x) / T`` at ``x`` (memory ``B·C²``)."""
+    ``f(x) / T`` at ``x``.
+
+    Memory: the full covariance, ``B·C²`` numbers (8 GB in float64 for 1,000 points and 1,000
+    classes); the predictives themselves go chunk by chunk (:func:`glm_mean_variance`,
+    :func:`glm_probability_samples`).
+    """
     mean, cov = glm_moments(jacobians(view, x), view.blocks, view.tau)
     t = view.temperature
     return (mean, cov) if t == 1.0 else (mean / t, cov / t**2)
 
 
+def glm_probability_samples(
+    view: PosteriorView, x: Inputs, n: int, generator: torch.Generator | None
+) -> Iterator[Tensor]:
+    """``[n, b, C]`` softmax probabilities of GLM draws of the tempered logits ``f / T``, one
+    chunk of ``chunk_size`` points at a time: memory ``O(chunk_size · C · (C + n))`` beyond the
+    chunk's Jacobians."""
+    n = check_num_samples(n, "Laplace.predict")
+    t = view.temperature
+    for chunk in iter_jacobians(view, x):
+        mean, cov = glm_moments([chunk], view.blocks, view.tau)
+        if t != 1.0:  # the tempered logits f / T, as glm_distribution returns them
+            mean, cov = mean / t, cov / t**2
+        yield torch.softmax(sample_logits(mean, cov, n, generator), dim=-1)
+
+
 def sample(view: PosteriorView, n: int, generator: torch.Generator | None) -> Tensor:
     """``[n, P]`` full parameter vectors: ``θ* + P_b^{-1/2} ε`` on the blocks, MAP elsewhere."""
+    n = check_num_samples(n, "Laplace.sample")
     draws = sample_blocks(list(view.blocks.values()), view.tau, n, generator)
     thetas = view.map_vector.unsqueeze(0).repeat(n, 1)
     for name, d in zip(view.blocks, draws, strict=True):
@@ -142,10 +174,10 @@ def predictive_samples(
     """``[n, B, C]`` probabilities of the tempered logits ``f / T``: GLM logit draws, or the
     network at sampled weights (a
     single-block posterior whose module produces the logits runs the deterministic trunk
-    once)."""
+    once). Memory: the output, ``n·B·C`` numbers; the GLM draws go chunk by chunk."""
+    n = check_num_samples(n, "Laplace.predictive_samples")
     if method is PredMethod.GLM:
-        mean, cov = glm_distribution(view, x)
-        return torch.softmax(sample_logits(mean, cov, n, generator), dim=-1)
+        return torch.cat(list(glm_probability_samples(view, x, n, generator)), dim=1)
     x = check_inputs(view, x)
     if len(view.blocks) == 1:  # e.g. last layer: run the deterministic trunk once
         (name, block), target = next(iter(view.blocks.items())), view.targets[0]
@@ -170,9 +202,13 @@ def predict(
     n: int,
     generator: torch.Generator | None,
 ) -> Tensor:
-    """Predictive class probabilities ``[B, C]`` (GLM probit in closed form, else MC)."""
+    """Predictive class probabilities ``[B, C]`` (GLM probit in closed form, else MC; the GLM
+    draws are averaged chunk by chunk, so memory is bounded by ``chunk_size``)."""
     if method is PredMethod.GLM and link is Link.PROBIT:
         return probit(*glm_mean_variance(view, x), view.temperature)
+    n = check_num_samples(n, "Laplace.predict")
+    if method is PredMethod.GLM:
+        return torch.cat([p.mean(0) for p in glm_probability_samples(view, x, n, generator)])
     return predictive_samples(view, x, method, n, generator).mean(0)
 
 

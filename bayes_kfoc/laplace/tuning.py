@@ -113,6 +113,12 @@ def tune_gridsearch(
         return scores[t]
 
     coarse = [scored(float(t)) for t in grid_t]
+    if not any(math.isfinite(v) for v in coarse):
+        raise ValueError(
+            "Laplace.optimize_prior_precision: the metric is NaN or infinite at every τ of the "
+            f"grid ({len(coarse)} values); check the metric (it gets probs [N, C] and labels [N] "
+            "and returns a float, lower is better) and the validation data."
+        )
     best = min(range(len(coarse)), key=coarse.__getitem__)
     if len(grid_t) > 2:
         lo = grid_t[max(best - 1, 0)].log()

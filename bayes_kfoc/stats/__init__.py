@@ -9,7 +9,8 @@ gradients) for every other module. Consumers use one interface on both: ``diag``
 :class:`KronStats`. Conventions are in ``docs/math.md`` ("Notation", "Fisher directions").
 """
 
-from .collect import Collector, Stats, probe, unpack_batch
+from .batch import as_labels, call_model, check_label_range, normal_tensor, unpack_batch
+from .collect import ONE_LOGIT, Collector, Stats, probe
 from .directions import logit_directions, num_directions
 from .generic import GradStats
 from .kron import GradientStats, KfacSums, KronStats, LinearStats, SharedStats, kron_stats, sym_tmm
@@ -30,6 +31,7 @@ __all__ = [
     "CONV2D",
     "GENERIC",
     "LINEAR",
+    "ONE_LOGIT",
     "TIED",
     "Collector",
     "GradStats",
@@ -40,9 +42,13 @@ __all__ = [
     "SharedStats",
     "Stats",
     "Target",
+    "as_labels",
+    "call_model",
+    "check_label_range",
     "classify",
     "kron_stats",
     "logit_directions",
+    "normal_tensor",
     "num_directions",
     "owners",
     "probe",

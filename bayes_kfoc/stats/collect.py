@@ -6,7 +6,7 @@ predictive (Jacobian directions ``e_c``) and the diagnostics, each through :data
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -14,56 +14,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..options import FisherType
+from .batch import call_model, check_label_range
 from .directions import logit_directions
 from .generic import GradStats, per_sample_param_grads
-from .inputs import Inputs, batch_size, call_model, check_mapping, inputs_to
+from .inputs import Inputs
 from .kron import KronStats, kron_stats
 from .targets import CONV2D, GENERIC, LINEAR, TIED, Target, owners
 
+ONE_LOGIT = (
+    "bayes_kfoc: the model returns logits [N, 1]: a softmax over one logit is constant, so its "
+    "Fisher is zero. For a binary classifier with one logit f, return two logits, "
+    "torch.cat([torch.zeros_like(f), f], dim=1) or torch.cat([-f, f], dim=1) / 2 (the softmax of "
+    "either is [1 - sigmoid(f), sigmoid(f)]), with labels 0/1."
+)
+
 Stats = KronStats | GradStats
 """The statistics of one module for one batch: Kronecker-capable, or explicit gradients."""
-
-
-def unpack_batch(batch: Any, device: torch.device, dtype: torch.dtype) -> tuple[Inputs, Tensor]:
-    """Validate a loader batch ``(x, y)`` and move it to the model's device."""
-    if not isinstance(batch, list | tuple) or len(batch) != 2:
-        raise TypeError(
-            "fit_curvature: the loader must yield (inputs, targets) pairs; got "
-            f"{type(batch).__name__}"
-            + (f" of length {len(batch)}" if hasattr(batch, "__len__") else "")
-            + ". Wrap the dataset so it returns (x, y)."
-        )
-    x, y = batch
-    if isinstance(x, Mapping) and isinstance(y, Tensor):  # model(**x): dict inputs
-        check_mapping(x, "fit_curvature")
-        if y.ndim != 1 or y.shape[0] != batch_size(x):
-            raise ValueError(
-                f"fit_curvature: targets must have shape [N] matching the inputs' batch size "
-                f"{batch_size(x)}; got targets {tuple(y.shape)}."
-            )
-        return inputs_to(x, device), y.to(device, non_blocking=True)
-    if not isinstance(x, Tensor) or not isinstance(y, Tensor):
-        raise TypeError("fit_curvature: inputs and targets must be tensors.")
-    if x.is_floating_point() and x.dtype != dtype:
-        raise TypeError(
-            f"fit_curvature: inputs are {x.dtype} but the model's parameters are {dtype}; cast "
-            f"the data (x.to({dtype})) or the model (model.to({x.dtype}))."
-        )
-    if y.is_floating_point() or y.is_complex():
-        raise TypeError(
-            f"fit_curvature: targets are {y.dtype}, which looks like regression; a classification "
-            "likelihood needs integer class labels (torch.long)."
-        )
-    if y.ndim != 1 or y.shape[0] != x.shape[0]:
-        raise ValueError(
-            f"fit_curvature: targets must have shape [N] matching inputs [N, ...]; got targets "
-            f"{tuple(y.shape)} and inputs {tuple(x.shape)}."
-        )
-    x = x.to(device, non_blocking=True)
-    y = y.to(device, non_blocking=True)
-    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
-        raise FloatingPointError("fit_curvature: the inputs contain NaN or Inf.")
-    return x, y
 
 
 def probe(model: nn.Module, x: Inputs) -> tuple[list[str], dict[str, int], Tensor]:
@@ -81,7 +47,7 @@ def probe(model: nn.Module, x: Inputs) -> tuple[list[str], dict[str, int], Tenso
         handles.append(module.register_forward_hook(hook))
     try:
         with torch.no_grad():
-            out = call_model(model, x)
+            out = call_model(model, x, "fit_curvature")
     finally:
         for h in handles:
             h.remove()
@@ -190,7 +156,7 @@ class Collector:
         self._active = names
         try:
             with torch.enable_grad():
-                logits = call_model(self.model, x)
+                logits = call_model(self.model, x, "bayes_kfoc")
         finally:
             self._active = set()
         return logits
@@ -208,12 +174,7 @@ class Collector:
             raise ValueError("Collector.batch: this collector has no Fisher type; pass fisher=.")
 
         def directions(logits: Tensor) -> Tensor:
-            num_classes = logits.shape[1]
-            if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-                raise ValueError(
-                    f"fit_curvature: targets must lie in [0, {num_classes}); got values in "
-                    f"[{int(y.min())}, {int(y.max())}]."
-                )
+            check_label_range(y, logits.shape[1], "fit_curvature")
             return logit_directions(logits, y, fisher, self.mc_samples, generator)
 
         return self._run(x, names, directions)
@@ -245,6 +206,8 @@ class Collector:
             raise ValueError(
                 f"fit_curvature: the model must return logits of shape [N, C]; got {shape}."
             )
+        if logits.shape[1] < 2:
+            raise ValueError(ONE_LOGIT)
         if not bool(torch.isfinite(logits).all()):
             raise FloatingPointError("fit_curvature: the model's outputs (logits) contain NaN/Inf.")
         cot = directions(logits.detach())

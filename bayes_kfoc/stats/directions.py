@@ -34,6 +34,11 @@ def logit_directions(
 ) -> Tensor:
     """Directions ``[V, N, C]`` at the logits for the chosen Fisher type (``logits`` detached)."""
     logits = logits.detach()
+    if logits.ndim != 2 or logits.shape[1] < 2:
+        raise ValueError(
+            f"logit_directions: logits must be [N, C] with C >= 2 classes, got "
+            f"{tuple(logits.shape)}; one logit has a constant softmax and a zero Fisher."
+        )
     probs = torch.softmax(logits, dim=-1)
     c = probs.shape[1]
     if fisher is FisherType.EXACT:
@@ -41,8 +46,6 @@ def logit_directions(
         root = probs.sqrt()
         # [N, C, C]: row c of point n is √p_c (e_c − p).
         rows = root.unsqueeze(-1) * (eye - probs.unsqueeze(1))
-        if c == 1:
-            return rows.transpose(0, 1)
         # Householder H = I − 2wwᵀ, w = (e_C + √p)/||e_C + √p||, ||e_C + √p||² = 2(1 + √p_C) ≥ 2.
         w = root.clone()
         w[:, -1] += 1.0
@@ -59,7 +62,7 @@ def logit_directions(
 
 def num_directions(fisher: FisherType, num_classes: int, mc_samples: int) -> int:
     if fisher is FisherType.EXACT:
-        return max(num_classes - 1, 1)
+        return num_classes - 1
     if fisher is FisherType.MC:
         return mc_samples
     return 1

@@ -8,14 +8,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 Inputs = Tensor | Mapping[str, Any]
-
-
-def call_model(model: nn.Module, x: Inputs) -> Any:
-    """``model(**x)`` for a mapping, else ``model(x)``."""
-    return model(**x) if isinstance(x, Mapping) else model(x)
 
 
 def first_tensor(x: Inputs, what: str = "fit_curvature") -> Tensor:

@@ -281,6 +281,8 @@ def main() -> None:
         "--threads", type=int, default=None, help="torch threads (default: torch's choice)"
     )
     args = parser.parse_args()
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be an integer >= 1, got {args.threads}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     ks = sorted(set(args.peer_batch))

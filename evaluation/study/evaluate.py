@@ -125,14 +125,21 @@ def _probit(mean: Tensor, cov: Tensor) -> Tensor:
     return torch.softmax(mean / torch.sqrt(1 + math.pi / 8 * var), dim=-1)
 
 
-def _gaussian_samples(mean: Tensor, cov: Tensor, n: int, seed: int) -> Tensor:
+def _gaussian_samples(mean: Tensor, cov: Tensor, n: int, seed: int, chunk: int) -> Tensor:
     """``[n, B, C]`` softmax of ``f ~ N(mean, cov)``, drawn as
     :meth:`bayes_kfoc.Laplace.predictive_samples` does (clamped eigendecomposition, one
-    generator seeded with ``seed``), so the numbers equal that call's."""
+    generator seeded with ``seed``, the draws of every ``chunk`` points in turn: the Laplace's
+    ``chunk_size``), so the numbers equal that call's."""
     evals, evecs = torch.linalg.eigh(cov)
     root = evecs * evals.clamp_min(0).sqrt().unsqueeze(-2)
     gen = torch.Generator(mean.device).manual_seed(seed)
-    eps = torch.randn(n, *mean.shape, generator=gen, dtype=mean.dtype, device=mean.device)
+    eps = torch.cat(
+        [
+            torch.randn(n, *m.shape, generator=gen, dtype=mean.dtype, device=mean.device)
+            for m in torch.split(mean, chunk)
+        ],
+        dim=1,
+    )
     return torch.softmax(mean + torch.einsum("bij,nbj->nbi", root, eps), dim=-1)
 
 
@@ -158,7 +165,8 @@ def predictive(
                 mean, cov = fitted.glm(xb)
             probs.append(_probit(mean, cov).detach())
             if want:
-                draws.append(_gaussian_samples(mean, cov, n_samples, seed).detach())
+                chunk = getattr(getattr(fitted.glm, "__self__", None), "chunk_size", len(xb))
+                draws.append(_gaussian_samples(mean, cov, n_samples, seed, chunk).detach())
             if want_logits:
                 means.append(mean.detach())
             continue

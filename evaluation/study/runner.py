@@ -96,6 +96,7 @@ def run_study(config: StudyConfig) -> Path:
         StudyError: Bad input, before any long work.
         StudyRunError: A method produced invalid probabilities (names method, seed and step).
     """
+    config = validate_config(config)  # e.g. --threads 0: a one-line error, not a traceback
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     try:
