@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: venv
 
-# The calibration study (about 30 s on 2 idle CPU cores): reports/digits/{report.md,results.json,figures/}.
+# The calibration study (about 1 min on 2 idle CPU cores after the install): reports/digits/{report.md,results.json,figures/}.
 demo: venv
 	$(PY) -m evaluation study --dataset digits --model mlp --methods map,temp,diag,kfac,kfoc --seeds 3 --out reports/digits
 
