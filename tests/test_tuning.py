@@ -189,3 +189,13 @@ def test_collapsing_weight_sampling_warns_once_per_prior() -> None:
         la.predict(x, method="mc", n_samples=8, generator=torch.Generator().manual_seed(1))
         la.prior_precision = 1e8  # a tight posterior: sampled networks are the MAP
         la.predict(x, method="mc", n_samples=8, generator=torch.Generator().manual_seed(1))
+
+
+def test_fit_records_training_points_from_a_one_shot_loader_too() -> None:
+    model, x, y = CASES[0].make()
+    batches = [(x[i : i + 4], y[i : i + 4]) for i in range(0, len(x), 4)]
+    la = Laplace(model, structure="kfac", progress=False).fit(iter(batches))  # one pass suffices
+    la.optimize_prior_precision()  # the consistency rule on the recorded points
+    assert la.tuning is not None and la.tuning.method == "consistency"
+    with pytest.raises(ValueError, match="one-shot"):  # streaming K-FOC needs a second pass
+        Laplace(model, progress=False, mode="streaming").fit(iter(batches))

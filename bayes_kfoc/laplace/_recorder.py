@@ -15,8 +15,9 @@ class Recorder:
     of the first ``limit`` ``(x, y)`` points of its first pass (only the batches whose inputs have
     the first batch's shape, so varying sequence lengths still give one tensor)."""
 
-    def __init__(self, loader: Iterable[Any], limit: int):
+    def __init__(self, loader: Iterable[Any], limit: int, one_shot: bool = False):
         self.loader = loader
+        self.one_shot = one_shot
         self.limit = limit
         self._xs: list[Tensor] = []
         self._ys: list[Tensor] = []
@@ -24,19 +25,31 @@ class Recorder:
         self._passes = 0
 
     def __iter__(self) -> Iterator[Any]:
+        if self.one_shot:  # its own iterator, like the loader: the fit's one-shot check sees it
+            return self
+        return self._records()
+
+    def __next__(self) -> Any:
+        batch = next(self.loader)  # type: ignore[call-overload]
+        self._record(batch)
+        return batch
+
+    def _record(self, batch: Any) -> None:
+        if self._count < self.limit and isinstance(batch, list | tuple) and len(batch) == 2:
+            x, y = batch
+            same = not self._xs or x.shape[1:] == self._xs[0].shape[1:]  # one sequence length
+            if isinstance(x, Tensor) and isinstance(y, Tensor) and same:
+                take = min(self.limit - self._count, len(x))
+                self._xs.append(x[:take].detach().cpu().clone())
+                self._ys.append(y[:take].detach().cpu().clone())
+                self._count += take
+
+    def _records(self) -> Iterator[Any]:
         first = self._passes == 0
         self._passes += 1
         for batch in self.loader:
-            if first and self._count < self.limit and isinstance(batch, list | tuple):
-                if len(batch) == 2 and all(isinstance(t, Tensor) for t in batch):
-                    x, y = batch
-                    if self._xs and x.shape[1:] != self._xs[0].shape[1:]:
-                        yield batch  # another sequence length: the sample keeps one shape
-                        continue
-                    take = min(self.limit - self._count, len(x))
-                    self._xs.append(x[:take].detach().cpu().clone())
-                    self._ys.append(y[:take].detach().cpu().clone())
-                    self._count += take
+            if first:
+                self._record(batch)
             yield batch
 
     def __len__(self) -> int:

@@ -119,7 +119,8 @@ class Laplace:
         The first :data:`TRAIN_SAMPLE` points the fit sees are kept (on the CPU) for tuning
         without validation data (``optimize_prior_precision(method="consistency")``).
         """
-        recorder = Recorder(train_loader, TRAIN_SAMPLE)
+        # a one-shot iterator is passed as is, so the fit's own check sees it
+        recorder = Recorder(train_loader, TRAIN_SAMPLE, one_shot=iter(train_loader) is train_loader)
         curv = fit_curvature(
             self.model,
             recorder,
