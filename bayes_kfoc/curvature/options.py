@@ -48,7 +48,7 @@ class FitOptions:
         generator: torch.Generator | None = None,
         mode: str | Mode = "auto",
         memory_budget: int | None = None,
-        tol: float = 1e-6,
+        tol: float = 1e-3,
         max_iter: int = 100,
         progress: bool = True,
         check_determinism: bool = True,

@@ -1,6 +1,6 @@
 """K-FOC fit time relative to K-FAC fit time, in the same process, plus peak memory.
 
-Columns: ``K-FOC s`` is the default fit (Lanczos, ``tol=1e-6``); ``half`` the largest number of
+Columns: ``K-FOC s`` is the default fit (Lanczos, ``tol=1e-3``); ``half`` the largest number of
 half-steps (``A`` or ``G`` updates) over the layers; ``floor`` is the time of a K-FOC fit capped
 at one Lanczos step (``max_iter=1``: one ``G`` and one ``A`` update, then the residual test),
 divided by the K-FAC time. That is the least work any K-FOC fit that *checks* its convergence
