@@ -15,9 +15,10 @@ class Recorder:
     of the first ``limit`` ``(x, y)`` points of its first pass (only the batches whose inputs have
     the first batch's shape, so varying sequence lengths still give one tensor)."""
 
-    def __init__(self, loader: Iterable[Any], limit: int, one_shot: bool = False):
+    def __init__(self, loader: Iterable[Any], limit: int):
         self.loader = loader
-        self.one_shot = one_shot
+        # a one-shot loader stays one-shot (its own iterator), so the fit's check still sees it
+        self.one_shot = iter(loader) is loader
         self.limit = limit
         self._xs: list[Tensor] = []
         self._ys: list[Tensor] = []

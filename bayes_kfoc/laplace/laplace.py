@@ -119,17 +119,9 @@ class Laplace:
         The first :data:`TRAIN_SAMPLE` points the fit sees are kept (on the CPU) for tuning
         without validation data (``optimize_prior_precision(method="consistency")``).
         """
-        # a one-shot iterator is passed as is, so the fit's own check sees it
-        recorder = Recorder(train_loader, TRAIN_SAMPLE, one_shot=iter(train_loader) is train_loader)
-        curv = fit_curvature(
-            self.model,
-            recorder,
-            self.structure,
-            self.fisher,
-            self.modules,
-            progress=self.progress,
-            **self.fit_kwargs,
-        )
+        recorder = Recorder(train_loader, TRAIN_SAMPLE)
+        args = (self.model, recorder, self.structure, self.fisher, self.modules)
+        curv = fit_curvature(*args, progress=self.progress, **self.fit_kwargs)
         self._install(curv)
         self._train_sample = recorder.sample()
         self.prior_precision = self._prior_init
@@ -318,16 +310,19 @@ class Laplace:
         generator: torch.Generator | None = None,
     ) -> Tensor:
         """``[n, B, C]`` probability samples: GLM logit draws, or the network at sampled weights."""
+        view = self.view()
         m = PredMethod.parse(method, "Laplace.predictive_samples: method")
-        self._check_sampling(m)
-        return predictive.predictive_samples(self.view(), x, m, n_samples, generator)
+        self._check_sampling(m, view)
+        return predictive.predictive_samples(view, x, m, n_samples, generator)
 
-    def _check_sampling(self, m: PredMethod) -> None:
+    def _check_sampling(self, m: PredMethod, view: PosteriorView) -> None:
         """Once per prior: warn when weight sampling collapses on the recorded training points."""
+        if m is not PredMethod.MC or self._train_sample is None:
+            return
         key = (tuple(self.prior_precision.tolist()), self.temperature)
-        if m is PredMethod.MC and self._train_sample is not None and self._mc_checked != key:
+        if self._mc_checked != key:
             self._mc_checked = key
-            predictive.warn_if_sampling_collapses(self.view(), *self._train_sample)
+            predictive.warn_if_sampling_collapses(view, *self._train_sample)
 
     def predict(
         self,
@@ -346,7 +341,7 @@ class Laplace:
         view = self.view()
         m = PredMethod.parse(method, "Laplace.predict: method")
         lk = Link.parse(link, "Laplace.predict: link")
-        self._check_sampling(m)
+        self._check_sampling(m, view)
         return predictive.predict(view, x, m, lk, n_samples, generator)
 
     __call__ = predict

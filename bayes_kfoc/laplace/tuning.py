@@ -87,6 +87,19 @@ def tune_marglik(
     return TuningResult("marglik", tau.clone(), at_edge=bool(caught), prior=prior)
 
 
+def check_grid(grid: Sequence[float] | Tensor) -> Tensor:
+    """``grid`` as a flat float64 tensor; raises unless it is non-empty, positive and finite."""
+    g = torch.as_tensor(grid, dtype=torch.float64).flatten()
+    if g.numel() == 0:
+        raise ValueError("Laplace.optimize_prior_precision: grid is empty; pass values > 0.")
+    if not bool(torch.isfinite(g).all()) or bool((g <= 0).any()):
+        raise ValueError(
+            "Laplace.optimize_prior_precision: grid values must be positive and finite, got "
+            f"{g.tolist()}."
+        )
+    return g
+
+
 def tune_gridsearch(
     score: Callable[[float], float], grid: Sequence[float] | Tensor | None, num_blocks: int
 ) -> TuningResult:
@@ -96,15 +109,7 @@ def tune_gridsearch(
     A NaN score counts as ``+inf``; an empty grid raises. Warns when the best ``τ`` is an end of
     the grid (at the upper end the validation data favour the MAP).
     """
-    grid_t = torch.as_tensor(DEFAULT_GRID if grid is None else grid, dtype=torch.float64)
-    if grid_t.numel() == 0:
-        raise ValueError("Laplace.optimize_prior_precision: grid is empty; pass τ values > 0.")
-    grid_t = grid_t.flatten()
-    if not bool(torch.isfinite(grid_t).all()) or bool((grid_t <= 0).any()):
-        raise ValueError(
-            f"Laplace.optimize_prior_precision: grid values must be positive and finite, got "
-            f"{grid_t.tolist()}."
-        )
+    grid_t = check_grid(DEFAULT_GRID if grid is None else grid)
     scores: dict[float, float] = {}
 
     def scored(t: float) -> float:

@@ -26,14 +26,13 @@ import torch
 from torch import Tensor
 
 from ._glm import BlockVariance, total_variance
-from .tuning import Metric, TuningResult
+from .tuning import REFINE_POINTS, Metric, TuningResult, check_grid
 
 STEP = 0.25  # decades between grid points
 DEFAULT_RANGE = (-2.0, 5.0)  # log10 s of the initial grid
 LIMITS = (-8.0, 14.0)  # log10 s the expansion never passes
 EXPAND = 2.0  # decades added per expansion
 PLATEAU = 1e-5  # a metric change below this over the last expansion ends it
-REFINE_POINTS = 7
 T_MAX = 100.0
 GOLDEN_ITERS = 40
 
@@ -95,15 +94,7 @@ def search(
     if grid is None:
         start = torch.arange(DEFAULT_RANGE[0], DEFAULT_RANGE[1] + 1e-9, STEP, dtype=torch.float64)
     else:
-        g = torch.as_tensor(grid, dtype=torch.float64).flatten()
-        if g.numel() == 0:
-            raise ValueError("Laplace.optimize_prior_precision: grid is empty; pass values > 0.")
-        if not bool(torch.isfinite(g).all()) or bool((g <= 0).any()):
-            raise ValueError(
-                "Laplace.optimize_prior_precision: grid values must be positive and finite, got "
-                f"{g.tolist()}."
-            )
-        start = g.log10()
+        start = check_grid(grid).log10()
     labels, base = val.labels, base.to(val.logits.device)
     scores: dict[float, float] = {}
     temps: dict[float, float] = {}
