@@ -36,7 +36,9 @@ __all__ = [
     "logits_at",
     "predict",
     "predictive_samples",
+    "probit",
     "sample",
+    "sample_logits",
 ]
 
 

@@ -31,7 +31,6 @@ method, seed and step; nothing is silently reported as NaN.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -41,6 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from bayes_kfoc.laplace.predictive import probit, sample_logits
 from datasets import rotate
 from evaluation import metrics as M
 from evaluation.study.errors import StudyRunError
@@ -120,27 +120,19 @@ def _chunked(fn: Callable[[Tensor], Tensor], x: Tensor, dim: int = 0) -> Tensor:
 
 
 def _probit(mean: Tensor, cov: Tensor) -> Tensor:
-    """``softmax(μ / sqrt(1 + π/8 · diag Σ))``: :meth:`bayes_kfoc.Laplace.predict`'s default."""
-    var = torch.diagonal(cov, dim1=-2, dim2=-1)
-    return torch.softmax(mean / torch.sqrt(1 + math.pi / 8 * var), dim=-1)
+    """:meth:`bayes_kfoc.Laplace.predict`'s default, from the GLM's mean and covariance."""
+    return probit(mean, torch.diagonal(cov, dim1=-2, dim2=-1))
 
 
 def _gaussian_samples(mean: Tensor, cov: Tensor, n: int, seed: int, chunk: int) -> Tensor:
     """``[n, B, C]`` softmax of ``f ~ N(mean, cov)``, drawn as
-    :meth:`bayes_kfoc.Laplace.predictive_samples` does (clamped eigendecomposition, one
+    :meth:`bayes_kfoc.Laplace.predictive_samples` does (the library's ``sample_logits``, one
     generator seeded with ``seed``, the draws of every ``chunk`` points in turn: the Laplace's
     ``chunk_size``), so the numbers equal that call's."""
-    evals, evecs = torch.linalg.eigh(cov)
-    root = evecs * evals.clamp_min(0).sqrt().unsqueeze(-2)
     gen = torch.Generator(mean.device).manual_seed(seed)
-    eps = torch.cat(
-        [
-            torch.randn(n, *m.shape, generator=gen, dtype=mean.dtype, device=mean.device)
-            for m in torch.split(mean, chunk)
-        ],
-        dim=1,
-    )
-    return torch.softmax(mean + torch.einsum("bij,nbj->nbi", root, eps), dim=-1)
+    parts = zip(torch.split(mean, chunk), torch.split(cov, chunk), strict=True)
+    draws = [sample_logits(m, c, n, gen) for m, c in parts]
+    return torch.softmax(torch.cat(draws, dim=1), dim=-1)
 
 
 def predictive(
