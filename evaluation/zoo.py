@@ -6,7 +6,11 @@
   embedding, pre-norm transformer blocks whose attention is written with Linear layers on
   ``[B, T, d]`` (query/key/value/output projections shared over positions), mean pooling.
 
-Both take images ``[B, C, H, W]`` and return logits ``[B, num_classes]``.
+- :func:`text_transformer`: a text classifier on PyTorch's own ``nn.TransformerEncoder``
+  (``nn.MultiheadAttention`` inside), called Hugging-Face style as
+  ``model(input_ids=..., attention_mask=...)``, with masked mean pooling over the real tokens.
+
+The first two take images ``[B, C, H, W]``; all return logits ``[B, num_classes]``.
 """
 
 from __future__ import annotations
@@ -134,3 +138,58 @@ class ViT(nn.Module):
 
 def vit(in_channels: int, image_size: int, num_classes: int, **kwargs: int) -> nn.Module:
     return ViT(in_channels, image_size, num_classes, **kwargs)
+
+
+class TextTransformer(nn.Module):
+    """Token + position embeddings → ``nn.TransformerEncoder`` (``batch_first``, padding mask
+    from ``attention_mask``) → mean over the real tokens → LayerNorm → Linear head.
+
+    Inputs: ``input_ids [B, T]`` (int64) and ``attention_mask [B, T]`` (1 for a token, 0 for
+    padding); ``T`` may differ between batches up to ``max_len``.
+    """
+
+    def __init__(
+        self,
+        vocab: int,
+        num_classes: int,
+        dim: int = 32,
+        depth: int = 2,
+        heads: int = 4,
+        max_len: int = 64,
+        ff: int = 64,
+    ):
+        super().__init__()
+        self.tokens = nn.Embedding(vocab, dim)
+        self.positions = nn.Embedding(max_len, dim)
+        layer = nn.TransformerEncoderLayer(dim, heads, ff, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        pos = torch.arange(input_ids.shape[1], device=input_ids.device)
+        h = self.tokens(input_ids) + self.positions(pos)
+        pad = attention_mask == 0
+        h = self.encoder(h, src_key_padding_mask=pad)
+        keep = attention_mask.unsqueeze(-1).to(h.dtype)
+        pooled = (h * keep).sum(dim=1) / keep.sum(dim=1).clamp_min(1.0)
+        return self.head(self.norm(pooled))
+
+
+def text_transformer(vocab: int, num_classes: int, **kwargs: int) -> nn.Module:
+    return TextTransformer(vocab, num_classes, **kwargs)
+
+
+def token_task(
+    num: int, vocab: int = 50, max_len: int = 24, num_classes: int = 3, seed: int = 0
+) -> tuple[dict[str, Tensor], Tensor]:
+    """A synthetic text task: variable-length token sequences (padded with id 0, masked) whose
+    class is which of ``num_classes`` marker-token groups occurs most often."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(max_len // 3, max_len + 1, (num,), generator=g)
+    ids = torch.randint(1, vocab, (num, max_len), generator=g)
+    mask = (torch.arange(max_len).unsqueeze(0) < lengths.unsqueeze(1)).long()
+    ids = ids * mask
+    groups = (ids % num_classes) * mask + (1 - mask) * -1
+    counts = torch.stack([(groups == c).sum(dim=1) for c in range(num_classes)], dim=1)
+    return {"input_ids": ids, "attention_mask": mask}, counts.argmax(dim=1)
