@@ -55,7 +55,10 @@ class KronBlock(CurvatureBlock):
 
     Args:
         name: the module's name in the model.
-        param_shapes: ``{"weight": ..., "bias": ...}`` (bias optional), as in ``named_parameters``.
+        param_shapes: the weight's and (optionally) the bias's shapes, in that order, by their
+            names in the module (``{"weight": ..., "bias": ...}`` for Linear / Conv2d,
+            ``{"in_proj_weight": ..., "in_proj_bias": ...}`` for an attention's packed
+            in-projection).
         A: input factor, ``[n, n]`` symmetric PSD, bias as the last coordinate.
         G: output factor, ``[d_out, d_out]`` symmetric PSD.
     """
@@ -64,10 +67,18 @@ class KronBlock(CurvatureBlock):
 
     def __init__(self, name: str, param_shapes: dict[str, torch.Size], A: Tensor, G: Tensor):
         super().__init__(name, param_shapes)
-        if "weight" not in param_shapes:
-            raise ValueError(f"{name}: a Kronecker block needs a 'weight' parameter.")
-        wshape = torch.Size(param_shapes["weight"])
-        self.bias = "bias" in param_shapes
+        shapes = [torch.Size(s) for s in param_shapes.values()]
+        if (
+            not 1 <= len(shapes) <= 2
+            or len(shapes[0]) < 2
+            or (len(shapes) == 2 and (shapes[1] != shapes[0][:1]))
+        ):
+            raise ValueError(
+                f"{name}: a Kronecker block needs a weight [d_out, ...] and optionally a bias "
+                f"[d_out], in that order; got {dict(param_shapes)}."
+            )
+        wshape = shapes[0]
+        self.bias = len(shapes) == 2
         self.d_out = int(wshape[0])
         self.d_in = int(math.prod(wshape[1:]))
         n = self.d_in + int(self.bias)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -71,7 +72,9 @@ def logits_at(model: nn.Module, thetas: Tensor, x: Inputs, chunk: int = 32) -> T
 
     outs = []
     batched = vmap(forward, in_dims=(0, None))
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # e.g. attention without a vmap rule: the fallback is slower, the result the same
+        warnings.filterwarnings("ignore", "There is a performance drop")
         for start in range(0, thetas.shape[0], chunk):
             outs.append(batched(thetas[start : start + chunk], x))
     return torch.cat(outs)

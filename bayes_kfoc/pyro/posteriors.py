@@ -141,8 +141,8 @@ class KronPosterior(BlockPosterior):
         """``weight = W̄[..., :d_in]`` reshaped to the weight's shape, ``bias = W̄[..., d_in]``."""
         lead = value.shape[:-2]
         out = {}
-        for s in self.sites:
-            if s.param.rpartition(".")[2] == "bias":
+        for i, s in enumerate(self.sites):  # the weight, then the bias (KronBlock's order)
+            if i == 1:
                 out[s.name] = value[..., self.d_in]
             else:
                 out[s.name] = value[..., : self.d_in].reshape(lead + torch.Size(s.shape))

@@ -6,6 +6,8 @@ predictive (Jacobian directions ``e_c``) and the diagnostics, each through :data
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -14,12 +16,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..options import FisherType
+from .attention import exposed_attention
 from .batch import call_model, check_label_range
+from .batch_dim import SHARED, BatchDims
 from .directions import logit_directions
-from .generic import GradStats, per_sample_param_grads
-from .inputs import Inputs
+from .generic import GradStats, attention_grads, per_sample_param_grads
+from .inputs import Inputs, batch_size
 from .kron import KronStats, kron_stats
-from .targets import CONV2D, GENERIC, LINEAR, TIED, Target, owners
+from .targets import ATTENTION, ATTENTION_GRADS, CONV2D, GENERIC, LINEAR, TIED, Target, owners
 
 ONE_LOGIT = (
     "bayes_kfoc: the model returns logits [N, 1]: a softmax over one logit is constant, so its "
@@ -30,6 +34,8 @@ ONE_LOGIT = (
 
 Stats = KronStats | GradStats
 """The statistics of one module for one batch: Kronecker-capable, or explicit gradients."""
+
+_RECORDED = (ATTENTION, ATTENTION_GRADS)  # reported by the exposed attention, not by a hook
 
 
 def probe(model: nn.Module, x: Inputs) -> tuple[list[str], dict[str, int], Tensor]:
@@ -46,7 +52,7 @@ def probe(model: nn.Module, x: Inputs) -> tuple[list[str], dict[str, int], Tenso
 
         handles.append(module.register_forward_hook(hook))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), exposed_attention(model, _ignore):
             out = call_model(model, x, "fit_curvature")
     finally:
         for h in handles:
@@ -57,6 +63,10 @@ def probe(model: nn.Module, x: Inputs) -> tuple[list[str], dict[str, int], Tenso
             "tensor of shape [N, C]."
         )
     return order, counts, out
+
+
+def _ignore(*args: Any) -> None:
+    return None
 
 
 def _conv_unfold(module: nn.Conv2d, x: Tensor) -> Tensor:
@@ -102,13 +112,18 @@ class Collector:
         self.stats_dtype = stats_dtype
         self.clone_outputs = False
         self.batched_grads = True
+        self._dims = BatchDims()
+        self._n = 0
         self._active: set[str] = set()
         self._cap: dict[str, list[dict[str, Any]]] = {}
         self._handles: list[Any] = []
 
     def __enter__(self) -> Collector:
+        self._attention = {id(t.module): t for t in self.targets if t.kind in _RECORDED}
+        self._exposed = exposed_attention(self.model, self._record)
+        self._exposed.__enter__()
         for t in self.targets:
-            if t.kind == TIED:  # whole-model gradients, no hook
+            if t.kind in (TIED, *_RECORDED):  # whole-model gradients / recorded, no hook
                 continue
             self._handles.append(
                 t.module.register_forward_hook(self._make_hook(t), with_kwargs=True)
@@ -119,6 +134,18 @@ class Collector:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._exposed.__exit__(*exc)
+
+    def _record(
+        self, module: nn.Module, what: str, a: Tensor | None, z: Tensor, cols: slice | None
+    ) -> None:
+        """An attention projection's input and output (``attention.Record``), batch first."""
+        t = self._attention.get(id(module))
+        if t is None or t.name not in self._active:
+            return
+        cap = {"z": z, "version": z._version, "what": what, "cols": cols, "bd": 0}
+        cap["a"] = None if a is None else a.detach()
+        self._cap.setdefault(t.name, []).append(cap)
 
     def _make_hook(self, t: Target) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
@@ -137,13 +164,15 @@ class Collector:
                         f"fit_curvature: Linear module {t.name!r} needs batched inputs [N, ..., "
                         "d_in]."
                     )
-                cap["a"] = x.detach().reshape(x.shape[0], -1, x.shape[-1])
+                cap["x"] = x.detach()
+                cap["bd"] = self._dims.decide(t.name, x.shape, self._n, "input")
             elif t.kind == CONV2D:
                 assert isinstance(module, nn.Conv2d) and isinstance(x, Tensor)
                 cap["a"] = _conv_unfold(module, x.detach())
             else:
                 cap["args"] = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
                 cap["kwargs"] = kwargs
+                cap["bd"] = self._dims.decide(t.name, out.shape, self._n, "output", True)
             # a module called k times per forward (weight sharing): every call is kept, and its
             # statistics sum over the calls (docs/math.md, "Weight sharing")
             self._cap.setdefault(t.name, []).append(cap)
@@ -154,11 +183,26 @@ class Collector:
     def _forward(self, x: Inputs, names: set[str]) -> Tensor:
         self._cap = {}
         self._active = names
+        self._n = batch_size(x)
         try:
             with torch.enable_grad():
                 logits = call_model(self.model, x, "bayes_kfoc")
         finally:
             self._active = set()
+        unsure = {k for k, caps in self._cap.items() for c in caps if c.get("bd", 0) is None}
+        if unsure:  # a module whose input is [N, N, ...]: one pass on N - 1 points decides
+            by_name = {t.name: t for t in self.targets}
+            self._dims.resolve(
+                self.model,
+                x,
+                self._n,
+                {k: by_name[k].module for k in unsure},
+                {k for k in unsure if by_name[k].kind == GENERIC},
+                contextlib.nullcontext,  # the attention is already exposed
+            )
+            for k in unsure:
+                for c in self._cap[k]:
+                    c["bd"] = self._dims.known[k]
         return logits
 
     def batch(
@@ -235,9 +279,14 @@ class Collector:
             if g is None:
                 g = torch.zeros((cot.shape[0], *cap["z"].shape), dtype=cot.dtype, device=cot.device)
             per_module.setdefault(t.name, []).append((cap, g.detach()))
-        out: dict[str, Stats] = {t.name: self._stats(t, per_module[t.name]) for t in active}
-        for t in self.targets:
-            if t.kind == TIED and t.name in names:
+        shared = {
+            t.name for t in active if any(c.get("bd") == SHARED for c, _ in per_module[t.name])
+        }
+        out: dict[str, Stats] = {
+            t.name: self._stats(t, per_module[t.name]) for t in active if t.name not in shared
+        }
+        for t in self.targets:  # a tied tensor, or an output every point shares: whole model
+            if (t.kind == TIED or t.name in shared) and t.name in names:
                 out[t.name] = self._tied_stats(t, x, cot)
         self._cap = {}
         return out, logits.detach()
@@ -248,11 +297,18 @@ class Collector:
             return [None if g is None else g.unsqueeze(0) for g in grads]
         if self.batched_grads:
             try:
-                return list(
-                    torch.autograd.grad(
-                        logits, zs, cot, retain_graph=True, allow_unused=True, is_grads_batched=True
+                with warnings.catch_warnings():  # e.g. attention's vmap fallback: still exact
+                    warnings.filterwarnings("ignore", "There is a performance drop")
+                    return list(
+                        torch.autograd.grad(
+                            logits,
+                            zs,
+                            cot,
+                            retain_graph=True,
+                            allow_unused=True,
+                            is_grads_batched=True,
+                        )
                     )
-                )
             except RuntimeError:
                 self.batched_grads = False  # some op lacks a vmap rule: loop over directions
         per_v = [
@@ -265,15 +321,18 @@ class Collector:
         ]
 
     def _tied_stats(self, t: Target, x: Inputs, cot: Tensor) -> GradStats:
-        """A module owning a tied tensor: per-point gradients of the whole model (every use of
-        the tensor) w.r.t. the module's own parameters, by ``torch.func``."""
+        """A module owning a tied tensor, or one whose output every point shares: per-point
+        gradients of the whole model (every use) w.r.t. the module's own parameters, by
+        ``torch.func``."""
         full = [f"{t.name}.{k}" if t.name else k for k in t.local_names]
-        if not isinstance(x, Tensor):
-            raise TypeError(
-                f"fit_curvature: module {t.name!r} owns a tied tensor, whose whole-model "
-                "gradients need tensor inputs, not a mapping; exclude it with exclude=[...]."
+        if isinstance(x, Tensor):
+            grads = per_sample_param_grads(self.model, full, (x,), {}, cot, t.name)
+        else:
+            keys = [k for k, v in x.items() if isinstance(v, Tensor)]
+            rest = {k: v for k, v in x.items() if not isinstance(v, Tensor)}
+            grads = per_sample_param_grads(
+                self.model, full, tuple(x[k] for k in keys), rest, cot, t.name, keys=keys
             )
-        grads = per_sample_param_grads(self.model, full, (x,), {}, cot, t.name)
         return GradStats(grads.to(self.stats_dtype or grads.dtype))
 
     def _stats(self, t: Target, calls: list[tuple[dict[str, Any], Tensor]]) -> Stats:
@@ -284,26 +343,48 @@ class Collector:
             total: Tensor | None = None
             for cap, g in calls:
                 grads = per_sample_param_grads(
-                    t.module, t.local_names, cap["args"], cap["kwargs"], g, t.name
+                    t.module, t.local_names, cap["args"], cap["kwargs"], g, t.name, cap["bd"]
                 )
                 total = grads if total is None else total + grads
             assert total is not None
             return GradStats(total.to(self.stats_dtype or total.dtype))
-        bias = "bias" in t.param_shapes
+        if t.kind == ATTENTION_GRADS:
+            g = attention_grads(t, [(c, self._wide(g)) for c, g in calls])
+            return GradStats(g)
         a_parts, d_parts = [], []
         for cap, g in calls:
-            a: Tensor = cap["a"]
-            v, n = g.shape[0], g.shape[1]
-            if self.stats_dtype is not None:  # accumulate in a wider dtype than the model's
-                a, g = a.to(self.stats_dtype), g.to(self.stats_dtype)
-            if bias:
+            a, g = self._positions(t, cap, g)
+            if t.has_bias:
                 a = torch.cat([a, a.new_ones((*a.shape[:-1], 1))], dim=-1)
-            if t.kind == CONV2D:
-                d = g.reshape(v, n, g.shape[2], -1).transpose(2, 3)  # [V, N, T, C_out]
-            else:
-                d = g.reshape(v, n, -1, g.shape[-1])
             a_parts.append(a)
-            d_parts.append(d)
+            d_parts.append(g)
         if len(calls) == 1:
-            return kron_stats(a_parts[0], d_parts[0], bias)
-        return kron_stats(torch.cat(a_parts, dim=1), torch.cat(d_parts, dim=2), bias)
+            return kron_stats(a_parts[0], d_parts[0], t.has_bias)
+        return kron_stats(torch.cat(a_parts, dim=1), torch.cat(d_parts, dim=2), t.has_bias)
+
+    def _wide(self, x: Tensor) -> Tensor:
+        """``x`` in the statistics' dtype (a wider one than the model's, when asked for)."""
+        return x if self.stats_dtype is None else x.to(self.stats_dtype)
+
+    def _positions(self, t: Target, cap: dict[str, Any], g: Tensor) -> tuple[Tensor, Tensor]:
+        """A Kronecker call's inputs ``[N, T, d_in]`` and directions ``[V, N, T, d_out]``, batch
+        first (a sequence-first Linear is transposed; an attention projection's rows ``cols``
+        of the packed weight are padded with zeros to the whole weight)."""
+        v = g.shape[0]
+        if t.kind == CONV2D:
+            n = g.shape[1]
+            d = g.reshape(v, n, g.shape[2], -1).transpose(2, 3)  # [V, N, T, C_out]
+            return self._wide(cap["a"]), self._wide(d)
+        x = cap["a"] if t.kind == ATTENTION else cap["x"]
+        if cap["bd"] == 1:  # [L, N, ...] -> [N, L, ...]
+            x, g = x.transpose(0, 1), g.transpose(1, 2)
+        n = x.shape[0]
+        a = x.reshape(n, -1, x.shape[-1])
+        d = g.reshape(v, n, -1, g.shape[-1])
+        cols = cap.get("cols")
+        rows = t.param_shapes[t.local_names[0]][0]
+        if cols is not None and d.shape[-1] != rows:
+            full = d.new_zeros((*d.shape[:-1], rows))
+            full[..., cols] = d
+            d = full
+        return self._wide(a), self._wide(d)

@@ -59,32 +59,48 @@ def per_sample_param_grads(
     kwargs: dict[str, Any],
     cotangents: Tensor,
     module_name: str,
+    batch_dim: int = 0,
+    keys: list[str] | None = None,
 ) -> Tensor:
     """``[V, N, P]`` gradients of ``⟨cotangent, module(x_n)⟩`` w.r.t. the module's own parameters.
 
-    ``cotangents`` is ``[V, N, *out]``; ``P`` follows ``names`` (``named_parameters`` order).
-    With ``module`` the whole model and dotted ``names`` these are the gradients of a tied
-    tensor over every use (``functional_call`` keeps the ties).
+    ``cotangents`` is ``[V, *out]`` with the ``N`` points in dimension ``batch_dim`` of ``out``
+    (1 for a sequence-first module, ``[L, N, ...]``; the arguments of size ``N`` there are split
+    along it too); ``P`` follows ``names`` (``named_parameters`` order). With ``module`` the
+    whole model and dotted ``names`` these are the gradients of a tied tensor over every use
+    (``functional_call`` keeps the ties). With ``keys`` the arguments are passed as those
+    keywords (a model called as ``model(**inputs)``).
     """
-    num = cotangents.shape[1]
-    if len(args) == 1 and isinstance(args[0], Tensor) and not kwargs:
-        fast = _norm_grads(module, args[0], cotangents, names)
+    bd = batch_dim
+    num = cotangents.shape[1 + bd]
+    if len(args) == 1 and isinstance(args[0], Tensor) and not kwargs and keys is None:
+        x0, c0 = args[0], cotangents
+        if bd == 1:  # norm layers act on trailing dimensions only: any layout is batch first
+            x0, c0 = x0.transpose(0, 1), c0.transpose(1, 2)
+        fast = _norm_grads(module, x0, c0, names)
         if fast is not None:
             return fast
     params = {k: module.get_parameter(k).detach() for k in names}  # dotted names too
     in_dims = tuple(
-        0 if isinstance(x, Tensor) and x.ndim > 0 and x.shape[0] == num else None for x in args
+        bd if isinstance(x, Tensor) and x.ndim > bd and x.shape[bd] == num else None for x in args
     )
 
     def forward_one(p: dict[str, Tensor], *xs: Any) -> Tensor:
-        batched = tuple(x.unsqueeze(0) if d == 0 else x for x, d in zip(xs, in_dims, strict=True))
-        out = functional_call(module, p, batched, kwargs)
+        batched = tuple(
+            x.unsqueeze(bd) if d is not None else x for x, d in zip(xs, in_dims, strict=True)
+        )
+        if keys is None:
+            out = functional_call(module, p, batched, kwargs)
+        else:
+            out = functional_call(
+                module, p, (), {**dict(zip(keys, batched, strict=True)), **kwargs}
+            )
         if not isinstance(out, Tensor):
             raise TypeError(
                 f"fit_curvature: module {module_name!r} returns {type(out).__name__}, not a "
                 "tensor; only single-tensor outputs are supported. Exclude it with exclude=[...]."
             )
-        return out.squeeze(0)
+        return out.squeeze(bd)
 
     def grad_one(xs: tuple[Any, ...], cot: Tensor) -> dict[str, Tensor]:
         pullback = vjp(lambda p: forward_one(p, *xs), params)[1]
@@ -92,7 +108,7 @@ def per_sample_param_grads(
         return grads
 
     over_v = vmap(grad_one, in_dims=(None, 0))
-    over_n = vmap(over_v, in_dims=(in_dims, 1), out_dims=1)
+    over_n = vmap(over_v, in_dims=(in_dims, 1 + bd), out_dims=1)
     try:
         with torch.no_grad():  # torch.func still differentiates; nothing else records a graph
             grads = over_n(args, cotangents)
@@ -104,6 +120,33 @@ def per_sample_param_grads(
         ) from err
     v = cotangents.shape[0]
     return torch.cat([grads[k].reshape(v, num, -1) for k in names], dim=-1).detach()
+
+
+def attention_grads(t: Any, calls: list[tuple[dict[str, Any], Tensor]]) -> Tensor:
+    """``[V, N, P]`` per-point gradients of an attention module's own parameters (``t``'s
+    ``local_names`` order) from its recorded projections (``attention.Record``): a projection
+    weight's gradient is ``Σ_t δ_t a_tᵀ`` (its rows ``cols`` of a packed weight), a bias's
+    ``Σ_t δ_t``, and ``bias_k``/``bias_v``'s the direction at the key they add."""
+    v, n = calls[0][1].shape[0], calls[0][1].shape[1]
+    parts: dict[str, Tensor] = {
+        k: calls[0][1].new_zeros((v, n, *shape)) for k, shape in t.param_shapes.items()
+    }
+    for cap, g in calls:
+        what, cols = cap["what"], cap["cols"]
+        if what in ("bias_k", "bias_v"):
+            if what in parts:
+                parts[what] += g.sum(dim=2).reshape(parts[what].shape)
+            continue
+        weight = "in_proj_weight" if what == "in" else what
+        if weight in parts:
+            m = torch.einsum("vnto,nti->vnoi", g, cap["a"].to(g.dtype))
+            if weight == "in_proj_weight":
+                parts[weight][:, :, cols] += m
+            else:
+                parts[weight] += m
+        if "in_proj_bias" in parts:
+            parts["in_proj_bias"][:, :, cols] += g.sum(dim=2)
+    return torch.cat([parts[k].reshape(v, n, -1) for k in t.local_names], dim=-1)
 
 
 class GradStats:

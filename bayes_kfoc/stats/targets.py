@@ -12,6 +12,9 @@ LINEAR = "linear"  # nn.Linear: Kronecker-capable (rank-one per point, or shared
 CONV2D = "conv2d"  # nn.Conv2d with groups=1: Kronecker-capable via the unfold
 GENERIC = "generic"  # anything else with trainable parameters: diagonal or dense only
 TIED = "tied"  # owns a tensor that other modules share: whole-model per-point gradients
+ATTENTION = "attention"  # nn.MultiheadAttention's packed in-projection: Kronecker over positions
+ATTENTION_GRADS = "attention_grads"  # other attention parameters: explicit per-point gradients
+KRONECKER = (LINEAR, CONV2D, ATTENTION)
 
 
 @dataclass
@@ -27,7 +30,12 @@ class Target:
 
     @property
     def kron_capable(self) -> bool:
-        return self.kind in (LINEAR, CONV2D)
+        return self.kind in KRONECKER
+
+    @property
+    def has_bias(self) -> bool:
+        """A Kronecker target's second parameter is its bias (``bias``, ``in_proj_bias``)."""
+        return len(self.param_shapes) == 2
 
 
 def own_trainable(module: nn.Module) -> dict[str, nn.Parameter]:
@@ -38,6 +46,18 @@ def classify(module: nn.Module) -> tuple[str, str]:
     """The statistics kind of a module, and a note when a Kronecker-like layer falls back."""
     params = own_trainable(module)
     frozen_any = any(not p.requires_grad for p in module.parameters(recurse=False))
+    if isinstance(module, nn.MultiheadAttention):
+        packed = module._qkv_same_embed_dim and module.bias_k is None and not frozen_any
+        if packed and "in_proj_weight" in params:
+            return ATTENTION, ""
+        why = (
+            "separate q/k/v projection weights (kdim/vdim != embed_dim)"
+            if not module._qkv_same_embed_dim
+            else "bias_k/bias_v"
+            if module.bias_k is not None
+            else "part of its parameters are frozen"
+        )
+        return ATTENTION_GRADS, f"{why}: exact per-parameter (diagonal/dense) block"
     if isinstance(module, nn.Linear | nn.Conv2d) and frozen_any:
         return GENERIC, "part of its parameters are frozen: per-parameter (diagonal/dense) block"
     if isinstance(module, nn.Linear) and set(params) <= {"weight", "bias"}:
@@ -151,7 +171,7 @@ def select(
         elif modules == "last_layer":
             if not call_order:
                 raise ValueError("fit_curvature: no module with trainable parameters was called.")
-            kron = [c for c in call_order if _kind(c, owned[c], ties)[0] in (LINEAR, CONV2D)]
+            kron = [c for c in call_order if _kind(c, owned[c], ties)[0] in KRONECKER]
             chosen = [(kron or list(call_order))[-1]]
         else:
             raise ValueError(
