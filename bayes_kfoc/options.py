@@ -84,6 +84,24 @@ class Solver(StrEnum):
     POWER = "power"
 
 
+class KfacReduction(StrEnum):
+    """How K-FAC treats a weight shared over positions ``T`` (``docs/math.md``, "K-FAC over
+    positions"; Eschenhagen et al., NeurIPS 2023).
+
+    - ``auto`` (default): ``reduce`` for Linear layers over sequences and attention
+      projections (a classifier has one output per sequence), ``expand`` for Conv2d (KFC).
+    - ``expand``: ``(Σ_{n,t} δδᵀ) ⊗ (1/(N·T) Σ_{n,t} ā āᵀ)``.
+    - ``reduce``: ``(Σ_n g gᵀ) ⊗ (1/N Σ_n ā āᵀ)`` with ``g_n = Σ_t δ_{n,t}`` and ``ā_n`` the
+      mean of ``ā_{n,t}`` over the positions that reach the output.
+
+    Plain Linear layers (``T = 1``) are the same under all three; K-FOC does not depend on it.
+    """
+
+    AUTO = "auto"
+    EXPAND = "expand"
+    REDUCE = "reduce"
+
+
 class BlockKind(StrEnum):
     """How a fitted block represents its module's curvature (what ``Structure`` becomes).
 

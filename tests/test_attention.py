@@ -228,3 +228,32 @@ def test_padding_contributes_nothing() -> None:
     b = fit_curvature(model, [(noisy, y)], "kfoc", tol=1e-12, progress=False)
     for k in a.blocks:
         torch.testing.assert_close(a.blocks[k].to_dense(), b.blocks[k].to_dense())
+
+
+@pytest.mark.parametrize("reduction", ["reduce", "auto"])
+def test_kfac_reduce_equals_the_reduced_factors(reduction: str) -> None:
+    """K-FAC "reduce" (the default for Linear layers over sequences), written out plainly:
+    ``G = Σ_n J_nᵀ H_n J_n`` with ``J_n = Σ_t ∂f_n/∂z_{n,t}`` (the Jacobian w.r.t. the bias)
+    and ``A = 1/N Σ_n ā_n ā_nᵀ``, ``ā_n`` the mean input over the real (unpadded) tokens."""
+    model, x, y = _data("self")
+    curv = fit_curvature(model, [(x, y)], "kfac", kfac_reduction=reduction, progress=False)
+    b = curv.blocks["embed"]
+    assert isinstance(b, KronBlock)
+    with torch.no_grad():
+        p = torch.softmax(model(x), dim=-1)
+    h = torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)
+    j = per_point_jacobians(model, x)["embed.bias"]  # [N, C, E]: Σ over positions
+    torch.testing.assert_close(b.G, torch.einsum("nce,ncd,ndf->ef", j, h, j))
+    keep = x[..., -1:]
+    a = torch.cat([x[..., :-1], torch.ones_like(keep)], -1)
+    a_bar = (a * keep).sum(1) / keep.sum(1)
+    torch.testing.assert_close(b.A, a_bar.T @ a_bar / len(x))
+    expand = fit_curvature(model, [(x, y)], "kfac", kfac_reduction="expand", progress=False)
+    flat = a.reshape(-1, a.shape[-1])
+    torch.testing.assert_close(expand.blocks["embed"].A, flat.T @ flat / len(flat))
+
+
+def test_kfac_reduction_is_validated() -> None:
+    model, x, y = _data("self")
+    with pytest.raises(ValueError, match="kfac_reduction.*'expand'"):
+        fit_curvature(model, [(x, y)], "kfac", kfac_reduction="mean", progress=False)

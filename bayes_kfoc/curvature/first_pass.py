@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..options import FisherType, Mode, Structure
-from ..stats import Collector, KronStats, LinearStats, SharedStats, Stats, Target
+from ..options import FisherType, KfacReduction, Mode, Structure
+from ..stats import CONV2D, Collector, KronStats, LinearStats, SharedStats, Stats, Target
 from ..stats.inputs import batch_size
 from ._checks import default_memory_budget, human_bytes
 from ._loader import one_shot_error
@@ -24,7 +24,8 @@ from .passes import FitSetup, dataset_size
 @dataclass
 class KronSums:
     """K-FAC's sums of one module over the data: ``Σ ā āᵀ``, ``Σ δ δᵀ`` (``None`` unless
-    K-FAC or power iteration needs it) and the count ``N·T`` that averages the first."""
+    K-FAC or power iteration needs it) and the count that averages the first (``N·T``
+    expanded, ``N`` reduced)."""
 
     a: Tensor
     g: Tensor | None
@@ -32,7 +33,7 @@ class KronSums:
 
     @property
     def kfac_a(self) -> Tensor:
-        """K-FAC's input factor ``(1/(N·T)) Σ ā āᵀ``."""
+        """K-FAC's input factor ``Σ ā āᵀ / count``."""
         return self.a / self.count
 
 
@@ -113,7 +114,7 @@ def first_pass(setup: FitSetup, collector: Collector) -> FirstPass:
             st = stats[t.name]
             if t.name in kron:
                 assert isinstance(st, LinearStats | SharedStats)
-                _accumulate_kron(sums, t, st, opts.needs_g_sum)
+                _accumulate_kron(sums, t, st, opts.needs_g_sum, reduces(t, opts.kfac_reduction))
                 if cache is not None:
                     cache[t.name].append(st.compact())
                     cache_bytes += cache[t.name][-1].nbytes
@@ -168,10 +169,21 @@ def first_pass(setup: FitSetup, collector: Collector) -> FirstPass:
     )
 
 
+def reduces(t: Target, reduction: KfacReduction) -> bool:
+    """Whether K-FAC takes the "reduce" form for ``t`` (see :class:`KfacReduction`)."""
+    if reduction is KfacReduction.AUTO:
+        return t.kind != CONV2D
+    return reduction is KfacReduction.REDUCE
+
+
 def _accumulate_kron(
-    sums: dict[str, KronSums], t: Target, st: LinearStats | SharedStats, with_g: bool
+    sums: dict[str, KronSums],
+    t: Target,
+    st: LinearStats | SharedStats,
+    with_g: bool,
+    reduce: bool,
 ) -> None:
-    ks = st.kfac_sums(with_g=with_g)
+    ks = st.kfac_sums(with_g=with_g, reduce=reduce)
     if t.name not in sums:
         sums[t.name] = KronSums(ks.a, ks.g, ks.count)
         return

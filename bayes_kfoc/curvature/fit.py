@@ -58,6 +58,7 @@ def fit_curvature(
     distributed: bool | None = None,
     dtype: torch.dtype | None = None,
     solver: str = "lanczos",
+    kfac_reduction: str = "auto",
 ) -> Curvature:
     """Fit curvature blocks of a classifier's **summed** Fisher over every batch of ``loader``.
 
@@ -70,8 +71,8 @@ def fit_curvature(
       the Fisher by Lanczos bidiagonalisation (``solver``) or power iteration. Linear layers
       never form per-point gradients; Conv2d uses the per-point gradient matrices ``M_n`` or
       the unfold, whichever is cheaper.
-    - ``"kfac"``: ``(Σ_n B_n) ⊗ (1/N Σ_n ā ā^T)`` for Linear; the KFC "expand" form
-      ``(Σ_{n,t} δδ^T) ⊗ (1/(N·T) Σ_{n,t} ā ā^T)`` for Conv2d.
+    - ``"kfac"``: ``(Σ_n B_n) ⊗ (1/N Σ_n ā ā^T)`` for Linear; over positions (Conv2d,
+      sequences, attention, weight sharing) the "expand" or "reduce" form (``kfac_reduction``).
     - ``"diag"``: the exact diagonal; ``"full"``: the exact dense block (small modules only).
 
     Modules other than Linear / Conv2d(groups=1) (BatchNorm, LayerNorm, Embedding, ...) get their
@@ -123,6 +124,9 @@ def fit_curvature(
             ``"power"`` (power iteration from K-FAC's ``(A, G)``, PSD at every step). Streaming
             Lanczos runs one data pass per half-step for all layers at once; streaming power
             iteration is Jacobi (both updates of every layer from one pass).
+        kfac_reduction: K-FAC over positions: ``"auto"`` (``"reduce"`` for Linear layers over
+            sequences and attention, ``"expand"`` for Conv2d), ``"expand"`` or ``"reduce"``
+            (:class:`~bayes_kfoc.options.KfacReduction`). K-FOC's blocks do not depend on it.
 
     Returns:
         A :class:`Curvature` with ``blocks[module_name]``.
@@ -147,6 +151,7 @@ def fit_curvature(
         distributed=distributed,
         dtype=dtype,
         solver=solver,
+        kfac_reduction=kfac_reduction,
     )
     guard = ModelGuard(model)
     with torch.inference_mode(False):  # e.g. inside Lightning's test loop

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..options import FisherType, Mode, Solver, Structure
+from ..options import FisherType, KfacReduction, Mode, Solver, Structure
 
 LANCZOS_RESTART = 8  # Krylov steps kept before an explicit restart (memory: up to 9 A, 8 G)
 
@@ -35,6 +35,7 @@ class FitOptions:
     distributed: bool | None
     dtype: torch.dtype | None
     solver: Solver
+    kfac_reduction: KfacReduction = KfacReduction.AUTO
 
     @staticmethod
     def parse(
@@ -55,12 +56,14 @@ class FitOptions:
         distributed: bool | None = None,
         dtype: torch.dtype | None = None,
         solver: str | Solver = "lanczos",
+        kfac_reduction: str | KfacReduction = "auto",
     ) -> FitOptions:
         """Validate every option; raise ``ValueError`` naming the option, the value and the fix."""
         s = Structure.parse(structure, "fit_curvature: structure")
         f = FisherType.parse(fisher, "fit_curvature: fisher")
         m = Mode.parse(mode, "fit_curvature: mode")
         solver_ = Solver.parse(solver, "fit_curvature: solver")
+        reduction = KfacReduction.parse(kfac_reduction, "fit_curvature: kfac_reduction")
         if not isinstance(mc_samples, int) or mc_samples < 1:
             raise ValueError(
                 f"fit_curvature: mc_samples must be a positive integer, got {mc_samples}."
@@ -93,6 +96,7 @@ class FitOptions:
             distributed=distributed,
             dtype=dtype,
             solver=solver_,
+            kfac_reduction=reduction,
         )
 
     @property

@@ -8,6 +8,7 @@ custom modules): their diagonal (or dense) Fisher block needs ``∂⟨δ_{n,v}, 
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -110,7 +111,10 @@ def per_sample_param_grads(
     over_v = vmap(grad_one, in_dims=(None, 0))
     over_n = vmap(over_v, in_dims=(in_dims, 1 + bd), out_dims=1)
     try:
-        with torch.no_grad():  # torch.func still differentiates; nothing else records a graph
+        # torch.func still differentiates; nothing else records a graph. An op without a vmap
+        # rule (e.g. CPU attention) falls back to a loop: slower, the same result.
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "There is a performance drop")
             grads = over_n(args, cotangents)
     except RuntimeError as err:
         raise RuntimeError(

@@ -190,7 +190,7 @@ class LinearStats(KronStats):
     def tensors(self) -> tuple[Tensor, ...]:
         return (self.a, self.d)
 
-    def kfac_sums(self, with_g: bool = True) -> KfacSums:
+    def kfac_sums(self, with_g: bool = True, reduce: bool = False) -> KfacSums:
         dd = self.d.reshape(-1, self.o)
         return KfacSums(
             sym_tmm(self.a, self.a), sym_tmm(dd, dd) if with_g else None, self.num_points
@@ -263,8 +263,19 @@ class SharedStats(KronStats):
     def tensors(self) -> tuple[Tensor, ...]:
         return (self.a, self.d)
 
-    def kfac_sums(self, with_g: bool = True) -> KfacSums:
-        """K-FAC "expand": sums over points and positions, counted ``N·T``."""
+    def kfac_sums(self, with_g: bool = True, reduce: bool = False) -> KfacSums:
+        """K-FAC "expand": sums over points and positions, counted ``N·T``; "reduce": per point
+        ``g = Σ_t δ_t`` and ``ā`` the mean over the positions whose directions are not all zero
+        (padding the model masks out has none), counted ``N`` (``docs/math.md``, "K-FAC over
+        positions")."""
+        if reduce:
+            live = self.d.ne(0).any(dim=0).any(dim=-1).to(self.a.dtype)  # [N, T]
+            count = live.sum(dim=1, keepdim=True)
+            w = torch.where(count > 0, live / count.clamp_min(1), 1.0 / self.T)
+            a_red = torch.einsum("nt,nti->ni", w, self.a)
+            g_red = self.d.sum(dim=2).reshape(-1, self.o)
+            g = sym_tmm(g_red, g_red) if with_g else None
+            return KfacSums(sym_tmm(a_red, a_red), g, self.num_points)
         a, d = self.a.reshape(-1, self.n), self.d.reshape(-1, self.o)
         g = sym_tmm(d, d) if with_g else None
         return KfacSums(sym_tmm(a, a), g, self.num_points * self.T)
