@@ -2,26 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+import torch
 from torch import Tensor
+
+from ..stats.inputs import Inputs, batch_size, inputs_to, split_inputs
 
 TRAIN_SAMPLE = 1000  # training points ``Laplace.fit`` keeps for the consistency rule
 
 
 class Recorder:
     """Iterates ``loader`` unchanged (``len`` and ``dataset`` pass through) and keeps a CPU copy
-    of the first ``limit`` ``(x, y)`` points of its first pass (only the batches whose inputs have
-    the first batch's shape, so varying sequence lengths still give one tensor)."""
+    of the first ``limit`` points of its first pass, as ``(x, y)`` batches (tensor or mapping
+    inputs, any sequence length)."""
 
     def __init__(self, loader: Iterable[Any], limit: int):
         self.loader = loader
         # a one-shot loader stays one-shot (its own iterator), so the fit's check still sees it
         self.one_shot = iter(loader) is loader
         self.limit = limit
-        self._xs: list[Tensor] = []
-        self._ys: list[Tensor] = []
+        self._batches: list[tuple[Inputs, Tensor]] = []
         self._count = 0
         self._passes = 0
 
@@ -36,14 +38,19 @@ class Recorder:
         return batch
 
     def _record(self, batch: Any) -> None:
-        if self._count < self.limit and isinstance(batch, list | tuple) and len(batch) == 2:
-            x, y = batch
-            same = not self._xs or x.shape[1:] == self._xs[0].shape[1:]  # one sequence length
-            if isinstance(x, Tensor) and isinstance(y, Tensor) and same:
-                take = min(self.limit - self._count, len(x))
-                self._xs.append(x[:take].detach().cpu().clone())
-                self._ys.append(y[:take].detach().cpu().clone())
-                self._count += take
+        if self._count >= self.limit or not isinstance(batch, list | tuple) or len(batch) != 2:
+            return
+        x, y = batch
+        if not isinstance(x, Tensor | Mapping) or not isinstance(y, Tensor):
+            return
+        take = min(self.limit - self._count, batch_size(x))
+        x = split_inputs(inputs_to(x, torch.device("cpu")), take)[0]
+        if isinstance(x, Tensor):
+            x = x.detach().clone()
+        else:
+            x = {k: v.detach().clone() if isinstance(v, Tensor) else v for k, v in x.items()}
+        self._batches.append((x, y[:take].detach().cpu().clone()))
+        self._count += take
 
     def _records(self) -> Iterator[Any]:
         first = self._passes == 0
@@ -60,9 +67,5 @@ class Recorder:
     def dataset(self) -> Any:
         return getattr(self.loader, "dataset", None)
 
-    def sample(self) -> tuple[Tensor, Tensor] | None:
-        import torch
-
-        if not self._xs:
-            return None
-        return torch.cat(self._xs), torch.cat(self._ys)
+    def sample(self) -> list[tuple[Inputs, Tensor]] | None:
+        return list(self._batches) or None

@@ -26,6 +26,7 @@ from ..blocks import CurvatureBlock
 from ..curvature import Curvature, fit_curvature
 from ..options import FisherType, Link, PredMethod, Structure
 from ..stats import Target, targets_for
+from ..stats.inputs import Inputs
 from . import predictive, serialization
 from ._guard import check_model, fingerprints
 from ._layout import Layout
@@ -97,7 +98,7 @@ class Laplace:
         self.tuning: TuningResult | None = None
         self.temperature = 1.0  # the predictive's logits are divided by it (tuned with τ)
         self._tau: Tensor | None = None
-        self._train_sample: tuple[Tensor, Tensor] | None = None
+        self._train_sample: list[tuple[Inputs, Tensor]] | None = None
         self._mc_checked: tuple[tuple[float, ...], float] | None = None
 
     subset = property(lambda self: self.modules, doc="Alias of :attr:`modules` (laplace-torch).")
@@ -322,7 +323,7 @@ class Laplace:
         key = (tuple(self.prior_precision.tolist()), self.temperature)
         if self._mc_checked != key:
             self._mc_checked = key
-            predictive.warn_if_sampling_collapses(view, *self._train_sample)
+            predictive.warn_if_sampling_collapses(view, self._train_sample)
 
     def predict(
         self,

@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ..options import Link, PredMethod, TuneMethod
 from ..stats import as_labels, check_label_range
+from ..stats.inputs import Inputs, batch_size, check_mapping, split_inputs
 from . import predictive
 from ._glm import chunk_variances
 from .consistency import consistency
@@ -29,51 +30,67 @@ from .validation import ValidationTerms, search
 PRIORS = ("scaled", "global")
 
 
-def collect_points(
-    loader: Iterable[Any], what: str, limit: int | None = None
-) -> tuple[Tensor, Tensor]:
-    """Concatenate ``(x, y)`` batches (at most ``limit`` points), with clear errors."""
-    xs, ys, count = [], [], 0
+Points = list[tuple[Inputs, Tensor]]
+"""Batches ``(x, y)`` kept for tuning: tensor or mapping inputs, any sequence length each."""
+
+
+def collect_points(loader: Iterable[Any], what: str, limit: int | None = None) -> Points:
+    """The ``(x, y)`` batches of ``loader`` (at most ``limit`` points), with clear errors; the
+    inputs may be tensors or mappings (``model(**x)``), and need not share a shape."""
+    out: Points = []
+    count = 0
     for batch in loader:
         if not isinstance(batch, list | tuple) or len(batch) != 2:
             raise TypeError(f"Laplace.optimize_prior_precision: {what} must yield (x, y) pairs.")
         x, y = batch
-        if not isinstance(x, Tensor) or not isinstance(y, Tensor):
-            raise TypeError(f"Laplace.optimize_prior_precision: {what} must yield tensors.")
+        if not isinstance(x, Tensor | Mapping) or not isinstance(y, Tensor):
+            raise TypeError(
+                f"Laplace.optimize_prior_precision: {what} must yield (inputs, labels) with "
+                f"tensor labels and tensor or mapping inputs; got ({type(x).__name__}, "
+                f"{type(y).__name__})."
+            )
+        if isinstance(x, Mapping):
+            check_mapping(x, f"Laplace.optimize_prior_precision: {what}")
         y = as_labels(y, f"Laplace.optimize_prior_precision: {what}")
-        if y.ndim != 1 or len(y) != len(x):
+        n = batch_size(x)
+        if y.ndim != 1 or len(y) != n:
             raise ValueError(
                 f"Laplace.optimize_prior_precision: {what} labels must have shape [N] matching "
-                f"the inputs; got {tuple(y.shape)} for inputs {tuple(x.shape)}."
+                f"the inputs' {n} points; got {tuple(y.shape)}."
             )
-        xs.append(x)
-        ys.append(y)
-        count += len(x)
+        if limit is not None and count + n > limit:
+            take = limit - count
+            x, y = split_inputs(x, take)[0], y[:take]
+            n = take
+        if n:
+            out.append((x, y))
+        count += n
         if limit is not None and count >= limit:
             break
     if count == 0:
         raise ValueError(f"Laplace.optimize_prior_precision: {what} yielded no points.")
-    x_all, y_all = torch.cat(xs), torch.cat(ys)
-    return (x_all, y_all) if limit is None else (x_all[:limit], y_all[:limit])
+    return out
 
 
-def glm_terms(view: PosteriorView, x: Tensor, y: Tensor, what: str) -> ValidationTerms:
-    """Squared Jacobian coordinates of every block at ``x`` (once), MAP logits and labels."""
-    terms, logits = [], []
-    for chunk in predictive.iter_jacobians(view, x):
-        terms.append(chunk_variances(chunk, view.blocks))
-        logits.append(chunk[1])
+def glm_terms(view: PosteriorView, points: Points, what: str) -> ValidationTerms:
+    """Squared Jacobian coordinates of every block at the points (once), MAP logits, labels."""
+    terms, logits, labels = [], [], []
+    for x, y in points:
+        for chunk in predictive.iter_jacobians(view, x):
+            terms.append(chunk_variances(chunk, view.blocks))
+            logits.append(chunk[1])
+        labels.append(y)
     out = torch.cat(logits).double()
-    y = y.to(out.device)
-    check_label_range(y, out.shape[1], f"Laplace.optimize_prior_precision: {what}")
-    return ValidationTerms(terms, out, y)
+    y_all = torch.cat(labels).to(out.device)
+    check_label_range(y_all, out.shape[1], f"Laplace.optimize_prior_precision: {what}")
+    return ValidationTerms(terms, out, y_all)
 
 
 def optimize_prior(
     view: PosteriorView,
     sq_norms: Tensor,
     num_data: int,
-    train_sample: tuple[Tensor, Tensor] | None,
+    train_sample: Points | None,
     *,
     method: str | None,
     per_module: bool,
@@ -113,15 +130,15 @@ def optimize_prior(
                 f"{what}: the consistency rule needs training points; pass train_loader= (or "
                 "val_loader= to tune on validation data). A loaded posterior keeps none."
             )
-        terms = glm_terms(view, *train_sample, "train_loader")
+        terms = glm_terms(view, train_sample, "train_loader")
         return consistency(terms, base, blocks, num_data, prior=prior)
     if val_loader is None:
         raise ValueError(f"{what}: gridsearch needs val_loader.")
-    x, y = collect_points(val_loader, "val_loader")
+    points = collect_points(val_loader, "val_loader")
     pm = PredMethod.parse(pred_method, f"{what}: pred_method")
     lk = Link.parse(link, f"{what}: link")
     if pm is PredMethod.GLM and lk is Link.PROBIT:
-        terms = glm_terms(view, x, y, "val_loader")
+        terms = glm_terms(view, points, "val_loader")
         return search(
             terms,
             base,
@@ -131,12 +148,12 @@ def optimize_prior(
             one_se=one_se,
             prior=prior,
         )
-    y = y.to(view.device)
+    y = torch.cat([yb for _, yb in points]).to(view.device)
 
     def score(s: float) -> float:
-        tau = s * base
+        tuned = view.with_tau(s * base)
         gen = torch.Generator(view.device).manual_seed(0)
-        probs = predictive.predict(view.with_tau(tau), x, pm, lk, n_samples, gen)
+        probs = torch.cat([predictive.predict(tuned, x, pm, lk, n_samples, gen) for x, _ in points])
         return (metric or nll)(probs, y)
 
     result = tune_gridsearch(score, grid, len(blocks))

@@ -218,17 +218,25 @@ COLLAPSE_DROP = 0.05  # accuracy points the weight-sampling predictive may lose 
 COLLAPSE_POINTS, COLLAPSE_SAMPLES = 256, 16
 
 
-def warn_if_sampling_collapses(view: PosteriorView, x: Tensor, y: Tensor) -> None:
+def warn_if_sampling_collapses(view: PosteriorView, points: list[tuple[Inputs, Tensor]]) -> None:
     """Warn when the weight-sampling predictive loses more than :data:`COLLAPSE_DROP` accuracy
-    against the MAP on (up to :data:`COLLAPSE_POINTS`) training points: sampled weights then
-    leave the region where the network still fits its own data, the known failure of weight
-    sampling for all-weights posteriors (the GLM predictive has no such failure)."""
-    x, y = x[:COLLAPSE_POINTS].to(view.device), y[:COLLAPSE_POINTS].to(view.device)
-    with torch.no_grad():
-        map_acc = float((view.model(x).argmax(-1) == y).double().mean())
+    against the MAP on (up to :data:`COLLAPSE_POINTS`) training points ``(x, y)`` batches:
+    sampled weights then leave the region where the network still fits its own data, the known
+    failure of weight sampling for all-weights posteriors (the GLM predictive has none)."""
+    map_hits = mc_hits = count = 0
     gen = torch.Generator(view.device).manual_seed(0)
-    probs = predictive_samples(view, x, PredMethod.MC, COLLAPSE_SAMPLES, gen).mean(0)
-    mc_acc = float((probs.argmax(-1) == y).double().mean())
+    for x, y in points:
+        if count >= COLLAPSE_POINTS:
+            break
+        take = min(COLLAPSE_POINTS - count, len(y))
+        xb = inputs_to(split_inputs(x, take)[0], view.device)
+        yb = y[:take].to(view.device)
+        with torch.no_grad():
+            map_hits += int((call_model(view.model, xb, "Laplace").argmax(-1) == yb).sum())
+        probs = predictive_samples(view, xb, PredMethod.MC, COLLAPSE_SAMPLES, gen).mean(0)
+        mc_hits += int((probs.argmax(-1) == yb).sum())
+        count += take
+    map_acc, mc_acc = map_hits / count, mc_hits / count
     if mc_acc < map_acc - COLLAPSE_DROP:
         import warnings
 
