@@ -63,7 +63,7 @@ def test_text_transformer_fit_tune_predict_with_every_parameter_covered(structur
     val = _batches(20, 200, (10, 28))
     la.optimize_prior_precision(val_loader=val)
     assert la.tuning.method == "gridsearch" and la.temperature >= 1.0
-    x, y = token_task(9, max_len=30, seed=300)
+    x, _ = token_task(9, max_len=30, seed=300)
     for method in ("glm", "mc"):
         gen = torch.Generator().manual_seed(0)
         probs = la.predict(x, method=method, n_samples=8, generator=gen)

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..stats.inputs import Inputs, batch_size, inputs_to, split_inputs
+from ..stats.inputs import Inputs, batch_size, inputs_to, merge_batches, split_inputs
 
 TRAIN_SAMPLE = 1000  # training points ``Laplace.fit`` keeps for the consistency rule
 
@@ -68,4 +68,4 @@ class Recorder:
         return getattr(self.loader, "dataset", None)
 
     def sample(self) -> list[tuple[Inputs, Tensor]] | None:
-        return list(self._batches) or None
+        return merge_batches(self._batches) or None

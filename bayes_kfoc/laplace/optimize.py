@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..options import Link, PredMethod, TuneMethod
 from ..stats import as_labels, check_label_range
-from ..stats.inputs import Inputs, batch_size, check_mapping, split_inputs
+from ..stats.inputs import Inputs, batch_size, check_mapping, merge_batches, split_inputs
 from . import predictive
 from ._glm import chunk_variances
 from .consistency import consistency
@@ -69,7 +69,7 @@ def collect_points(loader: Iterable[Any], what: str, limit: int | None = None) -
             break
     if count == 0:
         raise ValueError(f"Laplace.optimize_prior_precision: {what} yielded no points.")
-    return out
+    return merge_batches(out)
 
 
 def glm_terms(view: PosteriorView, points: Points, what: str) -> ValidationTerms:

@@ -58,3 +58,46 @@ def split_inputs(x: Inputs, size: int) -> list[Inputs]:
         {k: v[s : s + size] if isinstance(v, Tensor) else v for k, v in x.items()}
         for s in range(0, n, size)
     ]
+
+
+def _signature(x: Inputs) -> object:
+    if isinstance(x, Tensor):
+        return (x.shape[1:], x.dtype, x.device)
+    return tuple(
+        (k, (v.shape[1:], v.dtype, v.device) if isinstance(v, Tensor) else id(v))
+        for k, v in x.items()
+    )
+
+
+def merge_batches(batches: list[tuple[Inputs, Tensor]]) -> list[tuple[Inputs, Tensor]]:
+    """Consecutive ``(x, y)`` batches whose inputs agree in everything but the batch size (the
+    same trailing shapes, dtypes and devices; for a mapping the same keys too) concatenated, so
+    that batches of one sequence length are one batch."""
+    out: list[tuple[Inputs, Tensor]] = []
+    run: list[tuple[Inputs, Tensor]] = []
+
+    def flush() -> None:
+        if not run:
+            return
+        xs, ys = [b[0] for b in run], torch.cat([b[1] for b in run])
+        first = xs[0]
+        if isinstance(first, Tensor):
+            out.append((torch.cat(xs), ys))  # type: ignore[arg-type]
+        else:
+            out.append(
+                (
+                    {
+                        k: torch.cat([x[k] for x in xs]) if isinstance(v, Tensor) else v  # type: ignore[index]
+                        for k, v in first.items()
+                    },
+                    ys,
+                )
+            )
+        run.clear()
+
+    for b in batches:
+        if run and _signature(run[0][0]) != _signature(b[0]):
+            flush()
+        run.append(b)
+    flush()
+    return out
