@@ -26,7 +26,7 @@ from ..blocks import CurvatureBlock
 from ..curvature import Curvature, fit_curvature
 from ..options import FisherType, Link, PredMethod, Structure
 from ..stats import Target, targets_for
-from ..stats.inputs import Inputs
+from ..stats.inputs import Inputs, inputs_to, split_inputs
 from . import predictive, serialization
 from ._guard import check_model, fingerprints
 from ._layout import Layout
@@ -149,6 +149,12 @@ class Laplace:
     def blocks(self) -> dict[str, CurvatureBlock]:
         """The posterior's curvature blocks by module name, in block (forward-call) order."""
         return {} if self.curvature is None else self.curvature.blocks
+
+    def example_input(self) -> Inputs | None:
+        """The first training point ``fit`` recorded (a batch of one; ``None`` when loaded)."""
+        if not self._train_sample:
+            return None
+        return inputs_to(split_inputs(self._train_sample[0][0], 1)[0], self.device)
 
     @property
     def num_data(self) -> int:

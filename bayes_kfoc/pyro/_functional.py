@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp, vmap
 
+from ..stats.inputs import Inputs, batch_size, first_tensor
 from ._prototype import Observed
 from .posteriors import BlockPosterior
 
@@ -96,8 +97,9 @@ class FunctionalNetwork(nn.Module):
                 f"shapes {sorted({tuple(s) for s in leads})}."
             ) from err
 
-    def forward(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
-        """``[*particles, B, C]`` logits at ``params`` (``{param_name: [*particles, *shape]}``)."""
+    def forward(self, params: Mapping[str, Tensor], x: Inputs) -> Tensor:
+        """``[*particles, B, C]`` logits at ``params`` (``{param_name: [*particles, *shape]}``);
+        a mapping ``x`` is passed as keywords, ``net(**x)``."""
         missing = sorted(set(self.param_names) - set(params))
         if missing:
             raise ValueError(f"FunctionalNetwork: no value for parameter(s) {missing}.")
@@ -107,6 +109,8 @@ class FunctionalNetwork(nn.Module):
 
         def f(p: dict[str, Tensor]) -> Tensor:
             with pyro.validation_enabled(False):  # no data-dependent checks under vmap
+                if isinstance(x, Mapping):
+                    return functional_call(net, p, (), dict(x))
                 return functional_call(net, p, (x,))
 
         def one(p: dict[str, Tensor]) -> Tensor:
@@ -127,6 +131,12 @@ class FunctionalNetwork(nn.Module):
         }
         out = vmap(one)(flat)
         return out.reshape(*lead, *out.shape[1:])
+
+
+def _take(x: Inputs, idx: Tensor) -> Inputs:
+    if isinstance(x, Tensor):
+        return x[idx]
+    return {k: v[idx] if isinstance(v, Tensor) else v for k, v in x.items()}
 
 
 class ClassifierModel(nn.Module):
@@ -187,21 +197,23 @@ class ClassifierModel(nn.Module):
         """One ``pyro.sample`` per random parameter, ``{param_name: value}``."""
         raise NotImplementedError
 
-    def logits(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
+    def logits(self, params: Mapping[str, Tensor], x: Inputs) -> Tensor:
         """``[*particles, B, C]`` logits at parameter values with optional leading particle dims.
 
         Non-linearised: ``f(x, θ)``. Linearised: ``f(x, θ*) + J(x)(θ − θ*)`` via ``jvp``.
         """
         return self.functional(params, x)
 
-    def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
-        """The generative model; returns the logits ``[*particles, B, C]`` of the (sub)batch."""
+    def forward(self, x: Inputs, y: Tensor | None = None) -> Tensor:
+        """The generative model; returns the logits ``[*particles, B, C]`` of the (sub)batch
+        (``x`` a tensor, or a mapping of keyword inputs whose tensors share the batch size)."""
         params = self.sample_parameters()
-        n = x.shape[0]
+        n = batch_size(x)
+        device = first_tensor(x).device
         if self.subsample_size is not None:
             plate = pyro.plate(self.plate, n, subsample_size=self.subsample_size, dim=-1)
         elif self.num_data is not None:
-            subsample = torch.arange(n, device=x.device)
+            subsample = torch.arange(n, device=device)
             plate = pyro.plate(self.plate, self.num_data, subsample=subsample, dim=-1)
         else:
             plate = pyro.plate(self.plate, n, dim=-1)
@@ -211,7 +223,7 @@ class ClassifierModel(nn.Module):
         with plate as idx:
             if logits is None:
                 assert idx is not None
-                x = x[idx.to(x.device)]
+                x = _take(x, idx.to(device))
                 y = None if y is None else y[idx.to(y.device)]
                 logits = self.logits(params, x)
             pyro.deterministic("logits", logits, event_dim=1)

@@ -44,8 +44,9 @@ def resolve_prior_precision(
     laplace: Laplace | None = None,
     default: float | None = None,
 ) -> dict[str, float]:
-    """``{param_name: τ}`` for every parameter of ``net``; see :func:`bayesian_model`."""
-    names = [k for k, _ in net.named_parameters()]
+    """``{param_name: τ}`` for every trainable parameter of ``net`` (frozen ones,
+    ``requires_grad=False``, stay fixed); see :func:`bayesian_model`."""
+    names = [k for k, p in net.named_parameters() if p.requires_grad]
     if default is not None and not (math.isfinite(default) and default > 0):
         raise ValueError(
             f"bayesian_model: default_prior_precision must be positive and finite, got {default}."

@@ -87,8 +87,11 @@ class LaplaceGuide(AutoGuide):
         self._fixed = self._all_fixed  # those that are model sites; set by _setup_prototype
         if example_args is None:
             p = map_vector
+            example = laplace.example_input()  # a recorded training point (also dict inputs)
             example_args = (
-                torch.zeros(1, *laplace.input_shape, dtype=p.dtype, device=p.device),
+                torch.zeros(1, *laplace.input_shape, dtype=p.dtype, device=p.device)
+                if example is None
+                else example,
                 torch.zeros(1, dtype=torch.long, device=p.device),
             )
         self._setup_prototype(*example_args, **dict(example_kwargs or {}))

@@ -2,8 +2,9 @@
 
 The model is ``model(x, y=None)``:
 
-- every parameter of the network is a :class:`pyro.nn.PyroSample` site named exactly as in
-  ``net.named_parameters()`` (``"0.weight"``, ``"features.3.bias"``, ...), with the prior
+- every trainable parameter of the network is a :class:`pyro.nn.PyroSample` site named exactly
+  as in ``net.named_parameters()`` (``"0.weight"``, ``"features.3.bias"``, ...; frozen ones,
+  ``requires_grad=False``, e.g. the base of a LoRA model, stay fixed), with the prior
   ``N(0, 1/τ)`` (``τ`` on the **summed**-log-likelihood scale, as in :class:`~bayes_kfoc.Laplace`),
   declared with ``.to_event(param.ndim)`` so the site's event shape is the parameter's shape;
 - the likelihood is ``Categorical(logits=f(x, θ))`` at site ``"obs"`` under
@@ -100,7 +101,12 @@ class BayesianClassifier(ClassifierModel):
                 "model use guide = LaplaceGuide.from_model(model, train_loader), and "
                 "guide.network_model(linearized=True) for its linearised (GLM) model."
             )
-        names = [k for k, _ in net.named_parameters()]
+        names = [k for k, p in net.named_parameters() if p.requires_grad]  # frozen: fixed
+        if not names:
+            raise ValueError(
+                "bayesian_model: every parameter of the network is frozen (requires_grad=False); "
+                "there is nothing to put a prior on."
+            )
         functional = FunctionalNetwork(net, names, linearized=linearized)
         super().__init__(functional, num_data=num_data, subsample_size=subsample_size)
         self.prior_precision = dict(prior_precision)
