@@ -99,7 +99,8 @@ def check_inputs(view: PosteriorView, x: Inputs) -> Inputs:
     if x.is_inference():  # made under torch.inference_mode(): autograd cannot record it
         with torch.inference_mode(False):
             x = normal_tensor(x)
-    if not x.is_floating_point() and x.shape[0]:  # e.g. uint8 images: a clear error, up front
+    # e.g. uint8 images: a clear error, up front (int64 token ids are an embedding's inputs)
+    if not x.is_floating_point() and x.dtype != torch.long and x.shape[0]:
         with torch.no_grad():
             call_model(view.model, x[:1], "Laplace.predict")
     return x
