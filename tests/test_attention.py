@@ -257,3 +257,78 @@ def test_kfac_reduction_is_validated() -> None:
     model, x, y = _data("self")
     with pytest.raises(ValueError, match="kfac_reduction.*'expand'"):
         fit_curvature(model, [(x, y)], "kfac", kfac_reduction="mean", progress=False)
+
+
+def test_unsupported_attention_paths_raise_with_the_fix() -> None:
+    """Unbatched attention inputs, an instance-level forward override and a Linear whose input
+    has no batch dimension each raise an error naming the module and the fix."""
+
+    class Unbatched(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(E, 2)
+            self.head = nn.Linear(E, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            out = torch.stack([self.attn(xi, xi, xi)[0].mean(0) for xi in x])  # [L, E] each
+            return self.head(out)
+
+    x, y = torch.randn(4, T, E), torch.randint(0, 3, (4,))
+    with pytest.raises(ValueError, match="unbatched inputs"):
+        fit_curvature(Unbatched().eval(), [(x, y)], "kfoc", progress=False)
+    model = AttnNet().eval()
+    model.attn.forward = model.attn.forward  # type: ignore[method-assign]
+    xs, ys = _data("self")[1].float(), torch.randint(0, 3, (8,))
+    with pytest.raises(TypeError, match="forward replaced on the instance"):
+        fit_curvature(model, [(xs, ys)], "kfoc", progress=False)
+
+    class Broadcast(nn.Module):  # a Linear applied to a batch-free tensor, broadcast later
+        def __init__(self) -> None:
+            super().__init__()
+            self.bias_net = nn.Linear(2, 3)
+            self.head = nn.Linear(E, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.head(x.mean(1)) + self.bias_net(torch.ones(2))
+
+    with pytest.raises(ValueError, match="'bias_net' got an input of shape \\(2,\\)"):
+        fit_curvature(Broadcast().eval(), [(x, y)], "kfoc", progress=False)
+    broadcast = Broadcast().eval()
+    broadcast.forward = lambda x: (
+        broadcast.head(x.mean(1))
+        + broadcast.bias_net(  # type: ignore[method-assign]
+            torch.ones(5, 2)
+        ).mean(0)
+    )
+    with pytest.raises(ValueError, match="neither dimension 0 nor 1 is the batch"):
+        fit_curvature(broadcast, [(x, y)], "kfoc", progress=False)
+
+
+class WithPositions(AttnNet):
+    """:class:`AttnNet` plus a learned position embedding of ``arange(T)``: an output without a
+    batch dimension, broadcast over the batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pos = nn.Embedding(T, E)
+
+    def forward(self, x: Tensor) -> Tensor:
+        feats, keep = x[..., :-1], x[..., -1]
+        h = torch.tanh(self.embed(feats) + self.pos(torch.arange(x.shape[1])))
+        out, _ = self.attn(h, h, h, key_padding_mask=keep < 0.5, need_weights=False)
+        w = keep.unsqueeze(-1)
+        return self.head((out * w).sum(1) / w.sum(1).clamp_min(1.0))
+
+
+@pytest.mark.parametrize("structure", ["diag", "full"])
+def test_an_output_without_batch_dimension_gets_its_exact_block(structure: str) -> None:
+    torch.manual_seed(0)
+    model = WithPositions().double().eval()
+    _, x, y = _data("self")
+    loader = DataLoader(TensorDataset(x, y), batch_size=3)
+    curv = fit_curvature(model, loader, structure, progress=False)
+    F_, names = dense_fisher(model, list(loader), "exact")
+    sl = module_slice(model, names, "pos")
+    ref = F_[sl, sl] if structure == "full" else torch.diagonal(F_[sl, sl])
+    got = curv.blocks["pos"].to_dense() if structure == "full" else curv.blocks["pos"].values
+    torch.testing.assert_close(got, ref, rtol=RTOL, atol=1e-12)

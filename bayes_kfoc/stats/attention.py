@@ -162,10 +162,13 @@ def attention_modules(model: nn.Module) -> list[nn.MultiheadAttention]:
 
 
 @contextmanager
-def exposed_attention(model: nn.Module, record: Record) -> Iterator[None]:
-    """Within the context every ``nn.MultiheadAttention`` of ``model`` runs
-    :func:`attention_forward` with ``record`` (see the module docstring)."""
-    mods = attention_modules(model)
+def exposed_attention(
+    model: nn.Module, record: Record, only: set[int] | None = None
+) -> Iterator[None]:
+    """Within the context every ``nn.MultiheadAttention`` of ``model`` (those whose ``id`` is in
+    ``only``, when given) runs :func:`attention_forward` with ``record`` (see the module
+    docstring)."""
+    mods = [m for m in attention_modules(model) if only is None or id(m) in only]
     for m in mods:
         if "forward" in m.__dict__:
             raise TypeError(

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..options import FisherType
-from .attention import exposed_attention
+from .attention import attention_modules, exposed_attention
 from .batch import call_model, check_label_range
 from .batch_dim import SHARED, BatchDims
 from .directions import logit_directions
@@ -120,7 +120,14 @@ class Collector:
 
     def __enter__(self) -> Collector:
         self._attention = {id(t.module): t for t in self.targets if t.kind in _RECORDED}
-        self._exposed = exposed_attention(self.model, self._record)
+        # expose the attention modules whose projections are targets (out_proj is a Linear);
+        # all of them when a block may need whole-model gradients (tied, or a shared output)
+        outs = {id(t.module) for t in self.targets}
+        whole = any(t.kind in (TIED, GENERIC) for t in self.targets)
+        exposed = set(self._attention) | {
+            id(m) for m in attention_modules(self.model) if whole or id(m.out_proj) in outs
+        }
+        self._exposed = exposed_attention(self.model, self._record, exposed)
         self._exposed.__enter__()
         for t in self.targets:
             if t.kind in (TIED, *_RECORDED):  # whole-model gradients / recorded, no hook
@@ -160,9 +167,10 @@ class Collector:
             x = args[0] if args else kwargs.get("input")
             if t.kind == LINEAR:
                 if not isinstance(x, Tensor) or x.ndim < 2:
+                    shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
                     raise ValueError(
-                        f"fit_curvature: Linear module {t.name!r} needs batched inputs [N, ..., "
-                        "d_in]."
+                        f"fit_curvature: Linear module {t.name!r} got an input of shape {shape}; "
+                        "it needs batched inputs [N, ..., d_in]. Exclude it with exclude=[...]."
                     )
                 cap["x"] = x.detach()
                 cap["bd"] = self._dims.decide(t.name, x.shape, self._n, "input")
