@@ -57,8 +57,12 @@ def main() -> None:
     print(f"training accuracy {acc:.3f} on {args.points} points")
     loader = DataLoader(Tokens(x, y), batch_size=64)
     fits = {
-        "kfac expand": fit_curvature(model, loader, "kfac", kfac_reduction="expand", progress=False),
-        "kfac reduce": fit_curvature(model, loader, "kfac", kfac_reduction="reduce", progress=False),
+        "kfac expand": fit_curvature(
+            model, loader, "kfac", kfac_reduction="expand", progress=False
+        ),
+        "kfac reduce": fit_curvature(
+            model, loader, "kfac", kfac_reduction="reduce", progress=False
+        ),
         "kfoc": fit_curvature(model, loader, "kfoc", tol=1e-8, max_iter=1000, progress=False),
     }
     rows = fisher_fidelity(model, loader, "exact", curvatures=fits)

@@ -9,9 +9,10 @@ test ECE and the AUROC of the entropy score against one far-OOD set (uniform noi
 study has it). At each structure's chosen ``s`` it also records the same numbers at ``T = 1``,
 so the figure's marker sits on the curve.
 
-It re-evaluates the posteriors the study already fitted (only the prior and the temperature
-change, through :class:`bayes_kfoc.Laplace`'s public setters; both are restored afterwards): one
-GLM probit pass over the test split and the OOD set per scale.
+It re-evaluates the posteriors the study already fitted, without changing them: one Jacobian pass
+over the test split and the OOD set computes the GLM's τ-independent terms (squared Jacobian
+coordinates in each block's eigenbasis), and every scale is then a contraction with the damped
+spectrum and a probit, numerically the predictive ``Laplace.predict`` gives at that prior.
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ import torch
 from torch import Tensor
 
 from bayes_kfoc import Laplace
+from bayes_kfoc.laplace.optimize import glm_terms
+from bayes_kfoc.laplace.predictive import probit
 from bayes_kfoc.laplace.prior import scaled_prior_base
+from bayes_kfoc.laplace.validation import ValidationTerms
 from evaluation import metrics as M
 from evaluation.structures import STRUCTURES
 
@@ -87,10 +91,25 @@ def _point(probs: Tensor, labels: Tensor, n_test: int) -> SweepPoint:
     return SweepPoint(M.nll(p_test, labels), M.ece(p_test, labels), auroc)
 
 
-def _predict_point(la: Laplace, x_all: Tensor, labels: Tensor, n_test: int) -> SweepPoint:
-    with torch.no_grad():
-        probs = la.predict(x_all)
-    return _point(probs, labels, n_test)
+TERMS_CHUNK = 2048
+"""Points whose τ-independent GLM terms are held at once (memory: ``C`` squared Jacobian
+coordinates per parameter of a shared-weight block, per point)."""
+
+
+def _probit_probs(
+    la: Laplace, x_all: Tensor, settings: Sequence[tuple[Tensor, float]]
+) -> list[Tensor]:
+    """The GLM probit predictive (``Laplace.predict``'s default) at every ``(τ, T)`` of
+    ``settings``, from one Jacobian pass: per chunk of points the τ-independent terms, then a
+    contraction with each damped spectrum."""
+    view = la.view()
+    parts: list[list[Tensor]] = [[] for _ in settings]
+    for xb in torch.split(x_all, TERMS_CHUNK):
+        dummy = torch.zeros(len(xb), dtype=torch.long)  # the terms do not use labels
+        terms: ValidationTerms = glm_terms(view, [(xb, dummy)], "sweep")
+        for out, (tau, temperature) in zip(parts, settings, strict=True):
+            out.append(probit(terms.logits, terms.variance(tau), temperature))
+    return [torch.cat(p) for p in parts]
 
 
 def map_point(
@@ -113,14 +132,14 @@ def sweep_posterior(
     step: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``la`` at ``τ = s · P_b / ||θ*_b||²`` for every ``s`` in ``scales`` (and at its
-    tuned scale), ``T = 1``; ``la``'s prior precision and temperature are restored afterwards.
+    tuned scale), ``T = 1``, from one Jacobian pass; ``la`` itself is not changed.
 
     Args:
         la: A fitted (and tuned) posterior.
         test: Test inputs and labels.
         x_ood: The OOD set of the AUROC, or ``None``.
         scales: The prior scales ``s``.
-        step: Called before each scale (progress display).
+        step: Called before the Jacobian pass (progress display).
 
     Returns:
         JSON-ready ``{"nll": [...], "ece": [...], "auroc": [...] or None, "chosen": {"scale",
@@ -136,18 +155,12 @@ def sweep_posterior(
     saved_tau, saved_t = la.prior_precision.clone(), la.temperature
     tuned = la.tuning.scale if la.tuning is not None else None
     note = step or (lambda _: None)
-    points: list[SweepPoint] = []
     todo = [*scales, *([tuned] if tuned is not None else [])]
-    try:
-        la.temperature = 1.0
-        for i, s in enumerate(todo):
-            note(f"prior scale s = {s:.3g} ({i + 1}/{len(todo)})")
-            la.prior_precision = s * base
-            points.append(_predict_point(la, x_all, y, len(x)))
-    finally:
-        la.prior_precision = saved_tau
-        la.temperature = saved_t
-    tuned_point = _predict_point(la, x_all, y, len(x))  # the tuned predictive itself
+    note(f"{len(todo)} prior scales from one Jacobian pass over {len(x_all)} points")
+    settings = [(s * base, 1.0) for s in todo] + [(saved_tau, float(saved_t))]  # + as tuned
+    probs = _probit_probs(la, x_all, settings)
+    points = [_point(p, y, len(x)) for p in probs[:-1]]
+    tuned_point = _point(probs[-1], y, len(x))
     curve = points[: len(scales)]
     out: dict[str, Any] = {
         "nll": [p.nll for p in curve],
