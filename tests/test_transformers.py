@@ -88,3 +88,38 @@ def test_vit_fit_tune_predict_with_every_parameter_covered() -> None:
     la.optimize_prior_precision(val_loader=[(torch.randn(20, 1, 8, 8), torch.randint(0, 4, (20,)))])
     probs = la.predict(torch.randn(5, 1, 8, 8))
     assert probs.shape == (5, 4) and torch.isfinite(probs).all()
+
+
+class DefaultEncoder(nn.Module):
+    """``nn.TransformerEncoder`` with its defaults (``enable_nested_tensor=True``: in eval mode
+    without gradients PyTorch's fused fast path turns padded batches into nested tensors)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 2)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, ids: Tensor, mask: Tensor) -> Tensor:
+        h = self.enc(self.emb(ids), src_key_padding_mask=mask == 0)
+        keep = mask.unsqueeze(-1).to(h.dtype)
+        return self.head((h * keep).sum(1) / keep.sum(1))
+
+
+def test_default_transformer_encoder_with_its_fast_path_fits_and_predicts() -> None:
+    torch.manual_seed(0)
+    model = DefaultEncoder().eval()
+    ids = torch.randint(1, 20, (32, 7))
+    mask = (torch.arange(7) < torch.randint(2, 8, (32, 1))).long()
+    x, y = {"ids": ids, "mask": mask}, torch.randint(0, 3, (32,))
+    la = Laplace(model, progress=False).fit([(x, y)])
+    _check_coverage(la, model)
+    for method in ("glm", "mc"):
+        probs = la.predict(x, method=method, n_samples=4)
+        assert probs.shape == (32, 3) and torch.isfinite(probs).all()
+    la.prior_precision = 1e14  # the posterior collapses onto the MAP: both predictives are it
+    with torch.no_grad():
+        ref = torch.softmax(model(**x), -1)  # the fused fast path
+    torch.testing.assert_close(la.predict(x), ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(la.predict(x, method="mc", n_samples=2), ref, rtol=0, atol=1e-5)

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from ..stats import call_model
+from ..stats.attention import unfused_attention
 from ..stats.inputs import Inputs
 
 
@@ -72,7 +73,7 @@ def logits_at(model: nn.Module, thetas: Tensor, x: Inputs, chunk: int = 32) -> T
 
     outs = []
     batched = vmap(forward, in_dims=(0, None))
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), unfused_attention():
         # e.g. attention without a vmap rule: the fallback is slower, the result the same
         warnings.filterwarnings("ignore", "There is a performance drop")
         for start in range(0, thetas.shape[0], chunk):

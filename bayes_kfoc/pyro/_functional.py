@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp, vmap
 
+from ..stats.attention import unfused_attention
 from ..stats.inputs import Inputs, batch_size, first_tensor
 from ._prototype import Observed
 from .posteriors import BlockPosterior
@@ -129,7 +130,8 @@ class FunctionalNetwork(nn.Module):
             .reshape(-1, *self.param_shapes[k])
             for k in self.param_names
         }
-        out = vmap(one)(flat)
+        with unfused_attention():  # no vmap rules for the fused transformer path
+            out = vmap(one)(flat)
         return out.reshape(*lead, *out.shape[1:])
 
 

@@ -190,3 +190,16 @@ def exposed_attention(
     finally:
         for m in mods:
             m.__dict__.pop("forward", None)
+
+
+@contextmanager
+def unfused_attention() -> Iterator[None]:
+    """PyTorch's fused attention fast path (``torch.backends.mha``) off within the context: its
+    nested tensors and fused kernels have no ``vmap`` rules, so a model evaluated under
+    ``torch.func.vmap`` (weight samples, Pyro particles) must take the plain path."""
+    previous = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(previous)

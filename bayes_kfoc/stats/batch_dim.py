@@ -82,7 +82,7 @@ class BatchDims:
 
             handles.append(mod.register_forward_hook(hook))
         try:
-            with torch.no_grad(), context():  # type: ignore[attr-defined]
+            with torch.enable_grad(), context():  # type: ignore[attr-defined]  # as the fit
                 call_model(model, split_inputs(x, n - 1)[0], "fit_curvature")
         finally:
             for h in handles:

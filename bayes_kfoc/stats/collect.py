@@ -39,7 +39,7 @@ _RECORDED = (ATTENTION, ATTENTION_GRADS)  # reported by the exposed attention, n
 
 
 def probe(model: nn.Module, x: Inputs) -> tuple[list[str], dict[str, int], Tensor]:
-    """One forward pass without gradients: call order and call counts of parameter owners."""
+    """One forward pass (no backward): call order and call counts of parameter owners."""
     order: list[str] = []
     counts: dict[str, int] = {}
     handles = []
@@ -52,8 +52,11 @@ def probe(model: nn.Module, x: Inputs) -> tuple[list[str], dict[str, int], Tenso
 
         handles.append(module.register_forward_hook(hook))
     try:
-        with torch.no_grad(), exposed_attention(model, _ignore):
+        # with gradients, as the fit runs: PyTorch's fused transformer fast path (and its nested
+        # tensors) is off then, so the probe sees the modules the fit will see
+        with torch.enable_grad(), exposed_attention(model, _ignore):
             out = call_model(model, x, "fit_curvature")
+        out = out.detach() if isinstance(out, Tensor) else out
     finally:
         for h in handles:
             h.remove()

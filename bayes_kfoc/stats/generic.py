@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 
 from ..blocks import CurvatureBlock
+from .attention import unfused_attention
 from .kron import grads_quad
 
 
@@ -113,7 +114,7 @@ def per_sample_param_grads(
     try:
         # torch.func still differentiates; nothing else records a graph. An op without a vmap
         # rule (e.g. CPU attention) falls back to a loop: slower, the same result.
-        with torch.no_grad(), warnings.catch_warnings():
+        with torch.no_grad(), warnings.catch_warnings(), unfused_attention():
             warnings.filterwarnings("ignore", "There is a performance drop")
             grads = over_n(args, cotangents)
     except RuntimeError as err:
