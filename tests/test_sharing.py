@@ -120,9 +120,10 @@ def test_shared_module_diag_and_full_equal_the_exact_block(key: str) -> None:
 
 @pytest.mark.parametrize("key", list(MODELS))
 def test_shared_module_kfac_is_the_expand_form_over_all_calls(key: str) -> None:
-    """K-FAC of a module called k times: Σ over every call's positions, A averaged by N·ΣT."""
+    """K-FAC "expand" of a module called k times: Σ over every call's positions, A averaged by
+    N·ΣT (the default for Conv2d; Linear layers default to "reduce", tests/test_attention.py)."""
     model, x, y = _data(key)
-    curv = fit_curvature(model, [(x, y)], "kfac", progress=False)
+    curv = fit_curvature(model, [(x, y)], "kfac", kfac_reduction="expand", progress=False)
     name = next(iter(curv.blocks))
     b = curv.blocks[name]
     assert isinstance(b, KronBlock)

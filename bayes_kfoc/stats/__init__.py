@@ -10,10 +10,11 @@ gradients) for every other module. Consumers use one interface on both: ``diag``
 """
 
 from .batch import as_labels, call_model, check_label_range, normal_tensor, unpack_batch
-from .collect import ONE_LOGIT, Collector, Stats, probe
+from .collect import ONE_LOGIT, Collector, Stats
 from .directions import logit_directions, num_directions
 from .generic import GradStats
 from .kron import GradientStats, KfacSums, KronStats, LinearStats, SharedStats, kron_stats, sym_tmm
+from .probe import probe
 from .targets import (
     CONV2D,
     GENERIC,

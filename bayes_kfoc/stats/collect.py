@@ -23,7 +23,7 @@ from .directions import logit_directions
 from .generic import GradStats, attention_grads, per_sample_param_grads
 from .inputs import Inputs, batch_size
 from .kron import KronStats, kron_stats
-from .targets import ATTENTION, ATTENTION_GRADS, CONV2D, GENERIC, LINEAR, TIED, Target, owners
+from .targets import ATTENTION, ATTENTION_GRADS, CONV2D, GENERIC, LINEAR, TIED, Target
 
 ONE_LOGIT = (
     "bayes_kfoc: the model returns logits [N, 1]: a softmax over one logit is constant, so its "
@@ -36,40 +36,6 @@ Stats = KronStats | GradStats
 """The statistics of one module for one batch: Kronecker-capable, or explicit gradients."""
 
 _RECORDED = (ATTENTION, ATTENTION_GRADS)  # reported by the exposed attention, not by a hook
-
-
-def probe(model: nn.Module, x: Inputs) -> tuple[list[str], dict[str, int], Tensor]:
-    """One forward pass (no backward): call order and call counts of parameter owners."""
-    order: list[str] = []
-    counts: dict[str, int] = {}
-    handles = []
-    for name, module in owners(model).items():
-
-        def hook(mod: nn.Module, args: Any, out: Any, name: str = name) -> None:
-            counts[name] = counts.get(name, 0) + 1
-            if name not in order:
-                order.append(name)
-
-        handles.append(module.register_forward_hook(hook))
-    try:
-        # with gradients, as the fit runs: PyTorch's fused transformer fast path (and its nested
-        # tensors) is off then, so the probe sees the modules the fit will see
-        with torch.enable_grad(), exposed_attention(model, _ignore):
-            out = call_model(model, x, "fit_curvature")
-        out = out.detach() if isinstance(out, Tensor) else out
-    finally:
-        for h in handles:
-            h.remove()
-    if not isinstance(out, Tensor):
-        raise TypeError(
-            f"fit_curvature: the model returns {type(out).__name__}; it must return a logits "
-            "tensor of shape [N, C]."
-        )
-    return order, counts, out
-
-
-def _ignore(*args: Any) -> None:
-    return None
 
 
 def _conv_unfold(module: nn.Conv2d, x: Tensor) -> Tensor:
