@@ -64,6 +64,7 @@ from torch.utils.data import DataLoader, Subset
 from bayes_kfoc import fit_curvature
 from bayes_kfoc.blocks import DiagBlock, KronBlock
 from evaluation.benchmarks.curvature_speed import PROBLEMS
+from evaluation.benchmarks.timing import available_bytes
 
 TARGETS = {"kfac": 1.0, "kfoc": 1.5}  # ours / their kron
 
@@ -84,17 +85,6 @@ def _version(dist: str) -> str:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         return "?"
-
-
-def _available_bytes() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 @dataclass
@@ -168,7 +158,7 @@ def _peer_diag_guard(job: Job, model: nn.Module, loader: DataLoader, max_seconds
         else sum(p.numel() for p in _last_linear(model).parameters())
     )
     js = x.shape[0] * classes * params * x.element_size()
-    avail = _available_bytes()
+    avail = available_bytes()
     if avail is not None and 2 * js > avail:  # Js plus at least one same-size temporary
         job.skipped = (
             f"their {job.subset} diag skipped: its torch.func Jacobians [{x.shape[0]}, {classes}, "

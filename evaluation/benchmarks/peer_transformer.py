@@ -76,6 +76,7 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 
 import bayes_kfoc
 from bayes_kfoc import Laplace as OurLaplace
+from evaluation.benchmarks.timing import available_bytes
 from evaluation.training import train_map
 from evaluation.zoo import text_transformer, token_task
 
@@ -148,17 +149,6 @@ def memory_method() -> str:
     if _reset_peak():
         return "peak RSS (VmHWM, reset before each call) minus RSS at its start"
     return "ru_maxrss delta (a lower bound: the process high-water mark cannot be reset here)"
-
-
-def _available_bytes() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 # -- jobs ---------------------------------------------------------------------------------------
@@ -282,7 +272,7 @@ def theirs_job(
 def probe(job: Job, loader: DataLoader, x_test: Tensor, n_params: int, max_seconds: float) -> None:
     """Warm-up and feasibility check on a small loader; sets ``job.status`` if it fails."""
     full = job.structure == "full"
-    avail = _available_bytes()
+    avail = available_bytes()
     if full and avail is not None and 3 * 4 * n_params**2 > avail / 2:
         job.status = (
             f"skipped: a dense [{n_params}, {n_params}] precision with its inverse and "

@@ -34,3 +34,15 @@ def median_time(fn: Callable[[], Any], repeats: int, *, warmup: bool = False) ->
         out = fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times), out
+
+
+def available_bytes() -> int | None:
+    """``MemAvailable`` of ``/proc/meminfo`` in bytes (``None`` where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
