@@ -244,6 +244,8 @@ def test_tied_weights_get_one_exact_block_covering_every_use(structure: str) -> 
     assert set(curv.coverage) == {"embed.weight", "mid.weight", "mid.bias", "head.bias"}
     assert "tied to 'head.weight'" in curv.coverage["embed.weight"]
     assert "tied to 'embed.weight'" in curv.coverage["head.bias"]
+    # K-FOC: the tied matrix gets a Kronecker block, the SVD optimum of its exact block
+    assert isinstance(curv.blocks["embed"], KronBlock) == (structure == "kfoc")
     for name, b in curv.blocks.items():
         sl = module_slice(model, names, name)
         if isinstance(b, KronBlock):
@@ -366,3 +368,25 @@ def test_mapping_inputs_in_the_glm_predictive_and_predict() -> None:
     assert probs.shape == (3, 3) and torch.isfinite(probs).all()
     with pytest.raises(ValueError, match="share the batch size"):
         la.predict({"input_ids": xt["input_ids"], "attention_mask": xt["attention_mask"][:2]})
+
+
+def test_tied_matrix_streaming_kfoc_equals_the_cached_fit() -> None:
+    model, batches = _tied()
+    kw = dict(tol=1e-12, max_iter=500, progress=False)
+    cached = fit_curvature(model, batches, "kfoc", mode="cached", **kw)
+    streamed = fit_curvature(model, batches, "kfoc", mode="streaming", **kw)
+    for name, b in cached.blocks.items():
+        torch.testing.assert_close(
+            streamed.blocks[name].to_dense(), b.to_dense(), rtol=1e-6, atol=1e-10
+        )
+
+
+def test_tied_matrix_under_kfac_is_its_exact_diagonal() -> None:
+    """K-FAC has no form for a tensor used by an Embedding and a Linear: its exact diagonal."""
+    model, batches = _tied()
+    curv = fit_curvature(model, batches, "kfac", progress=False)
+    F_, names = dense_fisher(model, batches, "exact")
+    b = curv.blocks["embed"]
+    assert isinstance(b, DiagBlock)
+    sl = module_slice(model, names, "embed")
+    torch.testing.assert_close(b.values, torch.diagonal(F_[sl, sl]), rtol=RTOL, atol=1e-12)

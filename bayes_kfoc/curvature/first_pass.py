@@ -14,7 +14,16 @@ import torch
 from torch import Tensor
 
 from ..options import FisherType, KfacReduction, Mode, Structure
-from ..stats import CONV2D, Collector, KronStats, LinearStats, SharedStats, Stats, Target
+from ..stats import (
+    CONV2D,
+    Collector,
+    GradientStats,
+    KronStats,
+    LinearStats,
+    SharedStats,
+    Stats,
+    Target,
+)
 from ..stats.inputs import batch_size
 from ._checks import default_memory_budget, human_bytes
 from ._loader import one_shot_error
@@ -66,7 +75,12 @@ class FirstPass:
 def kron_names(setup: FitSetup) -> list[str]:
     """The target modules that get Kronecker blocks (K-FOC / K-FAC on Linear / Conv2d)."""
     opts = setup.passes.opts
-    return [t.name for t in setup.targets if t.kron_capable and opts.kronecker]
+    kfoc = opts.structure is Structure.KFOC
+    return [
+        t.name
+        for t in setup.targets
+        if (t.kron_capable and opts.kronecker) or (t.tied_matrix and kfoc)
+    ]
 
 
 BATCH_COPIES = 3
@@ -113,7 +127,7 @@ def first_pass(setup: FitSetup, collector: Collector) -> FirstPass:
         for t in setup.targets:
             st = stats[t.name]
             if t.name in kron:
-                assert isinstance(st, LinearStats | SharedStats)
+                assert isinstance(st, LinearStats | SharedStats | GradientStats)
                 _accumulate_kron(sums, t, st, opts.needs_g_sum, reduces(t, opts.kfac_reduction))
                 if cache is not None:
                     cache[t.name].append(st.compact())
@@ -179,7 +193,7 @@ def reduces(t: Target, reduction: KfacReduction) -> bool:
 def _accumulate_kron(
     sums: dict[str, KronSums],
     t: Target,
-    st: LinearStats | SharedStats,
+    st: LinearStats | SharedStats | GradientStats,
     with_g: bool,
     reduce: bool,
 ) -> None:

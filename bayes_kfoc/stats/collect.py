@@ -7,6 +7,7 @@ predictive (Jacobian directions ``e_c``) and the diagnostics, each through :data
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -22,7 +23,7 @@ from .batch_dim import SHARED, BatchDims
 from .directions import logit_directions
 from .generic import GradStats, attention_grads, per_sample_param_grads
 from .inputs import Inputs, batch_size
-from .kron import KronStats, kron_stats
+from .kron import GradientStats, KronStats, kron_stats
 from .targets import ATTENTION, ATTENTION_GRADS, CONV2D, GENERIC, LINEAR, TIED, Target
 
 ONE_LOGIT = (
@@ -297,7 +298,7 @@ class Collector:
             for i in range(len(zs))
         ]
 
-    def _tied_stats(self, t: Target, x: Inputs, cot: Tensor) -> GradStats:
+    def _tied_stats(self, t: Target, x: Inputs, cot: Tensor) -> Stats:
         """A module owning a tied tensor, or one whose output every point shares: per-point
         gradients of the whole model (every use) w.r.t. the module's own parameters, by
         ``torch.func``."""
@@ -310,7 +311,12 @@ class Collector:
             grads = per_sample_param_grads(
                 self.model, full, tuple(x[k] for k in keys), rest, cot, t.name, keys=keys
             )
-        return GradStats(grads.to(self.stats_dtype or grads.dtype))
+        grads = grads.to(self.stats_dtype or grads.dtype)
+        if t.tied_matrix:  # one weight matrix: its per-direction gradients M (K-FOC can use them)
+            shape = next(iter(t.param_shapes.values()))
+            m = grads.reshape(-1, shape[0], math.prod(shape[1:]))
+            return GradientStats(m, grads.shape[1], False)
+        return GradStats(grads)
 
     def _stats(self, t: Target, calls: list[tuple[dict[str, Any], Tensor]]) -> Stats:
         """One module's statistics, summed over its calls in the forward pass: explicit gradients

@@ -326,6 +326,14 @@ class GradientStats(KronStats):
     def per_direction_grads(self) -> Tensor:
         return self.m
 
+    def kfac_sums(self, with_g: bool = True, reduce: bool = False) -> KfacSums:
+        """Only K-FOC's start when the gradients are all there is (a tied weight):
+        ``Σ_k M_kᵀ M_k`` and ``Σ_k M_k M_kᵀ``, counted ``N`` (the rank-one case's K-FAC sums
+        weighted by ``|δ|²`` and ``|ā|²``)."""
+        flat = self.m.reshape(-1, self.n)
+        g = torch.einsum("koi,kpi->op", self.m, self.m) if with_g else None
+        return KfacSums(sym_tmm(flat, flat), g, self.num_points)
+
     def a_update(self, G: Tensor) -> Tensor:
         gm = torch.matmul(G, self.m)
         return sym_tmm(self.m.reshape(-1, self.n), gm.reshape(-1, self.n))

@@ -33,6 +33,14 @@ class Target:
         return self.kind in KRONECKER
 
     @property
+    def tied_matrix(self) -> bool:
+        """A tied tensor that is one weight matrix (``[d_out, d_in, ...]``): K-FOC gives it a
+        Kronecker block from its exact per-direction gradients (``docs/math.md``, "Weight
+        sharing"); K-FAC has no form for it (diagonal)."""
+        shapes = list(self.param_shapes.values())
+        return self.kind == TIED and len(shapes) == 1 and len(shapes[0]) >= 2
+
+    @property
     def has_bias(self) -> bool:
         """A Kronecker target's second parameter is its bias (``bias``, ``in_proj_bias``)."""
         return len(self.param_shapes) == 2
@@ -103,7 +111,8 @@ def _kind(
             others = ", ".join(repr(o) for o in ties[id(p)][1:])
             notes.append(
                 f"{k!r} is tied to {others}: exact per-point gradients over every use "
-                "(torch.func over the whole model), diagonal or dense block"
+                "(torch.func over the whole model); a Kronecker block under K-FOC when it is "
+                "the module's one weight matrix, else diagonal or dense"
             )
         else:
             kind = kind or GENERIC
