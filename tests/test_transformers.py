@@ -5,6 +5,8 @@ with every trainable parameter covered and the attention projections in Kronecke
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import Tensor, nn
@@ -123,3 +125,15 @@ def test_default_transformer_encoder_with_its_fast_path_fits_and_predicts() -> N
         ref = torch.softmax(model(**x), -1)  # the fused fast path
     torch.testing.assert_close(la.predict(x), ref, rtol=0, atol=1e-5)
     torch.testing.assert_close(la.predict(x, method="mc", n_samples=2), ref, rtol=0, atol=1e-5)
+
+
+def test_attention_posterior_saves_and_loads(tmp_path: Path) -> None:
+    model = _trained_text_model()
+    la = Laplace(model, structure="kfoc", progress=False).fit(_batches(16, 5, (12, 18)))
+    la.optimize_prior_precision(val_loader=_batches(16, 6, (14,)))
+    path = tmp_path / "posterior.pt"
+    la.save(path)
+    again = Laplace.load(path, model)
+    x, _ = token_task(6, max_len=20, seed=7)
+    torch.testing.assert_close(again.predict(x), la.predict(x))
+    assert isinstance(again.blocks["encoder.layers.0.self_attn"], KronBlock)
