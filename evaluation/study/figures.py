@@ -219,8 +219,18 @@ def ood_histogram_figure(
         for i, m in enumerate(methods):
             for j, sc in enumerate(score_names):
                 ax = axes[i, j]
-                if sc not in scores[m]["test"]:
-                    ax.set_visible(False)
+                if sc not in scores[m]["test"]:  # e.g. no mutual information: deterministic
+                    ax.set_axis_off()
+                    ax.text(
+                        0.5,
+                        0.5,
+                        f"{m}: no {SCORE_LABELS[sc].lstrip('− ')}\n(deterministic predictive)",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="0.4",
+                        transform=ax.transAxes,
+                    )
                     continue
                 s_in, s_out = scores[m]["test"][sc], scores[m][ood_set][sc]
                 lo = float(min(s_in.min(), s_out.min()))
