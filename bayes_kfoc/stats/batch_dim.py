@@ -9,7 +9,7 @@ forward pass on ``N − 1`` points does (:class:`BatchDims`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -66,11 +66,11 @@ class BatchDims:
         n: int,
         modules: dict[str, nn.Module],
         output: set[str],
-        context: Callable[[], object],
     ) -> None:
         """One forward pass on ``n − 1`` points that records the shapes of ``modules`` (their
         output for the names in ``output``, else their first input) and fixes their batch
-        dimension. ``context()`` is entered around the pass (e.g. the exposed attention)."""
+        dimension. The pass runs with gradients, as the fit does (PyTorch's fused transformer
+        path off), and sees whatever the caller has exposed (the collector's attention)."""
         seen: dict[str, Sequence[int]] = {}
         handles = []
         for name, mod in modules.items():
@@ -82,7 +82,7 @@ class BatchDims:
 
             handles.append(mod.register_forward_hook(hook))
         try:
-            with torch.enable_grad(), context():  # type: ignore[attr-defined]  # as the fit
+            with torch.enable_grad():
                 call_model(model, split_inputs(x, n - 1)[0], "fit_curvature")
         finally:
             for h in handles:

@@ -6,7 +6,6 @@ predictive (Jacobian directions ``e_c``) and the diagnostics, each through :data
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -176,7 +175,6 @@ class Collector:
                 self._n,
                 {k: by_name[k].module for k in unsure},
                 {k for k in unsure if by_name[k].kind == GENERIC},
-                contextlib.nullcontext,  # the attention is already exposed
             )
             for k in unsure:
                 for c in self._cap[k]:
@@ -240,7 +238,9 @@ class Collector:
                 f"fit_curvature: module(s) {missing} were not called in this batch's forward "
                 "pass; every module with a block must be called for every batch."
             )
-        calls = [(t, c) for t in active for c in self._cap[t.name]]
+        # a module whose output every point shares gets whole-model gradients: no directions
+        shared = {t.name for t in active if any(c.get("bd") == SHARED for c in self._cap[t.name])}
+        calls = [(t, c) for t in active if t.name not in shared for c in self._cap[t.name]]
         grads = self._output_grads(logits, [c["z"] for _, c in calls], cot) if calls else []
         finite = [torch.isfinite(g).all() for g in grads if g is not None]
         if finite and not bool(torch.stack(finite).all()):  # one host sync per batch
@@ -257,9 +257,6 @@ class Collector:
             if g is None:
                 g = torch.zeros((cot.shape[0], *cap["z"].shape), dtype=cot.dtype, device=cot.device)
             per_module.setdefault(t.name, []).append((cap, g.detach()))
-        shared = {
-            t.name for t in active if any(c.get("bd") == SHARED for c, _ in per_module[t.name])
-        }
         out: dict[str, Stats] = {
             t.name: self._stats(t, per_module[t.name]) for t in active if t.name not in shared
         }
