@@ -8,6 +8,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
+from bayes_kfoc import DenseBlock, DiagBlock, KronBlock
+from bayes_kfoc.blocks import CurvatureBlock
 from bayes_kfoc.options import FisherType
 
 
@@ -112,6 +114,23 @@ def top1_kron(block_kron: Tensor, d_out: int, n: int) -> tuple[Tensor, Tensor, T
 
 def rel_err(a: Tensor, b: Tensor) -> float:
     return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
+
+
+def assert_block_matches(b: CurvatureBlock, exact: Tensor, structure: str, rtol: float) -> None:
+    """A fitted block against its module's exact dense block ``exact``: a Kronecker block must be
+    the top-1 SVD optimum of the rearranged block (K-FOC), a ``full`` fit's block must equal it,
+    and every other block must be its exact diagonal."""
+    if isinstance(b, KronBlock):
+        n = b.d_in + int(b.bias)
+        best, _, _ = top1_kron(kron_order(exact, b.d_out, n, b.bias), b.d_out, n)
+        err = rel_err(kron_order(b.to_dense(), b.d_out, n, b.bias), best)
+        assert err < rtol, (b.name, err)
+    elif structure == "full":
+        assert isinstance(b, DenseBlock), b.name
+        torch.testing.assert_close(b.to_dense(), exact, rtol=rtol, atol=1e-12)
+    else:
+        assert isinstance(b, DiagBlock), b.name
+        torch.testing.assert_close(b.values, torch.diagonal(exact), rtol=rtol, atol=1e-12)
 
 
 def dense_posterior_precision(la: Any) -> Tensor:

@@ -8,13 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 from reference import (
+    assert_block_matches,
     dense_fisher,
     dense_posterior_precision,
-    kron_order,
     module_slice,
     per_point_jacobians,
-    rel_err,
-    top1_kron,
 )
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -130,17 +128,10 @@ def test_kfoc_blocks_are_the_top1_svd_of_the_exact_blocks(case: str) -> None:
     attn = curv.blocks["attn"]
     assert isinstance(attn, KronBlock) == packed  # the packed in-projection is Kronecker
     assert isinstance(curv.blocks["attn.out_proj"], KronBlock)
-    kron = 0
     for b in curv.blocks.values():
         sl = module_slice(model, names, b.name)
-        if isinstance(b, KronBlock):
-            n = b.d_in + int(b.bias)
-            best, _, _ = top1_kron(kron_order(F_[sl, sl], b.d_out, n, b.bias), b.d_out, n)
-            err = rel_err(kron_order(b.to_dense(), b.d_out, n, b.bias), best)
-            assert err < RTOL, (b.name, err)
-            kron += 1
-        else:
-            torch.testing.assert_close(b.values, torch.diagonal(F_[sl, sl]), rtol=RTOL, atol=1e-12)
+        assert_block_matches(b, F_[sl, sl], "kfoc", RTOL)
+    kron = sum(isinstance(b, KronBlock) for b in curv.blocks.values())
     linears = sum(isinstance(m, nn.Linear) for m in model.modules())
     assert kron == linears + packed  # the Linear layers (out_proj too) + the in-projection
     covered = set(curv.param_names())
@@ -211,12 +202,7 @@ def test_transformer_encoder_kfoc_is_exact_and_covers_every_parameter(norm_first
             assert kinds[f"encoder.layers.{i}.{m}"] == "KronBlock"
     for b in curv.blocks.values():
         sl = module_slice(model, names, b.name)
-        if isinstance(b, KronBlock):
-            n = b.d_in + int(b.bias)
-            best, _, _ = top1_kron(kron_order(F_[sl, sl], b.d_out, n, b.bias), b.d_out, n)
-            assert rel_err(kron_order(b.to_dense(), b.d_out, n, b.bias), best) < RTOL, b.name
-        else:
-            torch.testing.assert_close(b.values, torch.diagonal(F_[sl, sl]), rtol=RTOL, atol=1e-12)
+        assert_block_matches(b, F_[sl, sl], "kfoc", RTOL)
 
 
 def test_padding_contributes_nothing() -> None:

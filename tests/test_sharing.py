@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from reference import (
+    assert_block_matches,
     dense_fisher,
     dense_posterior_precision,
     kron_order,
@@ -248,15 +249,7 @@ def test_tied_weights_get_one_exact_block_covering_every_use(structure: str) -> 
     assert isinstance(curv.blocks["embed"], KronBlock) == (structure == "kfoc")
     for name, b in curv.blocks.items():
         sl = module_slice(model, names, name)
-        if isinstance(b, KronBlock):
-            n = b.d_in + int(b.bias)
-            best, _, _ = top1_kron(kron_order(F_[sl, sl], b.d_out, n, b.bias), b.d_out, n)
-            assert rel_err(kron_order(b.to_dense(), b.d_out, n, b.bias), best) < RTOL
-        elif structure == "full":
-            torch.testing.assert_close(b.to_dense(), F_[sl, sl], rtol=RTOL, atol=1e-12)
-        else:
-            assert isinstance(b, DiagBlock)
-            torch.testing.assert_close(b.values, torch.diagonal(F_[sl, sl]), rtol=RTOL, atol=1e-12)
+        assert_block_matches(b, F_[sl, sl], structure, RTOL)
     # the head's own use of the tied tensor is in embed's block: untying would change it
     untied = TiedLM().double().eval()
     untied.load_state_dict(model.state_dict())
@@ -330,14 +323,7 @@ def test_mapping_inputs_are_passed_as_keywords_and_match_dense(structure: str) -
     assert curv.num_data == 7 and curv.info.input_shape == (5,)
     for name, b in curv.blocks.items():
         sl = module_slice(packed, names, f"inner.{name}")
-        if isinstance(b, KronBlock):
-            n = b.d_in + int(b.bias)
-            best, _, _ = top1_kron(kron_order(F_[sl, sl], b.d_out, n, b.bias), b.d_out, n)
-            assert rel_err(kron_order(b.to_dense(), b.d_out, n, b.bias), best) < RTOL
-        elif structure == "full":
-            torch.testing.assert_close(b.to_dense(), F_[sl, sl], rtol=RTOL, atol=1e-12)
-        else:
-            torch.testing.assert_close(b.values, torch.diagonal(F_[sl, sl]), rtol=RTOL, atol=1e-12)
+        assert_block_matches(b, F_[sl, sl], structure, RTOL)
     # padded positions contribute nothing (the model masks them): another pad token, same blocks
     other = fit_curvature(
         model, _dict_batches(pad_token=5)[1], structure, tol=1e-12, progress=False
