@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..stats.inputs import Inputs, batch_size, inputs_to, merge_batches, split_inputs
+from ..stats.inputs import Batches, batch_size, inputs_to, merge_batches, split_inputs
 
 TRAIN_SAMPLE = 1000  # training points ``Laplace.fit`` keeps for the consistency rule
 
@@ -23,7 +23,7 @@ class Recorder:
         # a one-shot loader stays one-shot (its own iterator), so the fit's check still sees it
         self.one_shot = iter(loader) is loader
         self.limit = limit
-        self._batches: list[tuple[Inputs, Tensor]] = []
+        self._batches: Batches = []
         self._count = 0
         self._passes = 0
 
@@ -67,5 +67,5 @@ class Recorder:
     def dataset(self) -> Any:
         return getattr(self.loader, "dataset", None)
 
-    def sample(self) -> list[tuple[Inputs, Tensor]] | None:
+    def sample(self) -> Batches | None:
         return merge_batches(self._batches) or None

@@ -26,7 +26,7 @@ from ..blocks import CurvatureBlock
 from ..curvature import Curvature, fit_curvature
 from ..options import FisherType, Link, PredMethod, Structure
 from ..stats import Target, targets_for
-from ..stats.inputs import Inputs, inputs_to, split_inputs
+from ..stats.inputs import Batches, Inputs, inputs_to, split_inputs
 from . import predictive, serialization
 from ._guard import check_model, fingerprints
 from ._layout import Layout
@@ -98,7 +98,7 @@ class Laplace:
         self.tuning: TuningResult | None = None
         self.temperature = 1.0  # the predictive's logits are divided by it (tuned with τ)
         self._tau: Tensor | None = None
-        self._train_sample: list[tuple[Inputs, Tensor]] | None = None
+        self._train_sample: Batches | None = None
         self._mc_checked: tuple[tuple[float, ...], float] | None = None
 
     subset = property(lambda self: self.modules, doc="Alias of :attr:`modules` (laplace-torch).")

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..options import Link, PredMethod, TuneMethod
 from ..stats import as_labels, check_label_range
-from ..stats.inputs import Inputs, batch_size, check_mapping, merge_batches, split_inputs
+from ..stats.inputs import Batches, batch_size, check_mapping, merge_batches, split_inputs
 from . import predictive
 from ._glm import chunk_variances
 from .consistency import consistency
@@ -30,14 +30,10 @@ from .validation import ValidationTerms, search
 PRIORS = ("scaled", "global")
 
 
-Points = list[tuple[Inputs, Tensor]]
-"""Batches ``(x, y)`` kept for tuning: tensor or mapping inputs, any sequence length each."""
-
-
-def collect_points(loader: Iterable[Any], what: str, limit: int | None = None) -> Points:
+def collect_points(loader: Iterable[Any], what: str, limit: int | None = None) -> Batches:
     """The ``(x, y)`` batches of ``loader`` (at most ``limit`` points), with clear errors; the
     inputs may be tensors or mappings (``model(**x)``), and need not share a shape."""
-    out: Points = []
+    out: Batches = []
     count = 0
     for batch in loader:
         if not isinstance(batch, list | tuple) or len(batch) != 2:
@@ -72,7 +68,7 @@ def collect_points(loader: Iterable[Any], what: str, limit: int | None = None) -
     return merge_batches(out)
 
 
-def glm_terms(view: PosteriorView, points: Points, what: str) -> ValidationTerms:
+def glm_terms(view: PosteriorView, points: Batches, what: str) -> ValidationTerms:
     """Squared Jacobian coordinates of every block at the points (once), MAP logits, labels."""
     terms, logits, labels = [], [], []
     for x, y in points:
@@ -90,7 +86,7 @@ def optimize_prior(
     view: PosteriorView,
     sq_norms: Tensor,
     num_data: int,
-    train_sample: Points | None,
+    train_sample: Batches | None,
     *,
     method: str | None,
     per_module: bool,

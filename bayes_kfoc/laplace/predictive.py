@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from ..blocks import CurvatureBlock
 from ..options import Link, PredMethod
 from ..stats import Collector, Target, call_model, normal_tensor
-from ..stats.inputs import Inputs, check_mapping, inputs_to, split_inputs
+from ..stats.inputs import Batches, Inputs, check_mapping, inputs_to, split_inputs
 from ._glm import Chunk, chunk_variances, glm_moments, probit, sample_logits, total_variance
 from ._guard import check_num_samples
 from ._layout import Layout
@@ -219,7 +219,7 @@ COLLAPSE_DROP = 0.05  # accuracy points the weight-sampling predictive may lose 
 COLLAPSE_POINTS, COLLAPSE_SAMPLES = 256, 16
 
 
-def warn_if_sampling_collapses(view: PosteriorView, points: list[tuple[Inputs, Tensor]]) -> None:
+def warn_if_sampling_collapses(view: PosteriorView, points: Batches) -> None:
     """Warn when the weight-sampling predictive loses more than :data:`COLLAPSE_DROP` accuracy
     against the MAP on (up to :data:`COLLAPSE_POINTS`) training points ``(x, y)`` batches:
     sampled weights then leave the region where the network still fits its own data, the known

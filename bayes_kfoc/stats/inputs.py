@@ -12,6 +12,10 @@ from torch import Tensor
 
 Inputs = Tensor | Mapping[str, Any]
 
+Batches = list[tuple[Inputs, Tensor]]
+"""``(x, y)`` batches kept in memory (e.g. for tuning): tensor or mapping inputs, labels ``[N]``;
+the batches need not share a shape (sequence lengths may differ)."""
+
 
 def first_tensor(x: Inputs, what: str = "fit_curvature") -> Tensor:
     """The tensor that gives the batch size (the first tensor value of a mapping)."""
@@ -69,12 +73,12 @@ def _signature(x: Inputs) -> object:
     )
 
 
-def merge_batches(batches: list[tuple[Inputs, Tensor]]) -> list[tuple[Inputs, Tensor]]:
+def merge_batches(batches: Batches) -> Batches:
     """Consecutive ``(x, y)`` batches whose inputs agree in everything but the batch size (the
     same trailing shapes, dtypes and devices; for a mapping the same keys too) concatenated, so
     that batches of one sequence length are one batch."""
-    out: list[tuple[Inputs, Tensor]] = []
-    run: list[tuple[Inputs, Tensor]] = []
+    out: Batches = []
+    run: Batches = []
 
     def flush() -> None:
         if not run:
