@@ -13,6 +13,7 @@ from torch.func import functional_call, vmap
 from ..stats import call_model
 from ..stats.attention import unfused_attention
 from ..stats.inputs import Inputs
+from ..stats.output import logits_of
 
 
 def head_features(model: nn.Module, head: nn.Module, x: Inputs) -> Tensor | None:
@@ -68,8 +69,8 @@ def logits_at(model: nn.Module, thetas: Tensor, x: Inputs, chunk: int = 32) -> T
         parts = torch.split(theta, sizes)
         params = {k: v.view(s) for k, v, s in zip(names, parts, shapes, strict=True)}
         if isinstance(xb, Mapping):  # model(**x)
-            return functional_call(model, (params, buffers), (), dict(xb))
-        return functional_call(model, (params, buffers), (xb,))
+            return logits_of(model, functional_call(model, (params, buffers), (), dict(xb)))
+        return logits_of(model, functional_call(model, (params, buffers), (xb,)))
 
     outs = []
     batched = vmap(forward, in_dims=(0, None))

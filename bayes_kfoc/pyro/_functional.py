@@ -26,6 +26,7 @@ from torch.func import functional_call, jvp, vmap
 
 from ..stats.attention import unfused_attention
 from ..stats.inputs import Inputs, batch_size, first_tensor
+from ..stats.output import logits_of
 from ._prototype import Observed
 from .posteriors import BlockPosterior
 
@@ -111,8 +112,8 @@ class FunctionalNetwork(nn.Module):
         def f(p: dict[str, Tensor]) -> Tensor:
             with pyro.validation_enabled(False):  # no data-dependent checks under vmap
                 if isinstance(x, Mapping):
-                    return functional_call(net, p, (), dict(x))
-                return functional_call(net, p, (x,))
+                    return logits_of(net, functional_call(net, p, (), dict(x)))
+                return logits_of(net, functional_call(net, p, (x,)))
 
         def one(p: dict[str, Tensor]) -> Tensor:
             if not self.linearized:

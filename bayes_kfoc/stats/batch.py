@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .inputs import Inputs, batch_size, check_mapping, inputs_to
+from .output import logits_of
 
 _DTYPE_ERROR = re.compile(r"dtype|scalar type|not implemented for|Byte|Long|Int|Bool|Char|Short")
 
@@ -92,13 +93,14 @@ def unpack_batch(batch: Any, device: torch.device, dtype: torch.dtype) -> tuple[
     return x, y
 
 
-def call_model(model: nn.Module, x: Inputs, what: str = "bayes_kfoc") -> Any:
-    """``model(**x)`` for a mapping, else ``model(x)``; a dtype error on non-floating inputs to a
-    floating model (e.g. ``uint8`` images) becomes a ``TypeError`` that names the cast."""
+def call_model(model: nn.Module, x: Inputs, what: str = "bayes_kfoc") -> Tensor:
+    """The logits of ``model(**x)`` for a mapping, else of ``model(x)`` (taken from an output
+    object by :func:`~bayes_kfoc.stats.output.logits_of`); a dtype error on non-floating inputs
+    to a floating model (e.g. ``uint8`` images) becomes a ``TypeError`` that names the cast."""
     if isinstance(x, Mapping):
-        return model(**x)
+        return logits_of(model, model(**x), what)
     try:
-        return model(x)
+        return logits_of(model, model(x), what)
     except (RuntimeError, NotImplementedError) as err:
         p = next(model.parameters(), None)
         if x.is_floating_point() or p is None or not p.is_floating_point():

@@ -12,14 +12,23 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .batch import call_model
 from .inputs import Inputs, split_inputs
 
 SHARED = -1
-"""The output has no batch dimension: every point uses it (its block needs whole-model per-point
-gradients)."""
+"""The tensor has no batch dimension: every point uses it (the collector hands it on expanded
+along the batch, :func:`expand_batch`)."""
+
+
+def expand_batch(t: Tensor, n: int) -> Tensor:
+    """``t`` (no batch dimension) as ``n`` points' copies, batch first: a leading dimension of
+    size one becomes ``n`` (``[1, T, E] -> [n, T, E]``), else one is prepended (``[T, E] ->
+    [n, T, E]``). A real copy, so later in-place operations stay legal."""
+    if t.ndim >= 1 and t.shape[0] == 1:
+        return t.expand(n, *t.shape[1:]).contiguous()
+    return t.unsqueeze(0).expand(n, *t.shape).contiguous()
 
 
 def candidates(shape: Sequence[int], n: int) -> list[int]:

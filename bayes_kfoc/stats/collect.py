@@ -18,9 +18,9 @@ from torch import Tensor, nn
 from ..options import FisherType
 from .attention import attention_modules, exposed_attention
 from .batch import call_model, check_label_range
-from .batch_dim import SHARED, BatchDims
+from .batch_dim import SHARED, BatchDims, expand_batch
 from .directions import logit_directions
-from .generic import GradStats, attention_grads, per_sample_param_grads
+from .generic import GradStats, attention_grads, per_sample_param_grads, shared_output_grads
 from .inputs import Inputs, batch_size
 from .kron import GradientStats, KronStats, kron_stats
 from .targets import ATTENTION, ATTENTION_GRADS, CONV2D, GENERIC, LINEAR, TIED, Target
@@ -82,6 +82,8 @@ class Collector:
         self.clone_outputs = False
         self.batched_grads = True
         self._dims = BatchDims()
+        self._expanded: set[str] = set()
+        self._checked = False
         self._n = 0
         self._active: set[str] = set()
         self._cap: dict[str, list[dict[str, Any]]] = {}
@@ -135,14 +137,14 @@ class Collector:
             cap: dict[str, Any] = {"z": out, "version": out._version}
             x = args[0] if args else kwargs.get("input")
             if t.kind == LINEAR:
-                if not isinstance(x, Tensor) or x.ndim < 2:
+                if not isinstance(x, Tensor) or x.ndim < 1:
                     shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
                     raise ValueError(
                         f"fit_curvature: Linear module {t.name!r} got an input of shape {shape}; "
                         "it needs batched inputs [N, ..., d_in]. Exclude it with exclude=[...]."
                     )
                 cap["x"] = x.detach()
-                cap["bd"] = self._dims.decide(t.name, x.shape, self._n, "input")
+                cap["bd"] = self._dims.decide(t.name, x.shape, self._n, "input", True)
             elif t.kind == CONV2D:
                 assert isinstance(module, nn.Conv2d) and isinstance(x, Tensor)
                 cap["a"] = _conv_unfold(module, x.detach())
@@ -150,9 +152,22 @@ class Collector:
                 cap["args"] = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
                 cap["kwargs"] = kwargs
                 cap["bd"] = self._dims.decide(t.name, out.shape, self._n, "output", True)
+            if cap.get("bd") == SHARED:
+                # an output every point shares (a position embedding of arange(T), a Linear on a
+                # parameter): handed on expanded along a new batch dimension, so the ordinary
+                # backward gives each point its own output gradient (docs/math.md, "Outputs
+                # without a batch dimension")
+                cap["shape"] = out.shape
+                out = expand_batch(out, self._n)
+                cap.update(z=out, version=out._version, bd=0)
+                if t.kind == LINEAR:
+                    cap["x"] = expand_batch(cap["x"], self._n)
+                self._expanded.add(t.name)
             # a module called k times per forward (weight sharing): every call is kept, and its
             # statistics sum over the calls (docs/math.md, "Weight sharing")
             self._cap.setdefault(t.name, []).append(cap)
+            if "shape" in cap:
+                return out
             return out.clone() if self.clone_outputs else None
 
         return hook
@@ -166,6 +181,8 @@ class Collector:
                 logits = call_model(self.model, x, "bayes_kfoc")
         finally:
             self._active = set()
+        if self._expanded and not self._checked:
+            self._check_expansion(x, logits)
         unsure = {k for k, caps in self._cap.items() for c in caps if c.get("bd", 0) is None}
         if unsure:  # a module whose input is [N, N, ...]: one pass on N - 1 points decides
             by_name = {t.name: t for t in self.targets}
@@ -238,9 +255,7 @@ class Collector:
                 f"fit_curvature: module(s) {missing} were not called in this batch's forward "
                 "pass; every module with a block must be called for every batch."
             )
-        # a module whose output every point shares gets whole-model gradients: no directions
-        shared = {t.name for t in active if any(c.get("bd") == SHARED for c in self._cap[t.name])}
-        calls = [(t, c) for t in active if t.name not in shared for c in self._cap[t.name]]
+        calls = [(t, c) for t in active for c in self._cap[t.name]]
         grads = self._output_grads(logits, [c["z"] for _, c in calls], cot) if calls else []
         finite = [torch.isfinite(g).all() for g in grads if g is not None]
         if finite and not bool(torch.stack(finite).all()):  # one host sync per batch
@@ -257,14 +272,31 @@ class Collector:
             if g is None:
                 g = torch.zeros((cot.shape[0], *cap["z"].shape), dtype=cot.dtype, device=cot.device)
             per_module.setdefault(t.name, []).append((cap, g.detach()))
-        out: dict[str, Stats] = {
-            t.name: self._stats(t, per_module[t.name]) for t in active if t.name not in shared
-        }
-        for t in self.targets:  # a tied tensor, or an output every point shares: whole model
-            if (t.kind == TIED or t.name in shared) and t.name in names:
+        out: dict[str, Stats] = {t.name: self._stats(t, per_module[t.name]) for t in active}
+        for t in self.targets:  # a tied tensor: whole-model per-point gradients
+            if t.kind == TIED and t.name in names:
                 out[t.name] = self._tied_stats(t, x, cot)
         self._cap = {}
         return out, logits.detach()
+
+    def _check_expansion(self, x: Inputs, logits: Tensor) -> None:
+        """Once per collector: the logits with the shared outputs expanded must equal the
+        model's own (an expansion is only a broadcast the model would have made itself)."""
+        self._checked = True
+        with torch.no_grad():
+            plain = call_model(self.model, x, "fit_curvature")
+        if plain.shape == logits.shape and torch.allclose(
+            plain, logits.detach(), rtol=1e-4, atol=1e-5 * float(plain.abs().max().clamp(min=1))
+        ):
+            return
+        mods = sorted(self._expanded)
+        raise ValueError(
+            f"fit_curvature: module(s) {mods} return outputs without a batch dimension (shared "
+            "by every point), and handing them on expanded along the batch changed the model's "
+            "logits, so the model uses them other than by broadcasting. Fixes: pass the "
+            "positions in the batch (e.g. position_ids [N, T] in the input mapping) so the "
+            f"output is batched; or exclude the module(s) with exclude={mods}."
+        )
 
     def _output_grads(self, logits: Tensor, zs: list[Tensor], cot: Tensor) -> list[Tensor | None]:
         if cot.shape[0] == 1:  # one direction: a plain backward pass, no vmap
@@ -301,12 +333,21 @@ class Collector:
         ``torch.func``."""
         full = [f"{t.name}.{k}" if t.name else k for k in t.local_names]
         if isinstance(x, Tensor):
-            grads = per_sample_param_grads(self.model, full, (x,), {}, cot, t.name)
+            grads = per_sample_param_grads(
+                self.model, full, (x,), {}, cot, t.name, model_output=True
+            )
         else:
             keys = [k for k, v in x.items() if isinstance(v, Tensor)]
             rest = {k: v for k, v in x.items() if not isinstance(v, Tensor)}
             grads = per_sample_param_grads(
-                self.model, full, tuple(x[k] for k in keys), rest, cot, t.name, keys=keys
+                self.model,
+                full,
+                tuple(x[k] for k in keys),
+                rest,
+                cot,
+                t.name,
+                keys=keys,
+                model_output=True,
             )
         grads = grads.to(self.stats_dtype or grads.dtype)
         if t.tied_matrix:  # one weight matrix: its per-direction gradients M (K-FOC can use them)
@@ -322,9 +363,14 @@ class Collector:
         if t.kind == GENERIC:
             total: Tensor | None = None
             for cap, g in calls:
-                grads = per_sample_param_grads(
-                    t.module, t.local_names, cap["args"], cap["kwargs"], g, t.name, cap["bd"]
-                )
+                if "shape" in cap:  # an expanded shared output: one vjp, every point's cotangent
+                    grads = shared_output_grads(
+                        t.module, t.local_names, cap["args"], cap["kwargs"], g, cap["shape"], t.name
+                    )
+                else:
+                    grads = per_sample_param_grads(
+                        t.module, t.local_names, cap["args"], cap["kwargs"], g, t.name, cap["bd"]
+                    )
                 total = grads if total is None else total + grads
             assert total is not None
             return GradStats(total.to(self.stats_dtype or total.dtype))

@@ -18,6 +18,7 @@ from torch.func import functional_call, vjp, vmap
 from ..blocks import CurvatureBlock
 from .attention import unfused_attention
 from .kron import grads_quad
+from .output import logits_of
 
 
 def _norm_grads(module: nn.Module, x: Tensor, cot: Tensor, names: list[str]) -> Tensor | None:
@@ -63,6 +64,7 @@ def per_sample_param_grads(
     module_name: str,
     batch_dim: int = 0,
     keys: list[str] | None = None,
+    model_output: bool = False,
 ) -> Tensor:
     """``[V, N, P]`` gradients of ``⟨cotangent, module(x_n)⟩`` w.r.t. the module's own parameters.
 
@@ -71,7 +73,8 @@ def per_sample_param_grads(
     along it too); ``P`` follows ``names`` (``named_parameters`` order). With ``module`` the
     whole model and dotted ``names`` these are the gradients of a tied tensor over every use
     (``functional_call`` keeps the ties). With ``keys`` the arguments are passed as those
-    keywords (a model called as ``model(**inputs)``).
+    keywords (a model called as ``model(**inputs)``); with ``model_output`` the module is the
+    user's model and its logits are taken from its output (:func:`~.output.logits_of`).
     """
     bd = batch_dim
     num = cotangents.shape[1 + bd]
@@ -97,6 +100,8 @@ def per_sample_param_grads(
             out = functional_call(
                 module, p, (), {**dict(zip(keys, batched, strict=True)), **kwargs}
             )
+        if model_output:
+            out = logits_of(module, out, "fit_curvature")
         if not isinstance(out, Tensor):
             raise TypeError(
                 f"fit_curvature: module {module_name!r} returns {type(out).__name__}, not a "
@@ -125,6 +130,40 @@ def per_sample_param_grads(
         ) from err
     v = cotangents.shape[0]
     return torch.cat([grads[k].reshape(v, num, -1) for k in names], dim=-1).detach()
+
+
+def shared_output_grads(
+    module: nn.Module,
+    names: list[str],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    cotangents: Tensor,
+    shape: torch.Size,
+    module_name: str,
+) -> Tensor:
+    """``[V, N, P]`` per-point gradients of a module whose output (of ``shape``) has no batch
+    dimension and was handed on expanded along the batch: ``cotangents`` ``[V, N, *out]`` are
+    each point's own gradients at its copy, so one ``vjp`` of the module's single call, mapped
+    over the ``V·N`` cotangents, gives them (exact; the model itself is never re-run)."""
+    v, n = cotangents.shape[0], cotangents.shape[1]
+    params = {k: module.get_parameter(k).detach() for k in names}
+
+    def forward(p: dict[str, Tensor]) -> Tensor:
+        out = functional_call(module, p, args, kwargs)
+        if not isinstance(out, Tensor):
+            raise TypeError(f"module {module_name!r} returns {type(out).__name__}, not a tensor")
+        return out
+
+    with torch.enable_grad():
+        pullback = vjp(forward, params)[1]
+    cot = cotangents.reshape(v * n, *shape)
+    try:
+        with torch.no_grad():
+            grads = vmap(pullback)(cot)[0]
+    except RuntimeError:  # an op without a vmap rule: one pullback per cotangent, the same
+        parts = [pullback(c)[0] for c in cot]
+        grads = {k: torch.stack([p[k] for p in parts]) for k in names}
+    return torch.cat([grads[k].reshape(v, n, -1) for k in names], dim=-1).detach()
 
 
 def attention_grads(t: Any, calls: list[tuple[dict[str, Any], Tensor]]) -> Tensor:

@@ -31,16 +31,10 @@ def probe(model: nn.Module, x: Inputs) -> tuple[list[str], dict[str, int], Tenso
         # with gradients, as the fit runs: PyTorch's fused transformer fast path (and its nested
         # tensors) is off then, so the probe sees the modules the fit will see
         with torch.enable_grad(), exposed_attention(model, _ignore):
-            out = call_model(model, x, "fit_curvature")
-        out = out.detach() if isinstance(out, Tensor) else out
+            out = call_model(model, x, "fit_curvature").detach()
     finally:
         for h in handles:
             h.remove()
-    if not isinstance(out, Tensor):
-        raise TypeError(
-            f"fit_curvature: the model returns {type(out).__name__}; it must return a logits "
-            "tensor of shape [N, C]."
-        )
     return order, counts, out
 
 
