@@ -179,6 +179,10 @@ class Collector:
         try:
             with torch.enable_grad():
                 logits = call_model(self.model, x, "bayes_kfoc")
+        except RuntimeError as err:
+            if not self._expanded:
+                raise
+            raise self._expansion_error() from err
         finally:
             self._active = set()
         if self._expanded and not self._checked:
@@ -289,13 +293,16 @@ class Collector:
             plain, logits.detach(), rtol=1e-4, atol=1e-5 * float(plain.abs().max().clamp(min=1))
         ):
             return
+        raise self._expansion_error()
+
+    def _expansion_error(self) -> ValueError:
         mods = sorted(self._expanded)
-        raise ValueError(
+        return ValueError(
             f"fit_curvature: module(s) {mods} return outputs without a batch dimension (shared "
-            "by every point), and handing them on expanded along the batch changed the model's "
-            "logits, so the model uses them other than by broadcasting. Fixes: pass the "
-            "positions in the batch (e.g. position_ids [N, T] in the input mapping) so the "
-            f"output is batched; or exclude the module(s) with exclude={mods}."
+            "by every point), and handing them on expanded along the batch changed (or broke) "
+            "the model's forward, so the model uses them other than by broadcasting. Fixes: "
+            "pass the positions in the batch (e.g. position_ids [N, T] in the input mapping) so "
+            f"the output is batched; or exclude the module(s) with exclude={mods}."
         )
 
     def _output_grads(self, logits: Tensor, zs: list[Tensor], cot: Tensor) -> list[Tensor | None]:

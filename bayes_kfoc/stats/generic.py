@@ -114,6 +114,13 @@ def per_sample_param_grads(
         grads: dict[str, Tensor] = pullback(cot)[0]
         return grads
 
+    def by_point() -> Tensor:
+        return point_loop_grads(
+            module, names, args, kwargs, cotangents, module_name, bd, keys, model_output
+        )
+
+    if any(_batched(v, bd, num) for v in kwargs.values()):
+        return by_point()  # batched keyword arguments (a model called as model(**x)): a loop
     over_v = vmap(grad_one, in_dims=(None, 0))
     over_n = vmap(over_v, in_dims=(in_dims, 1 + bd), out_dims=1)
     try:
@@ -122,14 +129,72 @@ def per_sample_param_grads(
         with torch.no_grad(), warnings.catch_warnings(), unfused_attention():
             warnings.filterwarnings("ignore", "There is a performance drop")
             grads = over_n(args, cotangents)
-    except RuntimeError as err:
-        raise RuntimeError(
-            f"fit_curvature: per-point gradients of module {module_name!r} "
-            f"({type(module).__name__}) failed under torch.func.vmap: {err}. The module must treat "
-            "points independently (eval mode); otherwise exclude it with exclude=[...]."
-        ) from err
+    except RuntimeError:
+        # e.g. data-dependent control flow (a padding mask's .all()): one ordinary forward and
+        # backward per point instead, exact and slower
+        return by_point()
     v = cotangents.shape[0]
     return torch.cat([grads[k].reshape(v, num, -1) for k in names], dim=-1).detach()
+
+
+def _batched(x: Any, bd: int, num: int) -> bool:
+    return isinstance(x, Tensor) and x.ndim > bd and x.shape[bd] == num
+
+
+def point_loop_grads(
+    module: nn.Module,
+    names: list[str],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    cotangents: Tensor,
+    module_name: str,
+    bd: int = 0,
+    keys: list[str] | None = None,
+    model_output: bool = False,
+) -> Tensor:
+    """:func:`per_sample_param_grads` by one ordinary forward and backward per point (every
+    tensor argument and keyword of size ``N`` in dimension ``bd`` cut to that point): no
+    ``torch.func`` transform, so any Python control flow is fine. Exact when the module treats
+    points independently (eval mode); ``N`` times the work of one pass."""
+    v, num = cotangents.shape[0], cotangents.shape[1 + bd]
+    params = [module.get_parameter(k) for k in names]
+    what = f"module {module_name!r}" if module_name else f"the model's own parameters {names}"
+
+    def cut(x: Any, i: int) -> Any:
+        return x.narrow(bd, i, 1) if _batched(x, bd, num) else x
+
+    rows = []
+    for i in range(num):
+        xs = tuple(cut(a, i) for a in args)
+        kw = {k: cut(a, i) for k, a in kwargs.items()}
+        try:
+            with torch.enable_grad(), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "There is a performance drop")
+                out = module(**dict(zip(keys, xs, strict=True)), **kw) if keys else module(*xs, **kw)
+                if model_output:
+                    out = logits_of(module, out, "fit_curvature")
+                if not isinstance(out, Tensor):
+                    raise TypeError(f"the module returns {type(out).__name__}, not a tensor")
+                raw = _batched_grads(out, params, cotangents.narrow(1 + bd, i, 1))
+        except (RuntimeError, TypeError) as err:
+            raise RuntimeError(
+                f"fit_curvature: per-point gradients of {what} ({type(module).__name__}) failed, "
+                f"under torch.func.vmap and point by point ({err}). Fixes: exclude it "
+                "with exclude=[...]; keep the model in eval mode so points are independent; give "
+                "every input the batch first (e.g. position_ids [N, T] in the input mapping)."
+            ) from err
+        grads = [p.new_zeros((v, p.numel())) if g is None else g for p, g in zip(params, raw)]
+        rows.append(torch.cat([g.reshape(v, -1) for g in grads], dim=-1))
+    return torch.stack(rows, dim=1).detach()
+
+
+def _batched_grads(out: Tensor, params: list[Tensor], cot: Tensor) -> list[Tensor | None]:
+    """``[V, *p.shape]`` gradients of ``⟨cot_v, out⟩`` (``None`` for an unused parameter)."""
+    per_v = [torch.autograd.grad(out, params, c, retain_graph=True, allow_unused=True) for c in cot]
+    return [
+        None if per_v[0][j] is None else torch.stack([g[j] for g in per_v])  # type: ignore[misc]
+        for j in range(len(params))
+    ]
 
 
 def shared_output_grads(
