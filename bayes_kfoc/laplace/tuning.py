@@ -42,7 +42,8 @@ class TuningResult:
             that scale's best ``T``; consistency: the ratio ``r(s)``), sorted by ``s``.
         temperatures: gridsearch: ``{s: T}``, the best temperature at each scale.
         at_edge: the chosen scale is an end of the searched range (for the validation search:
-            after expanding it), or the evidence had no interior maximum.
+            after expanding it), or the tuned temperature is at its upper end, or the evidence
+            had no interior maximum (each is warned about).
     """
 
     method: str

@@ -34,6 +34,7 @@ LIMITS = (-8.0, 14.0)  # log10 s the expansion never passes
 EXPAND = 2.0  # decades added per expansion
 PLATEAU = 1e-5  # a metric change below this over the last expansion ends it
 T_MAX = 100.0
+T_EDGE = 0.99  # a tuned T above T_EDGE · T_MAX is at the range's end
 GOLDEN_ITERS = 40
 
 
@@ -177,6 +178,16 @@ def search(
             ),
             stacklevel=4,
         )
+    t_edge = temperature and temps[chosen] >= T_MAX * T_EDGE
+    if t_edge:
+        warnings.warn(
+            f"Laplace.optimize_prior_precision: the tuned temperature (T = {temps[chosen]:.3g}) "
+            f"is at the upper end of its range [1, {T_MAX:g}]: the validation data favour a "
+            "nearly uniform predictive (the model is barely better than chance on them). Check "
+            "the model's accuracy on the validation data, or pass temperature=False.",
+            stacklevel=4,
+        )
+    at_edge = at_edge or t_edge
     tau = (10.0**chosen * base).double()
     return TuningResult(
         "gridsearch",

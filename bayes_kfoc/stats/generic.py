@@ -28,6 +28,8 @@ def _norm_grads(module: nn.Module, x: Tensor, cot: Tensor, names: list[str]) -> 
     the parameter is shared across (``cot``: ``[V, N, *out]``).
     """
     v, n = cot.shape[0], cot.shape[1]
+    if not _computes_base(module):
+        return None
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         if module.training or module.running_mean is None or module.running_var is None:
             return None
@@ -53,6 +55,19 @@ def _norm_grads(module: nn.Module, x: Tensor, cot: Tensor, names: list[str]) -> 
     if set(names) - set(grads):
         return None
     return torch.cat([grads[k].reshape(v, n, -1) for k in names], dim=-1)
+
+
+def _computes_base(module: nn.Module) -> bool:
+    """Whether ``module`` computes what its norm base class computes: a closed form keyed by
+    the class describes a subclass only when the subclass keeps the base class's ``forward``
+    (a channels-first LayerNorm that permutes around ``F.layer_norm`` does not; it takes the
+    exact generic path)."""
+    forward = type(module).forward
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return forward is nn.modules.batchnorm._BatchNorm.forward and "forward" not in vars(module)
+    if isinstance(module, nn.LayerNorm):
+        return forward is nn.LayerNorm.forward and "forward" not in vars(module)
+    return False
 
 
 def per_sample_param_grads(
