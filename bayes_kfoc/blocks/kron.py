@@ -26,19 +26,27 @@ from ..options import BlockKind
 from ._base import CurvatureBlock, as_damping, clamp_psd
 
 
-def vec_to_mat(v: Tensor, d_out: int, d_in: int, bias: bool) -> Tensor:
-    """``[..., P]`` in ``parameters_to_vector`` order to ``W̄`` of shape ``[..., d_out, n]``."""
-    w = v[..., : d_out * d_in].reshape(*v.shape[:-1], d_out, d_in)
+def vec_to_mat(v: Tensor, d_out: int, d_in: int, bias: bool, transposed: bool = False) -> Tensor:
+    """``[..., P]`` in ``parameters_to_vector`` order to ``W̄`` of shape ``[..., d_out, n]``;
+    ``transposed``: the weight is stored ``[d_in, d_out]`` (``y = x W + b``, e.g. the
+    ``Conv1D`` of GPT-2)."""
+    if transposed:
+        w = v[..., : d_out * d_in].reshape(*v.shape[:-1], d_in, d_out).transpose(-1, -2)
+    else:
+        w = v[..., : d_out * d_in].reshape(*v.shape[:-1], d_out, d_in)
     if not bias:
         return w
     return torch.cat([w, v[..., d_out * d_in :].unsqueeze(-1)], dim=-1)
 
 
-def mat_to_vec(x: Tensor, bias: bool) -> Tensor:
-    """``W̄`` of shape ``[..., d_out, n]`` to ``[..., P]`` in ``parameters_to_vector`` order."""
+def mat_to_vec(x: Tensor, bias: bool, transposed: bool = False) -> Tensor:
+    """``W̄`` of shape ``[..., d_out, n]`` to ``[..., P]`` in ``parameters_to_vector`` order
+    (``transposed``: see :func:`vec_to_mat`)."""
+    w = x[..., :-1] if bias else x
+    w = w.transpose(-1, -2).flatten(-2) if transposed else w.flatten(-2)
     if not bias:
-        return x.flatten(-2)
-    return torch.cat([x[..., :-1].flatten(-2), x[..., -1]], dim=-1)
+        return w
+    return torch.cat([w, x[..., -1]], dim=-1)
 
 
 def _left(q: Tensor, x: Tensor) -> Tensor:
@@ -65,9 +73,19 @@ class KronBlock(CurvatureBlock):
 
     kind = BlockKind.KRON
 
-    def __init__(self, name: str, param_shapes: dict[str, torch.Size], A: Tensor, G: Tensor):
+    def __init__(
+        self,
+        name: str,
+        param_shapes: dict[str, torch.Size],
+        A: Tensor,
+        G: Tensor,
+        transposed: bool | Tensor = False,
+    ):
         super().__init__(name, param_shapes)
+        self.transposed = bool(transposed)
         shapes = [torch.Size(s) for s in param_shapes.values()]
+        if self.transposed:  # weight [d_in, d_out]: validated as its transpose
+            shapes[0] = torch.Size(reversed(shapes[0])) if len(shapes[0]) == 2 else shapes[0][:1]
         if (
             not 1 <= len(shapes) <= 2
             or len(shapes[0]) < 2
@@ -121,13 +139,13 @@ class KronBlock(CurvatureBlock):
     def _perm(self) -> Tensor:
         n = self.d_in + int(self.bias)
         idx = torch.arange(self.d_out * n, device=self.device).reshape(self.d_out, n)
-        return mat_to_vec(idx, self.bias)
+        return self.to_vec(idx)
 
     def to_mat(self, v: Tensor) -> Tensor:
-        return vec_to_mat(v, self.d_out, self.d_in, self.bias)
+        return vec_to_mat(v, self.d_out, self.d_in, self.bias, self.transposed)
 
     def to_vec(self, x: Tensor) -> Tensor:
-        return mat_to_vec(x, self.bias)
+        return mat_to_vec(x, self.bias, self.transposed)
 
     def to_dense(self) -> Tensor:
         perm = self._perm()
@@ -180,7 +198,10 @@ class KronBlock(CurvatureBlock):
             self.param_shapes,
             self.A.to(device=device, dtype=dtype),
             self.G.to(device=device, dtype=dtype),
+            self.transposed,
         )
 
     def tensors(self) -> dict[str, Tensor]:
+        if self.transposed:  # a flag that travels with the saved tensors
+            return {"A": self.A, "G": self.G, "transposed": torch.tensor(True)}
         return {"A": self.A, "G": self.G}

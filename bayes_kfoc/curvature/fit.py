@@ -221,7 +221,7 @@ def _blocks(
                 assert sums.g is not None
                 A, G, info = sums.kfac_a, sums.g, None
             _finite(t.name, {"A": A, "G": G})
-            block = KronBlock(t.name, t.param_shapes, A, G)
+            block = KronBlock(t.name, t.param_shapes, A, G, t.transposed)
             if info is not None:
                 block.info = info
         elif opts.structure is Structure.FULL:

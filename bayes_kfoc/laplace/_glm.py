@@ -75,7 +75,9 @@ class BlockVariance:
         elif isinstance(block, DiagBlock) and isinstance(st, LinearStats):
             self.left = st.d.to(dtype).square()  # [C, B, o]
             self.right = st.a.to(dtype).square()  # [B, n]
-            self.evals = vec_to_mat(block.values, st.o, st.n - int(st.bias), st.bias)  # [o, n]
+            self.evals = vec_to_mat(
+                block.values, st.o, st.n - int(st.bias), st.bias, st.transposed
+            )  # [o, n]
         else:
             g = st.grads().to(dtype)
             g = g.reshape(-1, st.num_points, g.shape[-1])  # [C, B, P]

@@ -23,6 +23,7 @@ from .directions import logit_directions
 from .generic import GradStats, attention_grads, per_sample_param_grads, shared_output_grads
 from .inputs import Inputs, batch_size
 from .kron import GradientStats, KronStats, kron_stats
+from .output import logits_of
 from .targets import ATTENTION, ATTENTION_GRADS, CONV2D, GENERIC, LINEAR, TIED, Target
 
 ONE_LOGIT = (
@@ -49,6 +50,25 @@ def _conv_unfold(module: nn.Conv2d, x: Tensor) -> Tensor:
         x = F.pad(x, pad, mode=mode)
     cols = F.unfold(x, module.kernel_size, dilation=module.dilation, stride=module.stride)
     return cols.transpose(1, 2)  # [N, T, C_in·kh·kw]
+
+
+def check_transposed_linear(name: str, module: nn.Module, x: Tensor, out: Tensor) -> None:
+    """A layer taken for ``y = x @ W + b`` (``W`` ``[d_in, d_out]``, :data:`TRANSPOSED_LINEAR`)
+    must compute exactly that: checked on its first call, or a ``TypeError`` naming the fix."""
+    w = module.get_parameter("weight")
+    b = module.bias if isinstance(getattr(module, "bias", None), Tensor) else None
+    with torch.no_grad():
+        ref = x.to(w.dtype) @ w + (0 if b is None else b)
+        ok = ref.shape == out.shape and torch.allclose(
+            ref, out.detach(), rtol=1e-4, atol=1e-5 * float(ref.abs().max().clamp(min=1))
+        )
+    if not ok:
+        raise TypeError(
+            f"fit_curvature: module {name!r} ({type(module).__name__}) is registered as a "
+            "layer computing x @ weight + bias (weight [d_in, d_out]), but its output differs. "
+            "Remove its class from bayes_kfoc.stats.targets.TRANSPOSED_LINEAR, or exclude it "
+            "with exclude=[...]."
+        )
 
 
 class Collector:
@@ -84,6 +104,7 @@ class Collector:
         self._dims = BatchDims()
         self._expanded: set[str] = set()
         self._checked = False
+        self._verified: set[str] = set()
         self._n = 0
         self._active: set[str] = set()
         self._cap: dict[str, list[dict[str, Any]]] = {}
@@ -129,6 +150,9 @@ class Collector:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
             if t.name not in self._active:
                 return None
+            root = module is self.model
+            if root:  # the model's own parameters: its output is the model output
+                out = logits_of(self.model, out, "fit_curvature")
             if not isinstance(out, Tensor):
                 raise TypeError(
                     f"fit_curvature: module {t.name!r} returns {type(out).__name__}; a module with "
@@ -145,6 +169,9 @@ class Collector:
                     )
                 cap["x"] = x.detach()
                 cap["bd"] = self._dims.decide(t.name, x.shape, self._n, "input", True)
+                if t.transposed and t.name not in self._verified:
+                    check_transposed_linear(t.name, module, cap["x"], out)
+                    self._verified.add(t.name)
             elif t.kind == CONV2D:
                 assert isinstance(module, nn.Conv2d) and isinstance(x, Tensor)
                 cap["a"] = _conv_unfold(module, x.detach())
@@ -168,7 +195,7 @@ class Collector:
             self._cap.setdefault(t.name, []).append(cap)
             if "shape" in cap:
                 return out
-            return out.clone() if self.clone_outputs else None
+            return out.clone() if self.clone_outputs and not root else None
 
         return hook
 
@@ -376,7 +403,14 @@ class Collector:
                     )
                 else:
                     grads = per_sample_param_grads(
-                        t.module, t.local_names, cap["args"], cap["kwargs"], g, t.name, cap["bd"]
+                        t.module,
+                        t.local_names,
+                        cap["args"],
+                        cap["kwargs"],
+                        g,
+                        t.name,
+                        cap["bd"],
+                        model_output=t.module is self.model,
                     )
                 total = grads if total is None else total + grads
             assert total is not None
@@ -392,8 +426,11 @@ class Collector:
             a_parts.append(a)
             d_parts.append(g)
         if len(calls) == 1:
-            return kron_stats(a_parts[0], d_parts[0], t.has_bias)
-        return kron_stats(torch.cat(a_parts, dim=1), torch.cat(d_parts, dim=2), t.has_bias)
+            st = kron_stats(a_parts[0], d_parts[0], t.has_bias)
+        else:
+            st = kron_stats(torch.cat(a_parts, dim=1), torch.cat(d_parts, dim=2), t.has_bias)
+        st.transposed = t.transposed
+        return st
 
     def _wide(self, x: Tensor) -> Tensor:
         """``x`` in the statistics' dtype (a wider one than the model's, when asked for)."""

@@ -99,6 +99,7 @@ class KronStats(ABC):
     """
 
     bias: bool
+    transposed: bool = False  # the weight is stored [d_in, d_out] (see blocks.kron.vec_to_mat)
     num_points: int
     V: int
     n: int
@@ -135,11 +136,11 @@ class KronStats(ABC):
 
     def diag(self) -> Tensor:
         """The exact Fisher diagonal, ``[P]`` in ``parameters_to_vector`` order."""
-        return mat_to_vec(self.per_direction_grads().square().sum(0), self.bias)
+        return mat_to_vec(self.per_direction_grads().square().sum(0), self.bias, self.transposed)
 
     def grads(self) -> Tensor:
         """Per-direction gradients ``[V·N, P]`` in ``parameters_to_vector`` order."""
-        return mat_to_vec(self.per_direction_grads(), self.bias)
+        return mat_to_vec(self.per_direction_grads(), self.bias, self.transposed)
 
     def quad(
         self,
@@ -211,7 +212,7 @@ class LinearStats(KronStats):
 
     def diag(self) -> Tensor:
         d2 = self.d.square().sum(0)  # [N, o]
-        return mat_to_vec(d2.T @ self.a.square(), self.bias)
+        return mat_to_vec(d2.T @ self.a.square(), self.bias, self.transposed)
 
     def quad(
         self,
@@ -237,6 +238,7 @@ class LinearStats(KronStats):
                 self.o,
                 self.n - int(self.bias),
                 self.bias,
+                self.transposed,
             )
             spec = prec.reciprocal() if power == -1.0 else prec.pow(power)
             return torch.einsum(eq, d, d, a.square() @ spec.T)
@@ -287,7 +289,9 @@ class SharedStats(KronStats):
             cache_m = self._m_flops() < self._unfold_flops()
         if not cache_m:
             return self
-        return GradientStats(self.per_direction_grads(), self.num_points, self.bias)
+        out = GradientStats(self.per_direction_grads(), self.num_points, self.bias)
+        out.transposed = self.transposed
+        return out
 
     # -- cost model (flops of one full K-FOC iteration) ---------------------------------------
     def _m_flops(self) -> int:

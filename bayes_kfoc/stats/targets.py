@@ -27,6 +27,7 @@ class Target:
     param_shapes: dict[str, torch.Size]
     note: str = ""
     local_names: list[str] = field(default_factory=list)
+    transposed: bool = False  # a Linear whose weight is stored [d_in, d_out] (Conv1D)
 
     @property
     def kron_capable(self) -> bool:
@@ -44,6 +45,30 @@ class Target:
     def has_bias(self) -> bool:
         """A Kronecker target's second parameter is its bias (``bias``, ``in_proj_bias``)."""
         return len(self.param_shapes) == 2
+
+
+TRANSPOSED_LINEAR: set[str] = {"Conv1D"}
+"""Class names of layers computing ``y = x @ weight + bias`` with ``weight`` ``[d_in, d_out]``
+(transformers' ``pytorch_utils.Conv1D``, GPT-2's projections), recognised without importing
+their library; extend it with :func:`register_transposed_linear`. A class is taken for one only
+when its weight is 2-D and its bias (if any) is ``[d_out]``, and the collector checks its output
+against ``x @ weight + bias`` on the first batch."""
+
+
+def register_transposed_linear(cls: type[nn.Module] | str) -> None:
+    """Declare a layer class (or class name) that computes ``y = x @ weight + bias`` with
+    ``weight`` ``[d_in, d_out]``: it then gets Kronecker blocks like ``nn.Linear``."""
+    TRANSPOSED_LINEAR.add(cls if isinstance(cls, str) else cls.__name__)
+
+
+def is_transposed_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is a registered ``y = x @ W + b`` layer with fitting shapes."""
+    if type(module).__name__ not in TRANSPOSED_LINEAR:
+        return False
+    w, b = getattr(module, "weight", None), getattr(module, "bias", None)
+    if not isinstance(w, nn.Parameter) or w.ndim != 2:
+        return False
+    return b is None or (isinstance(b, torch.Tensor) and b.shape == w.shape[1:])
 
 
 def own_trainable(module: nn.Module) -> dict[str, nn.Parameter]:
@@ -66,15 +91,32 @@ def classify(module: nn.Module) -> tuple[str, str]:
             else "part of its parameters are frozen"
         )
         return ATTENTION_GRADS, f"{why}: exact per-parameter (diagonal/dense) block"
-    if isinstance(module, nn.Linear | nn.Conv2d) and frozen_any:
+    linear_like = isinstance(module, nn.Linear) or is_transposed_linear(module)
+    if (linear_like or isinstance(module, nn.Conv2d)) and frozen_any:
         return GENERIC, "part of its parameters are frozen: per-parameter (diagonal/dense) block"
-    if isinstance(module, nn.Linear) and set(params) <= {"weight", "bias"}:
+    for base in (nn.Linear, nn.Conv2d):
+        if isinstance(module, base) and not _keeps_forward(module, base):
+            return GENERIC, (
+                f"{type(module).__name__} overrides {base.__name__}.forward: exact per-parameter "
+                "(diagonal/dense) block, not Kronecker"
+            )
+    if linear_like and set(params) <= {"weight", "bias"} and "weight" in params:
         return LINEAR, ""
     if isinstance(module, nn.Conv2d) and set(params) <= {"weight", "bias"}:
         if module.groups != 1:
             return GENERIC, f"Conv2d with groups={module.groups}: diagonal block, not Kronecker"
         return CONV2D, ""
     return GENERIC, ""
+
+
+def _keeps_forward(module: nn.Module, base: type[nn.Module]) -> bool:
+    """Whether ``module`` computes what ``base`` computes: the class keeps ``base.forward``
+    (and, for a convolution, ``_conv_forward``) and the instance does not replace it."""
+    cls = type(module)
+    same = cls.forward is base.forward and "forward" not in vars(module)
+    if base is nn.Conv2d:
+        same = same and cls._conv_forward is nn.Conv2d._conv_forward  # type: ignore[attr-defined]
+    return same
 
 
 def tied(model: nn.Module) -> dict[int, list[str]]:
@@ -229,6 +271,7 @@ def targets_for(model: nn.Module, names: Sequence[str]) -> list[Target]:
                 {k: p.shape for k, p in params.items()},
                 note,
                 list(params),
+                kind == LINEAR and is_transposed_linear(modules[name]),
             )
         )
     return out
