@@ -32,7 +32,7 @@ class Conv1D(nn.Module):
         self.bias = nn.Parameter(torch.randn(nf) * 0.1)
 
     def forward(self, x: Tensor) -> Tensor:
-        size_out = x.size()[:-1] + (self.nf,)
+        size_out = (*x.size()[:-1], self.nf)
         x = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
         return x.view(size_out)
 
@@ -131,9 +131,10 @@ def _check(block: Any, exact: Tensor, structure: str) -> None:
         perm = torch.arange(o * i).reshape(i, o).T.flatten()  # twin position -> Conv1D position
         perm = torch.cat([perm, torch.arange(o * i, exact.shape[0])])
         twin = {"weight": torch.Size((o, i)), "bias": torch.Size((o,))}
-        torch.testing.assert_close(block.to_dense()[perm][:, perm], KronBlock(
-            block.name, twin, block.A, block.G
-        ).to_dense())
+        torch.testing.assert_close(
+            block.to_dense()[perm][:, perm],
+            KronBlock(block.name, twin, block.A, block.G).to_dense(),
+        )
         block, exact = KronBlock(block.name, twin, block.A, block.G), exact[perm][:, perm]
     assert_block_matches(block, exact, structure, RTOL)
 

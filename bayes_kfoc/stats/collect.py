@@ -7,18 +7,17 @@ predictive (Jacobian directions ``e_c``) and the diagnostics, each through :data
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..options import FisherType
 from .attention import attention_modules, exposed_attention
 from .batch import call_model, check_label_range
 from .batch_dim import SHARED, BatchDims, expand_batch
+from .capture import check_transposed_linear, conv_unfold, expansion_error, output_grads
 from .directions import logit_directions
 from .generic import GradStats, attention_grads, per_sample_param_grads, shared_output_grads
 from .inputs import Inputs, batch_size
@@ -37,38 +36,6 @@ Stats = KronStats | GradStats
 """The statistics of one module for one batch: Kronecker-capable, or explicit gradients."""
 
 _RECORDED = (ATTENTION, ATTENTION_GRADS)  # reported by the exposed attention, not by a hook
-
-
-def _conv_unfold(module: nn.Conv2d, x: Tensor) -> Tensor:
-    if x.ndim != 4:
-        raise ValueError(
-            f"fit_curvature: Conv2d input must be batched [N, C, H, W], got {tuple(x.shape)}."
-        )
-    pad = list(module._reversed_padding_repeated_twice)
-    if any(pad):
-        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-        x = F.pad(x, pad, mode=mode)
-    cols = F.unfold(x, module.kernel_size, dilation=module.dilation, stride=module.stride)
-    return cols.transpose(1, 2)  # [N, T, C_in·kh·kw]
-
-
-def check_transposed_linear(name: str, module: nn.Module, x: Tensor, out: Tensor) -> None:
-    """A layer taken for ``y = x @ W + b`` (``W`` ``[d_in, d_out]``, :data:`TRANSPOSED_LINEAR`)
-    must compute exactly that: checked on its first call, or a ``TypeError`` naming the fix."""
-    w = module.get_parameter("weight")
-    b = module.bias if isinstance(getattr(module, "bias", None), Tensor) else None
-    with torch.no_grad():
-        ref = x.to(w.dtype) @ w + (0 if b is None else b)
-        ok = ref.shape == out.shape and torch.allclose(
-            ref, out.detach(), rtol=1e-4, atol=1e-5 * float(ref.abs().max().clamp(min=1))
-        )
-    if not ok:
-        raise TypeError(
-            f"fit_curvature: module {name!r} ({type(module).__name__}) is registered as a "
-            "layer computing x @ weight + bias (weight [d_in, d_out]), but its output differs. "
-            "Remove its class from bayes_kfoc.stats.targets.TRANSPOSED_LINEAR, or exclude it "
-            "with exclude=[...]."
-        )
 
 
 class Collector:
@@ -174,7 +141,7 @@ class Collector:
                     self._verified.add(t.name)
             elif t.kind == CONV2D:
                 assert isinstance(module, nn.Conv2d) and isinstance(x, Tensor)
-                cap["a"] = _conv_unfold(module, x.detach())
+                cap["a"] = conv_unfold(module, x.detach())
             else:
                 cap["args"] = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
                 cap["kwargs"] = kwargs
@@ -209,7 +176,7 @@ class Collector:
         except RuntimeError as err:
             if not self._expanded:
                 raise
-            raise self._expansion_error() from err
+            raise expansion_error(self._expanded) from err
         finally:
             self._active = set()
         if self._expanded and not self._checked:
@@ -287,7 +254,11 @@ class Collector:
                 "pass; every module with a block must be called for every batch."
             )
         calls = [(t, c) for t in active for c in self._cap[t.name]]
-        grads = self._output_grads(logits, [c["z"] for _, c in calls], cot) if calls else []
+        grads, self.batched_grads = (
+            output_grads(logits, [c["z"] for _, c in calls], cot, self.batched_grads)
+            if calls
+            else ([], self.batched_grads)
+        )
         finite = [torch.isfinite(g).all() for g in grads if g is not None]
         if finite and not bool(torch.stack(finite).all()):  # one host sync per batch
             bad = next(
@@ -320,46 +291,7 @@ class Collector:
             plain, logits.detach(), rtol=1e-4, atol=1e-5 * float(plain.abs().max().clamp(min=1))
         ):
             return
-        raise self._expansion_error()
-
-    def _expansion_error(self) -> ValueError:
-        mods = sorted(self._expanded)
-        return ValueError(
-            f"fit_curvature: module(s) {mods} return outputs without a batch dimension (shared "
-            "by every point), and handing them on expanded along the batch changed (or broke) "
-            "the model's forward, so the model uses them other than by broadcasting. Fixes: "
-            "pass the positions in the batch (e.g. position_ids [N, T] in the input mapping) so "
-            f"the output is batched; or exclude the module(s) with exclude={mods}."
-        )
-
-    def _output_grads(self, logits: Tensor, zs: list[Tensor], cot: Tensor) -> list[Tensor | None]:
-        if cot.shape[0] == 1:  # one direction: a plain backward pass, no vmap
-            grads = torch.autograd.grad(logits, zs, cot[0], retain_graph=True, allow_unused=True)
-            return [None if g is None else g.unsqueeze(0) for g in grads]
-        if self.batched_grads:
-            try:
-                with warnings.catch_warnings():  # e.g. attention's vmap fallback: still exact
-                    warnings.filterwarnings("ignore", "There is a performance drop")
-                    return list(
-                        torch.autograd.grad(
-                            logits,
-                            zs,
-                            cot,
-                            retain_graph=True,
-                            allow_unused=True,
-                            is_grads_batched=True,
-                        )
-                    )
-            except RuntimeError:
-                self.batched_grads = False  # some op lacks a vmap rule: loop over directions
-        per_v = [
-            torch.autograd.grad(logits, zs, cot[v], retain_graph=True, allow_unused=True)
-            for v in range(cot.shape[0])
-        ]
-        return [
-            None if per_v[0][i] is None else torch.stack([g[i] for g in per_v])
-            for i in range(len(zs))
-        ]
+        raise expansion_error(self._expanded)
 
     def _tied_stats(self, t: Target, x: Inputs, cot: Tensor) -> Stats:
         """A module owning a tied tensor, or one whose output every point shares: per-point

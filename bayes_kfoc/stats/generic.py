@@ -9,6 +9,7 @@ custom modules): their diagonal (or dense) Fisher block needs ``∂⟨δ_{n,v}, 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -185,7 +186,9 @@ def point_loop_grads(
         try:
             with torch.enable_grad(), warnings.catch_warnings():
                 warnings.filterwarnings("ignore", "There is a performance drop")
-                out = module(**dict(zip(keys, xs, strict=True)), **kw) if keys else module(*xs, **kw)
+                out = (
+                    module(**dict(zip(keys, xs, strict=True)), **kw) if keys else module(*xs, **kw)
+                )
                 if model_output:
                     out = logits_of(module, out, "fit_curvature")
                 if not isinstance(out, Tensor):
@@ -203,11 +206,11 @@ def point_loop_grads(
     return torch.stack(rows, dim=1).detach()
 
 
-def _batched_grads(out: Tensor, params: list[Tensor], cot: Tensor) -> list[Tensor | None]:
+def _batched_grads(out: Tensor, params: Sequence[Tensor], cot: Tensor) -> list[Tensor | None]:
     """``[V, *p.shape]`` gradients of ``⟨cot_v, out⟩`` (``None`` for an unused parameter)."""
     per_v = [torch.autograd.grad(out, params, c, retain_graph=True, allow_unused=True) for c in cot]
     return [
-        None if per_v[0][j] is None else torch.stack([g[j] for g in per_v])  # type: ignore[misc]
+        None if per_v[0][j] is None else torch.stack([g[j] for g in per_v])
         for j in range(len(params))
     ]
 

@@ -76,7 +76,7 @@ def logits_of(model: nn.Module, out: Any, what: str = "bayes_kfoc") -> Tensor:
     if isinstance(out, Mapping) and isinstance(out.get(spec.key), Tensor):
         return out[spec.key]
     if isinstance(getattr(out, spec.key, None), Tensor):
-        return getattr(out, spec.key)  # type: ignore[no-any-return]
+        return getattr(out, spec.key)
     if isinstance(out, tuple | list) and out and isinstance(out[0], Tensor):
         return out[0]
     fields = list(out.keys()) if isinstance(out, Mapping) else None

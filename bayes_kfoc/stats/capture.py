@@ -1,0 +1,85 @@
+"""What the collector's hooks capture, and the backward pass that turns it into directions:
+Conv2d's unfold, the check of a transposed Linear (``Conv1D``), the error for a batch-free
+output that cannot be expanded, and the output gradients for every direction at once."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def conv_unfold(module: nn.Conv2d, x: Tensor) -> Tensor:
+    if x.ndim != 4:
+        raise ValueError(
+            f"fit_curvature: Conv2d input must be batched [N, C, H, W], got {tuple(x.shape)}."
+        )
+    pad = list(module._reversed_padding_repeated_twice)
+    if any(pad):
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        x = F.pad(x, pad, mode=mode)
+    cols = F.unfold(x, module.kernel_size, dilation=module.dilation, stride=module.stride)
+    return cols.transpose(1, 2)  # [N, T, C_in·kh·kw]
+
+
+def check_transposed_linear(name: str, module: nn.Module, x: Tensor, out: Tensor) -> None:
+    """A layer taken for ``y = x @ W + b`` (``W`` ``[d_in, d_out]``, :data:`TRANSPOSED_LINEAR`)
+    must compute exactly that: checked on its first call, or a ``TypeError`` naming the fix."""
+    w = module.get_parameter("weight")
+    b = getattr(module, "bias", None)
+    with torch.no_grad():
+        ref = x.to(w.dtype) @ w
+        ref = ref + b if isinstance(b, Tensor) else ref
+        ok = ref.shape == out.shape and torch.allclose(
+            ref, out.detach(), rtol=1e-4, atol=1e-5 * float(ref.abs().max().clamp(min=1))
+        )
+    if not ok:
+        raise TypeError(
+            f"fit_curvature: module {name!r} ({type(module).__name__}) is registered as a "
+            "layer computing x @ weight + bias (weight [d_in, d_out]), but its output differs. "
+            "Remove its class from bayes_kfoc.stats.targets.TRANSPOSED_LINEAR, or exclude it "
+            "with exclude=[...]."
+        )
+
+
+def expansion_error(modules: Iterable[str]) -> ValueError:
+    """The modules whose batch-free outputs, handed on expanded, changed the model's forward."""
+    mods = sorted(modules)
+    return ValueError(
+        f"fit_curvature: module(s) {mods} return outputs without a batch dimension (shared "
+        "by every point), and handing them on expanded along the batch changed (or broke) "
+        "the model's forward, so the model uses them other than by broadcasting. Fixes: "
+        "pass the positions in the batch (e.g. position_ids [N, T] in the input mapping) so "
+        f"the output is batched; or exclude the module(s) with exclude={mods}."
+    )
+
+
+def output_grads(
+    logits: Tensor, zs: list[Tensor], cot: Tensor, batched: bool
+) -> tuple[list[Tensor | None], bool]:
+    """``[V, *z.shape]`` gradients of ``⟨cot_v, logits⟩`` at each captured output ``z``
+    (``None`` where unused): one batched backward (``is_grads_batched``) while ``batched``, or
+    one backward per direction once some op has no vmap rule; and whether to batch next time."""
+    if cot.shape[0] == 1:  # one direction: a plain backward pass, no vmap
+        grads = torch.autograd.grad(logits, zs, cot[0], retain_graph=True, allow_unused=True)
+        return [None if g is None else g.unsqueeze(0) for g in grads], batched
+    if batched:
+        try:
+            with warnings.catch_warnings():  # e.g. attention's vmap fallback: still exact
+                warnings.filterwarnings("ignore", "There is a performance drop")
+                out = torch.autograd.grad(
+                    logits, zs, cot, retain_graph=True, allow_unused=True, is_grads_batched=True
+                )
+                return list(out), True
+        except RuntimeError:
+            batched = False  # some op lacks a vmap rule: loop over directions
+    per_v = [
+        torch.autograd.grad(logits, zs, cot[v], retain_graph=True, allow_unused=True)
+        for v in range(cot.shape[0])
+    ]
+    return [
+        None if per_v[0][i] is None else torch.stack([g[i] for g in per_v]) for i in range(len(zs))
+    ], batched
