@@ -12,14 +12,15 @@ PYTEST_ARGS ?=
 venv: $(STAMP)
 
 # torch first, pinned to the local CPU wheel, then the project with a constraint that keeps it,
-# with the study's extra (eval) and the tools (dev). pip prints what it fetches and installs (a
+# with the study's extra (eval), the tools (dev) and other libraries' models (zoo: transformers,
+# peft). pip prints what it fetches and installs (a
 # few minutes on a fresh machine); the library alone is `pip install .` (torch, pyro, tqdm).
 $(STAMP): pyproject.toml constraints.txt
 	@echo "== creating $(VENV) and installing torch, pyro, the study's and the tests' packages"
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --progress-bar on --upgrade pip
 	$(PIP) install --progress-bar on torch==2.13.0
-	$(PIP) install --progress-bar on -c constraints.txt -e ".[dev,eval]"
+	$(PIP) install --progress-bar on -c constraints.txt -e ".[dev,eval,zoo]"
 	touch $(STAMP)
 
 install: venv

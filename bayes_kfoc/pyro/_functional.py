@@ -123,7 +123,8 @@ class FunctionalNetwork(nn.Module):
             return out + dout
 
         if not lead:
-            return one({k: params[k].reshape(self.param_shapes[k]) for k in self.param_names})
+            with unfused_attention():  # no forward-mode rule for the fused CPU kernels
+                return one({k: params[k].reshape(self.param_shapes[k]) for k in self.param_names})
         flat = {
             k: params[k]
             .reshape(*self._lead(k, params[k]), -1)

@@ -113,7 +113,19 @@ class BayesianClassifier(ClassifierModel):
         prior_net = (net if inplace else copy.deepcopy(net)).eval()
         owners = {k: owner(k) for k in self.param_names}
         ref = {k: p for k, p in prior_net.named_parameters()}
-        to_pyro_module_(prior_net)
+        try:
+            to_pyro_module_(prior_net)
+        except TypeError as err:  # e.g. a class with an ABCMeta metaclass (peft's tuners)
+            bad = next(
+                (type(m).__name__ for m in prior_net.modules() if type(type(m)) is not type),
+                type(prior_net).__name__,
+            )
+            raise TypeError(
+                f"bayesian_model: Pyro cannot make {bad} (a class with a metaclass of its own, "
+                f"e.g. ABCMeta) a PyroModule: {err}. Use the Laplace predictives (la.predict, "
+                "method='glm' or 'mc') for such a network, or pass a network of plain "
+                "nn.Module classes."
+            ) from err
         modules = dict(prior_net.named_modules())
         for k in self.param_names:
             mod_name, pname = owners[k]

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 Record = Callable[[nn.MultiheadAttention, str, Tensor | None, Tensor, slice | None], None]
 """``record(module, what, a, z, cols)``: ``what`` is ``"in"`` (an input projection: inputs
@@ -194,12 +195,15 @@ def exposed_attention(
 
 @contextmanager
 def unfused_attention() -> Iterator[None]:
-    """PyTorch's fused attention fast path (``torch.backends.mha``) off within the context: its
-    nested tensors and fused kernels have no ``vmap`` rules, so a model evaluated under
-    ``torch.func.vmap`` (weight samples, Pyro particles) must take the plain path."""
+    """PyTorch's fused attention fast path (``torch.backends.mha``) off within the context, and
+    ``scaled_dot_product_attention`` on its plain (math) kernel: the nested tensors and fused
+    kernels have no ``vmap`` rules and (the CPU flash kernel) no forward-mode derivative, so a
+    model evaluated under ``torch.func.vmap`` or ``jvp`` (weight samples, Pyro particles, the
+    linearised network) must take the plain path."""
     previous = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        yield
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
     finally:
         torch.backends.mha.set_fastpath_enabled(previous)
