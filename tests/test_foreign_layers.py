@@ -232,10 +232,12 @@ def test_a_linear_on_a_batch_free_tensor_gets_its_exact_kronecker_optimum() -> N
         exact = _dense_blocks(model, [(x, y)])
         for name, block in curv.blocks.items():
             _check(block, exact[name], structure)
-    # a use other than broadcasting (a sum over the copies) is caught, naming the module
+    # a use other than broadcasting (a sum over the rows) is caught: whole-model gradients
     model.forward = lambda x: model.head(x) + model.shift(model.code).sum(0)  # type: ignore
-    with pytest.raises(ValueError, match="'shift'.*exclude=\\['shift'\\]"):
-        fit_curvature(model, [(x, y)], "diag", progress=False)
+    curv = fit_curvature(model, [(x, y)], "diag", progress=False)
+    exact = _dense_blocks(model, [(x, y)])
+    for name, block in curv.blocks.items():
+        _check(block, exact[name], "diag")
 
 
 def test_other_output_fields_and_tuples() -> None:
@@ -263,3 +265,83 @@ def test_other_output_fields_and_tuples() -> None:
     assert la.predict(x, method="glm").shape == (6, 3)
     set_logits(other, lambda out: out["start_logits"])
     assert la.predict(x, method="mc", n_samples=4).shape == (6, 3)
+
+
+class RelativeBias(nn.Module):
+    """A learned bias per head and token pair, without a batch dimension: added to the scores of
+    a folded batch ``[N·windows, heads, T, T]``, so it cannot be expanded along ``N``."""
+
+    def __init__(self, heads: int, t: int) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(heads, t, t) * 0.3)
+
+    def forward(self) -> Tensor:
+        return self.table.unsqueeze(0)
+
+
+class WindowAttention(nn.Module):
+    """Swin-style: ``[N, H·W, C]`` folded into ``[N·windows, ws², C]`` (batch-major), q/k/v
+    Linears on the folded batch, a relative bias, unfolded back."""
+
+    def __init__(self, c: int = 4, heads: int = 2, ws: int = 2, hw: int = 4) -> None:
+        super().__init__()
+        self.c, self.heads, self.ws, self.hw = c, heads, ws, hw
+        self.q, self.k, self.v = nn.Linear(c, c), nn.Linear(c, c), nn.Linear(c, c)
+        self.bias = RelativeBias(heads, ws * ws)
+        self.proj = nn.Linear(c, c)
+
+    def forward(self, x: Tensor, order: str = "batch-major") -> Tensor:
+        n, ws, hw, c = x.shape[0], self.ws, self.hw, self.c
+        w = x.view(n, hw // ws, ws, hw // ws, ws, c).permute(0, 1, 3, 2, 4, 5)
+        if order != "batch-major":  # windows first: point n is not a contiguous block of rows
+            w = w.permute(1, 2, 0, 3, 4, 5)
+        w = w.reshape(-1, ws * ws, c)
+
+        def heads(t: Tensor) -> Tensor:
+            return t.view(t.shape[0], ws * ws, self.heads, -1).transpose(1, 2)
+
+        q, k, v = heads(self.q(w)), heads(self.k(w)), heads(self.v(w))
+        att = torch.softmax(q @ k.transpose(-1, -2) + self.bias(), -1)
+        o = (att @ v).transpose(1, 2).reshape(-1, ws * ws, c)
+        if order != "batch-major":
+            o = o.view(hw // ws, hw // ws, n, ws, ws, c).permute(2, 0, 1, 3, 4, 5)
+        else:
+            o = o.view(n, hw // ws, hw // ws, ws, ws, c)
+        o = o.permute(0, 1, 3, 2, 4, 5).reshape(n, hw * hw, c)
+        return self.proj(o)
+
+
+class Windows(nn.Module):
+    def __init__(self, order: str = "batch-major") -> None:
+        super().__init__()
+        self.order = order
+        self.embed = nn.Linear(3, 4)
+        self.block = WindowAttention()
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.embed(x))
+        return self.head((h + self.block(h, self.order)).mean(1))
+
+
+@pytest.mark.parametrize("structure", ["kfoc", "diag", "full"])
+def test_window_attention_folding_the_batch_against_dense(structure: str) -> None:
+    """q/k/v see ``[N·4, 4, C]``: Kronecker blocks over each point's rows (K-FOC exact); the
+    relative bias, added to the folded scores, takes whole-model per-point gradients."""
+    torch.manual_seed(0)
+    model = Windows().double().eval()
+    x, y = torch.randn(5, 16, 3, dtype=torch.float64), torch.randint(0, 3, (5,))
+    curv = fit_curvature(model, [(x, y)], structure, progress=False, tol=1e-12, max_iter=500)
+    exact = _dense_blocks(model, [(x, y)])
+    for m in ("block.q", "block.k", "block.v"):
+        assert isinstance(curv.blocks[m], KronBlock) == (structure == "kfoc")
+    for name, block in curv.blocks.items():
+        _check(block, exact[name], structure)
+
+
+def test_a_batch_folded_other_than_batch_major_is_refused_by_name() -> None:
+    torch.manual_seed(0)
+    model = Windows(order="windows-first").double().eval()
+    x, y = torch.randn(5, 16, 3, dtype=torch.float64), torch.randint(0, 3, (5,))
+    with pytest.raises(ValueError, match="'block.q'.*not batch-major.*exclude"):
+        fit_curvature(model, [(x, y)], "diag", progress=False)

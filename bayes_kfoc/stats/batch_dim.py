@@ -22,6 +22,12 @@ SHARED = -1
 along the batch, :func:`expand_batch`)."""
 
 
+FOLDED = -2
+"""The tensor's first dimension is ``k·N`` (``k > 1``): a module that folds the batch, e.g. window
+attention on ``[N·windows, tokens, C]``; batch-major (point ``n`` owns rows ``n·k … n·k + k − 1``),
+which the collector checks on the first batch."""
+
+
 def expand_batch(t: Tensor, n: int) -> Tensor:
     """``t`` (no batch dimension) as ``n`` points' copies, batch first: a leading dimension of
     size one becomes ``n`` (``[1, T, E] -> [n, T, E]``), else one is prepended (``[T, E] ->
@@ -43,13 +49,22 @@ class BatchDims:
         self.known: dict[str, int] = {}
 
     def decide(
-        self, name: str, shape: Sequence[int], n: int, what: str, shared_ok: bool = False
+        self,
+        name: str,
+        shape: Sequence[int],
+        n: int,
+        what: str,
+        shared_ok: bool = False,
+        fold_ok: bool = False,
     ) -> int | None:
         """The batch dimension of module ``name`` for a tensor of ``shape`` in a batch of ``n``
         points, or ``None`` when only a pass on fewer points can tell (:meth:`resolve`), or
         :data:`SHARED` when the tensor has no batch dimension (e.g. a position embedding of
-        ``arange(T)``, broadcast over the batch later) and ``shared_ok``."""
+        ``arange(T)``, broadcast over the batch later) and ``shared_ok``, or :data:`FOLDED` when
+        its first dimension is a multiple ``k·N`` of the batch and ``fold_ok``."""
         c = candidates(shape, n)
+        if not c and fold_ok and n > 1 and len(shape) > 1 and shape[0] > n and shape[0] % n == 0:
+            return FOLDED
         if not c and shared_ok:
             return SHARED
         if not c:

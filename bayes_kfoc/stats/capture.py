@@ -83,3 +83,22 @@ def output_grads(
     return [
         None if per_v[0][i] is None else torch.stack([g[i] for g in per_v]) for i in range(len(zs))
     ], batched
+
+
+def check_fold(name: str, logits: Tensor, z: Tensor, cot: Tensor, g: Tensor, n: int) -> None:
+    """A module whose input folds the batch (``[k·N, ...]``, window attention) is taken to be
+    batch-major: point ``n`` owns rows ``n·k … n·k + k − 1``. Checked by one more backward with
+    point ``n``'s direction ``cot`` scaled by ``n + 1``: the gradient ``g`` at ``z`` must scale
+    row-block by row-block alike, else a ``ValueError`` naming the module and the fix."""
+    w = torch.arange(1, n + 1, dtype=cot.dtype, device=cot.device)
+    (gw,) = torch.autograd.grad(logits, [z], cot * w[:, None], retain_graph=True)
+    k = z.shape[0] // n
+    ref = g.reshape(n, k, -1) * w[:, None, None]
+    tol = 1e-6 * float(ref.abs().max().clamp(min=1e-30))
+    if not torch.allclose(gw.reshape(n, k, -1).to(ref.dtype), ref, rtol=1e-5, atol=tol):
+        raise ValueError(
+            f"fit_curvature: module {name!r} gets its input with the batch folded into dimension "
+            f"0 ({tuple(z.shape)} for {n} points), but not batch-major (point n owning rows "
+            f"n·{k} … n·{k} + {k - 1}), so its per-point statistics cannot be told apart. Exclude "
+            "the module that folds the batch (the outermost module around it) with exclude=[...]."
+        )

@@ -6,7 +6,6 @@ predictive (Jacobian directions ``e_c``) and the diagnostics, each through :data
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -16,14 +15,21 @@ from torch import Tensor, nn
 from ..options import FisherType
 from .attention import attention_modules, exposed_attention
 from .batch import call_model, check_label_range
-from .batch_dim import SHARED, BatchDims, expand_batch
-from .capture import check_transposed_linear, conv_unfold, expansion_error, output_grads
+from .batch_dim import FOLDED, SHARED, BatchDims, expand_batch
+from .capture import (
+    check_fold,
+    check_transposed_linear,
+    conv_unfold,
+    expansion_error,
+    output_grads,
+)
 from .directions import logit_directions
 from .generic import GradStats, attention_grads, per_sample_param_grads, shared_output_grads
 from .inputs import Inputs, batch_size
-from .kron import GradientStats, KronStats, kron_stats
+from .kron import KronStats, kron_stats
 from .output import logits_of
 from .targets import ATTENTION, ATTENTION_GRADS, CONV2D, GENERIC, LINEAR, TIED, Target
+from .whole import whole_model_stats
 
 ONE_LOGIT = (
     "bayes_kfoc: the model returns logits [N, 1]: a softmax over one logit is constant, so its "
@@ -70,6 +76,8 @@ class Collector:
         self.batched_grads = True
         self._dims = BatchDims()
         self._expanded: set[str] = set()
+        self._whole: set[str] = set()  # targets on whole-model per-point gradients
+        self._folds_checked: set[str] = set()
         self._checked = False
         self._verified: set[str] = set()
         self._n = 0
@@ -115,7 +123,7 @@ class Collector:
 
     def _make_hook(self, t: Target) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
-            if t.name not in self._active:
+            if t.name not in self._active or t.name in self._whole:
                 return None
             root = module is self.model
             if root:  # the model's own parameters: its output is the model output
@@ -135,7 +143,7 @@ class Collector:
                         "it needs batched inputs [N, ..., d_in]. Exclude it with exclude=[...]."
                     )
                 cap["x"] = x.detach()
-                cap["bd"] = self._dims.decide(t.name, x.shape, self._n, "input", True)
+                cap["bd"] = self._dims.decide(t.name, x.shape, self._n, "input", True, True)
                 if t.transposed and t.name not in self._verified:
                     check_transposed_linear(t.name, module, cap["x"], out)
                     self._verified.add(t.name)
@@ -145,7 +153,12 @@ class Collector:
             else:
                 cap["args"] = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
                 cap["kwargs"] = kwargs
-                cap["bd"] = self._dims.decide(t.name, out.shape, self._n, "output", True)
+                cap["bd"] = self._dims.decide(t.name, out.shape, self._n, "output", True, True)
+                if cap["bd"] == FOLDED:  # a folded output: whole-model per-point gradients
+                    self._whole.add(t.name)
+                    return None
+            if cap.get("bd") == FOLDED:  # [k·N, ..., d_in]: point n's rows as its positions
+                cap.update(bd=0, fold=True)
             if cap.get("bd") == SHARED:
                 # an output every point shares (a position embedding of arange(T), a Linear on a
                 # parameter): handed on expanded along a new batch dimension, so the ordinary
@@ -170,17 +183,25 @@ class Collector:
         self._cap = {}
         self._active = names
         self._n = batch_size(x)
+        broken: Exception | None = None
         try:
             with torch.enable_grad():
                 logits = call_model(self.model, x, "bayes_kfoc")
         except RuntimeError as err:
-            if not self._expanded:
+            if not self._expanded - self._whole:
                 raise
-            raise expansion_error(self._expanded) from err
+            broken = err
         finally:
             self._active = set()
-        if self._expanded and not self._checked:
-            self._check_expansion(x, logits)
+        if broken is None and self._expanded and not self._checked:
+            broken = self._check_expansion(x, logits)
+        if broken is not None:
+            # an expanded output the model uses other than by broadcasting (e.g. added to a
+            # folded batch): those modules take whole-model per-point gradients instead
+            self._whole |= self._expanded
+            self._expanded = set()
+            self._checked = False
+            return self._forward(x, names)
         unsure = {k for k, caps in self._cap.items() for c in caps if c.get("bd", 0) is None}
         if unsure:  # a module whose input is [N, N, ...]: one pass on N - 1 points decides
             by_name = {t.name: t for t in self.targets}
@@ -246,7 +267,8 @@ class Collector:
         if not bool(torch.isfinite(logits).all()):
             raise FloatingPointError("fit_curvature: the model's outputs (logits) contain NaN/Inf.")
         cot = directions(logits.detach())
-        active = [t for t in self.targets if t.name in names and t.kind != TIED]
+        whole = {t.name for t in self.targets if t.kind == TIED} | self._whole
+        active = [t for t in self.targets if t.name in names and t.name not in whole]
         missing = [t.name for t in active if t.name not in self._cap]
         if missing:
             raise RuntimeError(
@@ -269,58 +291,42 @@ class Collector:
             raise FloatingPointError(
                 f"fit_curvature: the backpropagated directions at module {bad!r} contain NaN/Inf."
             )
+        folded = [
+            (t, c, g)
+            for (t, c), g in zip(calls, grads, strict=True)
+            if c.get("fold") and g is not None and t.name not in self._folds_checked
+        ]
+        for tf, cf, gf in folded:  # once per module: point n owns rows n·k … n·k + k − 1
+            assert gf is not None
+            check_fold(tf.name, logits, cf["z"], cot[0], gf[0], self._n)
+            self._folds_checked.add(tf.name)
         per_module: dict[str, list[tuple[dict[str, Any], Tensor]]] = {}
         for (t, cap), g in zip(calls, grads, strict=True):
             if g is None:
                 g = torch.zeros((cot.shape[0], *cap["z"].shape), dtype=cot.dtype, device=cot.device)
             per_module.setdefault(t.name, []).append((cap, g.detach()))
         out: dict[str, Stats] = {t.name: self._stats(t, per_module[t.name]) for t in active}
-        for t in self.targets:  # a tied tensor: whole-model per-point gradients
-            if t.kind == TIED and t.name in names:
+        for t in self.targets:  # a tied tensor, a folded or unexpandable output: whole model
+            if t.name in whole and t.name in names:
                 out[t.name] = self._tied_stats(t, x, cot)
         self._cap = {}
         return out, logits.detach()
 
-    def _check_expansion(self, x: Inputs, logits: Tensor) -> None:
+    def _check_expansion(self, x: Inputs, logits: Tensor) -> ValueError | None:
         """Once per collector: the logits with the shared outputs expanded must equal the
-        model's own (an expansion is only a broadcast the model would have made itself)."""
+        model's own (an expansion is only a broadcast the model would have made itself); the
+        error to act on otherwise."""
         self._checked = True
         with torch.no_grad():
             plain = call_model(self.model, x, "fit_curvature")
         if plain.shape == logits.shape and torch.allclose(
             plain, logits.detach(), rtol=1e-4, atol=1e-5 * float(plain.abs().max().clamp(min=1))
         ):
-            return
-        raise expansion_error(self._expanded)
+            return None
+        return expansion_error(self._expanded)
 
     def _tied_stats(self, t: Target, x: Inputs, cot: Tensor) -> Stats:
-        """A module owning a tied tensor, or one whose output every point shares: per-point
-        gradients of the whole model (every use) w.r.t. the module's own parameters, by
-        ``torch.func``."""
-        full = [f"{t.name}.{k}" if t.name else k for k in t.local_names]
-        if isinstance(x, Tensor):
-            grads = per_sample_param_grads(
-                self.model, full, (x,), {}, cot, t.name, model_output=True
-            )
-        else:
-            keys = [k for k, v in x.items() if isinstance(v, Tensor)]
-            rest = {k: v for k, v in x.items() if not isinstance(v, Tensor)}
-            grads = per_sample_param_grads(
-                self.model,
-                full,
-                tuple(x[k] for k in keys),
-                rest,
-                cot,
-                t.name,
-                keys=keys,
-                model_output=True,
-            )
-        grads = grads.to(self.stats_dtype or grads.dtype)
-        if t.tied_matrix:  # one weight matrix: its per-direction gradients M (K-FOC can use them)
-            shape = next(iter(t.param_shapes.values()))
-            m = grads.reshape(-1, shape[0], math.prod(shape[1:]))
-            return GradientStats(m, grads.shape[1], False)
-        return GradStats(grads)
+        return whole_model_stats(self.model, t, x, cot, self.stats_dtype)
 
     def _stats(self, t: Target, calls: list[tuple[dict[str, Any], Tensor]]) -> Stats:
         """One module's statistics, summed over its calls in the forward pass: explicit gradients
@@ -380,7 +386,7 @@ class Collector:
         x = cap["a"] if t.kind == ATTENTION else cap["x"]
         if cap["bd"] == 1:  # [L, N, ...] -> [N, L, ...]
             x, g = x.transpose(0, 1), g.transpose(1, 2)
-        n = x.shape[0]
+        n = self._n if cap.get("fold") else x.shape[0]  # a folded batch: k·N rows, N points
         a = x.reshape(n, -1, x.shape[-1])
         d = g.reshape(v, n, -1, g.shape[-1])
         cols = cap.get("cols")
