@@ -8,6 +8,8 @@ from ._version import __version__
 from .blocks import CurvatureBlock, DenseBlock, DiagBlock, KronBlock
 from .curvature import ConvergenceWarning, Curvature, fit_curvature
 from .laplace import Laplace
+from .stats.capture import set_padding_mask
+from .stats.output import set_logits
 
 __all__ = [
     "ConvergenceWarning",
@@ -19,4 +21,6 @@ __all__ = [
     "Laplace",
     "__version__",
     "fit_curvature",
+    "set_logits",
+    "set_padding_mask",
 ]

@@ -17,7 +17,7 @@ from reference import (
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from bayes_kfoc import DenseBlock, DiagBlock, KronBlock, Laplace, fit_curvature
+from bayes_kfoc import DenseBlock, DiagBlock, KronBlock, Laplace, fit_curvature, set_padding_mask
 from bayes_kfoc.stats.attention import attention_forward
 
 RTOL = 1e-6
@@ -222,6 +222,7 @@ def test_kfac_reduce_equals_the_reduced_factors(reduction: str) -> None:
     ``G = Σ_n J_nᵀ H_n J_n`` with ``J_n = Σ_t ∂f_n/∂z_{n,t}`` (the Jacobian w.r.t. the bias)
     and ``A = 1/N Σ_n ā_n ā_nᵀ``, ``ā_n`` the mean input over the real (unpadded) tokens."""
     model, x, y = _data("self")
+    set_padding_mask(model, lambda x: x[..., -1])  # the model's own mask: the last feature
     curv = fit_curvature(model, [(x, y)], "kfac", kfac_reduction=reduction, progress=False)
     b = curv.blocks["embed"]
     assert isinstance(b, KronBlock)
@@ -235,7 +236,7 @@ def test_kfac_reduce_equals_the_reduced_factors(reduction: str) -> None:
     a_bar = (a * keep).sum(1) / keep.sum(1)
     torch.testing.assert_close(b.A, a_bar.T @ a_bar / len(x))
     expand = fit_curvature(model, [(x, y)], "kfac", kfac_reduction="expand", progress=False)
-    flat = a.reshape(-1, a.shape[-1])
+    flat = a[keep[..., 0] > 0]  # the real positions only
     torch.testing.assert_close(expand.blocks["embed"].A, flat.T @ flat / len(flat))
 
 

@@ -191,3 +191,37 @@ def test_exact_diagonal_against_brute_force(name: str) -> None:
         ):
             full = f"{block.name}.{p}" if block.name else p
             torch.testing.assert_close(values, exact[full].flatten(), rtol=1e-7, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("structure", "reduction"),
+    [("kfoc", "auto"), ("kfac", "reduce"), ("kfac", "expand"), ("diag", "auto")],
+)
+@pytest.mark.parametrize("name", ["gpt2", "bert"])
+def test_padding_adds_nothing(name: str, structure: str, reduction: str) -> None:
+    """The same points fitted padded (one batch, ``attention_mask``) and unpadded (one batch
+    per point, its own length): every block agrees, causal attention (GPT-2) included."""
+    model = build(name).double()
+    lengths = [6, 4, 3, 5]
+    x, y = batch(4, 6, 7)
+    mask = (torch.arange(6) < torch.tensor(lengths)[:, None]).long()
+    ids = x["input_ids"].clamp_min(2) * mask
+    padded = [({"input_ids": ids, "attention_mask": mask}, y)]
+    single = [
+        ({"input_ids": ids[i : i + 1, :n], "attention_mask": mask[i : i + 1, :n]}, y[i : i + 1])
+        for i, n in enumerate(lengths)
+    ]
+    opts: dict[str, Any] = {"progress": False, "tol": 1e-12, "max_iter": 500}
+    if structure == "kfac":
+        opts["kfac_reduction"] = reduction
+    a = fit_curvature(model, padded, structure, **opts)
+    b = fit_curvature(model, single, structure, **opts)
+    assert set(a.blocks) == set(b.blocks)
+    dense = {k: (a.blocks[k].to_dense(), b.blocks[k].to_dense()) for k in a.blocks}
+    # a key projection's reduced K-FAC block is round-off: Σ_t δ_t = 0 exactly for keys (the
+    # softmax ignores a shift shared by every key), so errors are measured against the largest
+    # block too
+    floor = 1e-9 * max(float(torch.linalg.norm(db)) for _, db in dense.values())
+    for k, (da, db) in dense.items():
+        err = float(torch.linalg.norm(da - db)) / max(float(torch.linalg.norm(db)), floor)
+        assert err < 1e-6, (k, err, float(torch.linalg.norm(db)))

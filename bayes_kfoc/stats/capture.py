@@ -5,11 +5,16 @@ output that cannot be expanded, and the output gradients for every direction at 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .batch import call_model
+from .inputs import Inputs
+from .kron import KronStats, SharedStats
 
 
 def conv_unfold(module: nn.Conv2d, x: Tensor) -> Tensor:
@@ -102,3 +107,69 @@ def check_fold(name: str, logits: Tensor, z: Tensor, cot: Tensor, g: Tensor, n: 
             f"n·{k} … n·{k} + {k - 1}), so its per-point statistics cannot be told apart. Exclude "
             "the module that folds the batch (the outermost module around it) with exclude=[...]."
         )
+
+
+MASK_KEY = "attention_mask"
+"""The input key whose ``[N, T]`` tensor (1 real, 0 padding) marks the padding the model masks out
+(the Hugging Face convention); K-FAC counts only the positions it marks real."""
+
+PAD_ATTR = "_bayes_kfoc_padding"
+"""The model attribute holding the function set by :func:`set_padding_mask`."""
+
+
+def set_padding_mask(model: nn.Module, mask: Callable[[Inputs], Tensor]) -> nn.Module:
+    """Declare where ``model``'s inputs mark padding: ``mask(x)`` returns ``[N, T]``, nonzero at
+    real positions and zero at the padding the model masks out (for inputs that are not a
+    mapping with an ``attention_mask``). K-FAC then counts only the real positions of every
+    module whose positions are the sequence's. Returns ``model``."""
+    object.__setattr__(model, PAD_ATTR, mask)
+    return model
+
+
+def padding_mask(model: nn.Module, x: Inputs) -> Tensor | None:
+    """The ``[N, T]`` padding mask of ``x``: from :func:`set_padding_mask`, else a mapping's
+    :data:`MASK_KEY`, else ``None`` (every position counts)."""
+    fn = model.__dict__.get(PAD_ATTR)
+    if fn is not None:
+        m = fn(x)
+    elif isinstance(x, Tensor):
+        return None
+    else:
+        m = x.get(MASK_KEY)
+    return m.detach() if isinstance(m, Tensor) and m.ndim == 2 else None
+
+
+def live_positions(mask: Tensor | None, a: Tensor, cap: dict[str, Any]) -> Tensor | None:
+    """The mask's ``[N, T]`` rows for a call whose positions ``a`` ``[N, T, n]`` are the
+    sequence's (same ``N`` and ``T``, batch not folded), in ``a``'s dtype; else ``None``."""
+    if mask is None or cap.get("fold") or a.ndim != 3 or tuple(a.shape[:2]) != tuple(mask.shape):
+        return None
+    return mask.to(device=a.device, dtype=a.dtype).ne(0).to(a.dtype)
+
+
+def with_live(st: KronStats, live: list[Tensor | None], a_parts: list[Tensor]) -> None:
+    """Attach the live positions of every call (all live where a call has no mask) to a
+    :class:`SharedStats`, when any call has a mask."""
+    if isinstance(st, SharedStats) and any(m is not None for m in live):
+        st.live = torch.cat(
+            [
+                a.new_ones(a.shape[:2]) if m is None else m
+                for m, a in zip(live, a_parts, strict=True)
+            ],
+            dim=1,
+        )
+
+
+def check_expansion(
+    model: nn.Module, x: Inputs, logits: Tensor, expanded: set[str]
+) -> ValueError | None:
+    """The logits with the batch-free outputs of ``expanded`` handed on expanded must equal the
+    model's own (an expansion is only a broadcast the model would have made itself): ``None``,
+    or the error to act on."""
+    with torch.no_grad():
+        plain = call_model(model, x, "fit_curvature")
+    if plain.shape == logits.shape and torch.allclose(
+        plain, logits.detach(), rtol=1e-4, atol=1e-5 * float(plain.abs().max().clamp(min=1))
+    ):
+        return None
+    return expansion_error(expanded)

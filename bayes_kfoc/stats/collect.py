@@ -17,11 +17,14 @@ from .attention import attention_modules, exposed_attention
 from .batch import call_model, check_label_range
 from .batch_dim import FOLDED, SHARED, BatchDims, expand_batch
 from .capture import (
+    check_expansion,
     check_fold,
     check_transposed_linear,
     conv_unfold,
-    expansion_error,
+    live_positions,
     output_grads,
+    padding_mask,
+    with_live,
 )
 from .directions import logit_directions
 from .generic import GradStats, attention_grads, per_sample_param_grads, shared_output_grads
@@ -81,6 +84,7 @@ class Collector:
         self._checked = False
         self._verified: set[str] = set()
         self._n = 0
+        self._mask: Tensor | None = None
         self._active: set[str] = set()
         self._cap: dict[str, list[dict[str, Any]]] = {}
         self._handles: list[Any] = []
@@ -183,6 +187,7 @@ class Collector:
         self._cap = {}
         self._active = names
         self._n = batch_size(x)
+        self._mask = padding_mask(self.model, x)
         broken: Exception | None = None
         try:
             with torch.enable_grad():
@@ -194,7 +199,8 @@ class Collector:
         finally:
             self._active = set()
         if broken is None and self._expanded and not self._checked:
-            broken = self._check_expansion(x, logits)
+            self._checked = True
+            broken = check_expansion(self.model, x, logits, self._expanded)
         if broken is not None:
             # an expanded output the model uses other than by broadcasting (e.g. added to a
             # folded batch): those modules take whole-model per-point gradients instead
@@ -312,19 +318,6 @@ class Collector:
         self._cap = {}
         return out, logits.detach()
 
-    def _check_expansion(self, x: Inputs, logits: Tensor) -> ValueError | None:
-        """Once per collector: the logits with the shared outputs expanded must equal the
-        model's own (an expansion is only a broadcast the model would have made itself); the
-        error to act on otherwise."""
-        self._checked = True
-        with torch.no_grad():
-            plain = call_model(self.model, x, "fit_curvature")
-        if plain.shape == logits.shape and torch.allclose(
-            plain, logits.detach(), rtol=1e-4, atol=1e-5 * float(plain.abs().max().clamp(min=1))
-        ):
-            return None
-        return expansion_error(self._expanded)
-
     def _tied_stats(self, t: Target, x: Inputs, cot: Tensor) -> Stats:
         return whole_model_stats(self.model, t, x, cot, self.stats_dtype)
 
@@ -356,9 +349,10 @@ class Collector:
         if t.kind == ATTENTION_GRADS:
             g = attention_grads(t, [(c, self._wide(g)) for c, g in calls])
             return GradStats(g)
-        a_parts, d_parts = [], []
+        a_parts, d_parts, live = [], [], []
         for cap, g in calls:
             a, g = self._positions(t, cap, g)
+            live.append(live_positions(self._mask, a, cap))
             if t.has_bias:
                 a = torch.cat([a, a.new_ones((*a.shape[:-1], 1))], dim=-1)
             a_parts.append(a)
@@ -368,6 +362,7 @@ class Collector:
         else:
             st = kron_stats(torch.cat(a_parts, dim=1), torch.cat(d_parts, dim=2), t.has_bias)
         st.transposed = t.transposed
+        with_live(st, live, a_parts)
         return st
 
     def _wide(self, x: Tensor) -> Tensor:

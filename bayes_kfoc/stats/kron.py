@@ -256,6 +256,8 @@ class LinearStats(KronStats):
 class SharedStats(KronStats):
     """``T > 1`` (weights shared over positions): ``a [N, T, n]``, ``d [V, N, T, d_out]``."""
 
+    live: Tensor | None = None  # [N, T]: 1 at real positions, 0 at padding (see kfac_sums)
+
     def __init__(self, a: Tensor, d: Tensor, bias: bool):
         self.a, self.d, self.bias = a, d, bias
         self.num_points, self.T, self.n = a.shape
@@ -266,21 +268,29 @@ class SharedStats(KronStats):
         return (self.a, self.d)
 
     def kfac_sums(self, with_g: bool = True, reduce: bool = False) -> KfacSums:
-        """K-FAC "expand": sums over points and positions, counted ``N·T``; "reduce": per point
-        ``g = Σ_t δ_t`` and ``ā`` the mean over the positions whose directions are not all zero
-        (padding the model masks out has none), counted ``N`` (``docs/math.md``, "K-FAC over
-        positions")."""
+        """K-FAC "expand": sums over points and live positions, counted by them; "reduce": per
+        point ``g = Σ_t δ_t`` and ``ā`` the mean over its live positions, counted ``N``
+        (``docs/math.md``, "K-FAC over positions"). The live positions are those of
+        :attr:`live` (``[N, T]``, 1 real / 0 padding, from the model's ``attention_mask``), or
+        every position when it is ``None``; padding is never guessed from the directions."""
+        live = self.live if self.live is not None else self.a.new_ones(self.a.shape[:2])
+        live = live.to(self.a.dtype)
         if reduce:
-            live = self.d.ne(0).any(dim=0).any(dim=-1).to(self.a.dtype)  # [N, T]
-            count = live.sum(dim=1, keepdim=True)
-            w = torch.where(count > 0, live / count.clamp_min(1), 1.0 / self.T)
+            per_point = live.sum(dim=1, keepdim=True)
+            w = torch.where(per_point > 0, live / per_point.clamp_min(1), 1.0 / self.T)
             a_red = torch.einsum("nt,nti->ni", w, self.a)
-            g_red = self.d.sum(dim=2).reshape(-1, self.o)
+            g_red = torch.einsum("vnto,nt->vno", self.d, live.to(self.d.dtype)).reshape(-1, self.o)
             g = sym_tmm(g_red, g_red) if with_g else None
             return KfacSums(sym_tmm(a_red, a_red), g, self.num_points)
-        a, d = self.a.reshape(-1, self.n), self.d.reshape(-1, self.o)
+        if self.live is None:
+            a, d = self.a.reshape(-1, self.n), self.d.reshape(-1, self.o)
+            count = self.num_points * self.T
+        else:
+            keep = live.reshape(-1).bool()
+            a, d = self.a.reshape(-1, self.n)[keep], self.d.reshape(self.V, -1, self.o)[:, keep]
+            d, count = d.reshape(-1, self.o), int(keep.sum())
         g = sym_tmm(d, d) if with_g else None
-        return KfacSums(sym_tmm(a, a), g, self.num_points * self.T)
+        return KfacSums(sym_tmm(a, a), g, count)
 
     def compact(self, cache_m: bool | None = None) -> KronStats:
         """``M`` when one K-FOC iteration on it costs fewer flops than on the unfold
