@@ -8,6 +8,7 @@ from torch import nn
 
 from ..blocks import CurvatureBlock
 from ..stats import Target
+from ..stats.targets import why_not_kronecker
 
 _KIND = {"kron": "Kronecker", "diag": "diagonal", "full": "dense"}
 
@@ -20,6 +21,10 @@ def coverage(
 ) -> dict[str, str]:
     """``{parameter_name: how it is covered}`` for every parameter of ``model``."""
     notes = {t.name: t.note for t in targets}
+    for t in targets:  # every block that is not Kronecker says why (a typed reason)
+        if t.name in blocks and blocks[t.name].kind.value != "kron":
+            why = f"not Kronecker: {why_not_kronecker(t).value}"
+            notes[t.name] = f"{notes[t.name]}; {why}" if notes[t.name] else why
     owner_of: dict[str, str] = {}
     for mname, module in model.named_modules():
         for pname, _ in module.named_parameters(recurse=False):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 
 import torch
 from torch import nn
@@ -15,6 +16,21 @@ TIED = "tied"  # owns a tensor that other modules share: whole-model per-point g
 ATTENTION = "attention"  # nn.MultiheadAttention's packed in-projection: Kronecker over positions
 ATTENTION_GRADS = "attention_grads"  # other attention parameters: explicit per-point gradients
 KRONECKER = (LINEAR, CONV2D, ATTENTION)
+
+
+class NotKronecker(Enum):
+    """Why a module's block is not Kronecker-factored (stated in ``Curvature.coverage``)."""
+
+    STRUCTURE = "the structure asks for the exact diagonal / dense block"
+    NOT_A_MATRIX_LAYER = (
+        "not a Linear/Conv2d-like layer (an embedding, a norm, or parameters used directly in "
+        "a forward)"
+    )
+    FROZEN_PART = "part of its parameters are frozen"
+    GROUPED_CONV = "a grouped (e.g. depthwise) convolution"
+    OWN_FORWARD = "a Linear/Conv2d subclass with its own forward"
+    TIED = "a tied weight: K-FAC has no form for it (K-FOC factors it when it is one matrix)"
+    ATTENTION_PARTS = "attention parameters other than the packed in-projection"
 
 
 @dataclass
@@ -69,6 +85,24 @@ def is_transposed_linear(module: nn.Module) -> bool:
     if not isinstance(w, nn.Parameter) or w.ndim != 2:
         return False
     return b is None or (isinstance(b, torch.Tensor) and b.shape == w.shape[1:])
+
+
+def why_not_kronecker(t: Target) -> NotKronecker:
+    """The reason ``t``'s block is not Kronecker: its kind, its class, or the structure."""
+    m = t.module
+    if t.kind == TIED:
+        return NotKronecker.TIED
+    if t.kind == ATTENTION_GRADS:
+        return NotKronecker.ATTENTION_PARTS
+    if t.kron_capable:
+        return NotKronecker.STRUCTURE
+    if isinstance(m, nn.Linear | nn.Conv2d) or is_transposed_linear(m):
+        if any(not p.requires_grad for p in m.parameters(recurse=False)):
+            return NotKronecker.FROZEN_PART
+        if isinstance(m, nn.Conv2d) and m.groups != 1:
+            return NotKronecker.GROUPED_CONV
+        return NotKronecker.OWN_FORWARD
+    return NotKronecker.NOT_A_MATRIX_LAYER
 
 
 def own_trainable(module: nn.Module) -> dict[str, nn.Parameter]:
