@@ -161,7 +161,7 @@ def test_glm_covariance_through_attention_equals_dense(case: str) -> None:
     _, cov = la.glm_distribution(xt)
     sigma = torch.linalg.inv(dense_posterior_precision(la))
     jac = per_point_jacobians(model, xt)
-    names = [f"{k}.{p}" if k else p for k, b in la.blocks.items() for p in b.param_shapes]
+    names = la.curvature.param_names()
     j = torch.cat([jac[n].reshape(4, 3, -1) for n in names], dim=2)
     torch.testing.assert_close(cov, j @ sigma @ j.transpose(1, 2), rtol=RTOL, atol=1e-10)
     probs = la.predict(xt, method="mc", n_samples=4, generator=torch.Generator().manual_seed(0))

@@ -114,7 +114,7 @@ def _dense_blocks(model: nn.Module, batches: list[tuple[Any, Tensor]]) -> dict[s
     out, pos = {}, 0
     owners: dict[str, list[int]] = {}
     for k, p in model.named_parameters():
-        owner = k.rpartition(".")[0]
+        owner = k.rpartition(".")[0] or k  # a parameter the model owns: a block of its own
         owners.setdefault(owner, []).extend(range(pos, pos + p.numel()))
         pos += p.numel()
     for owner, idx in owners.items():
@@ -159,6 +159,8 @@ def test_conv1d_root_parameter_and_model_output_against_dense(structure: str) ->
     curv = fit_curvature(model, batches, structure, progress=False, tol=1e-12, max_iter=500)
     exact = _dense_blocks(model, batches)
     assert set(curv.blocks) == set(exact)
+    assert "pos" in curv.blocks and "" not in curv.blocks  # the root's parameter, by its name
+    assert curv.coverage["pos"].startswith(("diagonal block 'pos'", "dense block 'pos'"))
     for name in ("c_fc", "c_proj"):
         assert isinstance(curv.blocks[name], KronBlock) == (structure == "kfoc")
     for name, block in curv.blocks.items():

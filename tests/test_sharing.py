@@ -157,7 +157,7 @@ def test_shared_module_glm_covariance_equals_dense_j_sigma_jt(key: str, structur
     _, cov = la.glm_distribution(xt)
     sigma = torch.linalg.inv(dense_posterior_precision(la))
     jac = per_point_jacobians(model, xt)
-    names = [f"{k}.{p}" if k else p for k, b in la.blocks.items() for p in b.param_shapes]
+    names = la.curvature.param_names()
     j = torch.cat([jac[n].reshape(5, jac[n].shape[1], -1) for n in names], dim=2)
     torch.testing.assert_close(cov, j @ sigma @ j.transpose(1, 2), rtol=RTOL, atol=1e-10)
     probs = la.predict(xt, method="mc", n_samples=8, generator=torch.Generator().manual_seed(0))
@@ -198,7 +198,7 @@ def test_predict_at_another_sequence_length_equals_dense_glm(structure: str) -> 
     mean, cov = la.glm_distribution(xt)
     sigma = torch.linalg.inv(dense_posterior_precision(la))
     jac = per_point_jacobians(model, xt)
-    names = [f"{k}.{p}" if k else p for k, b in la.blocks.items() for p in b.param_shapes]
+    names = la.curvature.param_names()
     j = torch.cat([jac[n].reshape(3, jac[n].shape[1], -1) for n in names], dim=2)
     ref = j @ sigma @ j.transpose(1, 2)
     torch.testing.assert_close(cov, ref, rtol=RTOL, atol=1e-10)
@@ -269,7 +269,7 @@ def test_tied_weights_glm_covariance_equals_dense_j_sigma_jt(structure: str) -> 
     _, cov = la.glm_distribution(xt)
     sigma = torch.linalg.inv(dense_posterior_precision(la))
     jac = per_point_jacobians(model, xt)
-    names = [f"{k}.{p}" if k else p for k, b in la.blocks.items() for p in b.param_shapes]
+    names = la.curvature.param_names()
     j = torch.cat([jac[n].reshape(4, jac[n].shape[1], -1) for n in names], dim=2)
     torch.testing.assert_close(cov, j @ sigma @ j.transpose(1, 2), rtol=RTOL, atol=1e-10)
 

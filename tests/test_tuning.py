@@ -35,7 +35,7 @@ def _dense_logit_moments(la: Laplace, x: Tensor, tau: Tensor) -> tuple[Tensor, T
     )
     sigma = torch.linalg.inv(prec)
     jac = per_point_jacobians(la.model, x)
-    names = [f"{k}.{p}" if k else p for k, b in la.blocks.items() for p in b.param_shapes]
+    names = la.curvature.param_names()
     j = torch.cat([jac[n].reshape(len(x), jac[n].shape[1], -1) for n in names], dim=2)
     with torch.no_grad():
         mean = la.model(x)

@@ -49,7 +49,11 @@ class Curvature:
 
     def param_names(self) -> list[str]:
         """Full parameter names covered by the blocks, in block order."""
-        return [f"{k}.{p}" if k else p for k, b in self.blocks.items() for p in b.param_shapes]
+        return [
+            f"{k}.{p}" if k and k != p else p  # a root-owned parameter's block is named by it
+            for k, b in self.blocks.items()
+            for p in b.param_shapes
+        ]
 
     def to_dense(self) -> Tensor:
         """Block-diagonal ``[P, P]`` over all blocks, in :meth:`param_names` order."""

@@ -32,6 +32,8 @@ def coverage(
     out: dict[str, str] = {}
     for full, p in model.named_parameters():
         owner = owner_of[full]
+        if owner == "" and (full in blocks or full in skipped):  # the root's: its own block
+            owner = full
         if not p.requires_grad:
             out[full] = "frozen (requires_grad=False): not part of the curvature"
         elif owner in blocks:

@@ -54,7 +54,8 @@ class Layout:
         index: dict[str, Tensor] = {}
         slices: dict[str, slice | None] = {}
         for name, local in blocks.items():
-            ranges = [offsets[f"{name}.{p}" if name else p] for p in local]
+            # a block of a parameter the model itself owns is named by the parameter
+            ranges = [offsets.get(f"{name}.{p}") or offsets[p] for p in local]
             index[name] = torch.cat([torch.arange(a, b, device=device) for a, b in ranges])
             contiguous = all(r[1] == s[0] for r, s in itertools.pairwise(ranges))
             slices[name] = slice(ranges[0][0], ranges[-1][1]) if contiguous else None

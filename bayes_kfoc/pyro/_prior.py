@@ -95,7 +95,8 @@ def resolve_prior_precision(
     out: dict[str, float] = {}
     missing = []
     for k in names:
-        tau_k = by_param.get(k, by_module.get(owner(k)[0], default))
+        # a block of a parameter the model itself owns is named by the parameter
+        tau_k = by_param.get(k, by_module.get(owner(k)[0], by_module.get(k, default)))
         if tau_k is None:
             missing.append(k)
         else:

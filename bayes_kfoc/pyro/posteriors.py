@@ -235,7 +235,7 @@ def build_posteriors(
     posteriors: list[BlockPosterior] = []
     covered: set[str] = set()
     for (module, block), tau in zip(laplace.blocks.items(), laplace.prior_precision, strict=True):
-        full = [f"{module}.{p}" if module else p for p in block.param_shapes]
+        full = [f"{module}.{p}" if f"{module}.{p}" in shapes else p for p in block.param_shapes]
         sites = tuple(Site(prefix + k, k, shapes[k]) for k in full)
         covered.update(full)
         theta = map_vector[laplace.layout.block_index[module]]

@@ -44,6 +44,15 @@ class Target:
     note: str = ""
     local_names: list[str] = field(default_factory=list)
     transposed: bool = False  # a Linear whose weight is stored [d_in, d_out] (Conv1D)
+    module_name: str | None = None  # the owning module's name, when not ``name`` (see below)
+
+    @property
+    def full_names(self) -> list[str]:
+        """The model's names of the target's parameters. A parameter the model itself owns
+        (a root-owned ``pos_embed``) is a target of its own, named by the parameter, with
+        ``module_name`` ``""``."""
+        owner = self.name if self.module_name is None else self.module_name
+        return [f"{owner}.{k}" if owner else k for k in self.local_names]
 
     @property
     def kron_capable(self) -> bool:
@@ -173,13 +182,16 @@ def tied(model: nn.Module) -> dict[int, list[str]]:
 
 
 def _kind(
-    name: str, module: nn.Module, ties: dict[int, list[str]]
+    name: str, module: nn.Module, ties: dict[int, list[str]], only: str | None = None
 ) -> tuple[str, str, dict[str, nn.Parameter]]:
-    """The statistics kind, note and own parameters of one module, tied weights resolved: a
-    shared tensor belongs to its home module only (a whole-model ``TIED`` block there)."""
+    """The statistics kind, note and own parameters of one module (of its parameter ``only``),
+    tied weights resolved: a shared tensor belongs to its home module only (a whole-model
+    ``TIED`` block there)."""
     prefix = f"{name}." if name else ""
     params, kind, notes = {}, "", []
     for k, p in own_trainable(module).items():
+        if only is not None and k != only:
+            continue
         if id(p) not in ties:
             params[k] = p
         elif ties[id(p)][0] == prefix + k:
@@ -205,9 +217,29 @@ def owners(model: nn.Module) -> dict[str, nn.Module]:
     ties = tied(model)
     out: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
-        if _kind(name, module, ties)[2]:
+        own = _kind(name, module, ties)
+        if name == "" and own[0] == GENERIC and own[2]:
+            for k in own[2]:  # the model's own parameters: a target each, named by it
+                out[k] = module
+        elif own[2]:
             out[name] = module
     return out
+
+
+def _kind_of(model: nn.Module, name: str, ties: dict[int, list[str]]) -> str:
+    mname, module, only = _resolve(model, name)
+    return _kind(mname, module, ties, only)[0]
+
+
+def _resolve(model: nn.Module, name: str) -> tuple[str, nn.Module, str | None]:
+    """``(module name, module, parameter)`` of a target name: a module's, or a parameter the
+    model itself owns (then the module is the model and the parameter is that one)."""
+    modules = dict(model.named_modules())
+    if name in modules:
+        return name, modules[name], None
+    if name in own_trainable(model):
+        return "", model, name
+    raise ValueError(f"module {name!r} does not exist in {type(model).__name__}.")
 
 
 def _expand(
@@ -216,6 +248,9 @@ def _expand(
     all_modules = dict(model.named_modules())
     result: list[str] = []
     for n in names:
+        if n in owned and n not in all_modules:  # a parameter the model itself owns
+            result.extend([n] if n not in result else [])
+            continue
         if n not in all_modules:
             close = ", ".join(sorted(owned)[:20])
             raise ValueError(
@@ -256,7 +291,7 @@ def select(
         elif modules == "last_layer":
             if not call_order:
                 raise ValueError("fit_curvature: no module with trainable parameters was called.")
-            kron = [c for c in call_order if _kind(c, owned[c], ties)[0] in KRONECKER]
+            kron = [c for c in call_order if _kind_of(model, c, ties) in KRONECKER]
             chosen = [(kron or list(call_order))[-1]]
         else:
             raise ValueError(
@@ -278,7 +313,7 @@ def select(
     if not chosen:
         raise ValueError("fit_curvature: every module was excluded; nothing to fit.")
     # a tied home module may itself be unused: its tensor's other owners were called
-    missing = [c for c in chosen if c not in called and _kind(c, owned[c], ties)[0] != TIED]
+    missing = [c for c in chosen if c not in called and _kind_of(model, c, ties) != TIED]
     if missing:
         raise ValueError(
             f"fit_curvature: module(s) {missing} own trainable parameters but were not called in "
@@ -290,22 +325,21 @@ def select(
 
 def targets_for(model: nn.Module, names: Sequence[str]) -> list[Target]:
     """Targets for already-resolved module names (e.g. the blocks of a fitted curvature)."""
-    modules = dict(model.named_modules())
     ties = tied(model)
     out = []
     for name in names:
-        if name not in modules:
-            raise ValueError(f"module {name!r} does not exist in {type(model).__name__}.")
-        kind, note, params = _kind(name, modules[name], ties)
+        mname, module, only = _resolve(model, name)
+        kind, note, params = _kind(mname, module, ties, only)
         out.append(
             Target(
                 name,
-                modules[name],
+                module,
                 kind,
                 {k: p.shape for k, p in params.items()},
                 note,
                 list(params),
-                kind == LINEAR and is_transposed_linear(modules[name]),
+                kind == LINEAR and is_transposed_linear(module),
+                mname if only is not None else None,
             )
         )
     return out

@@ -23,7 +23,7 @@ def whole_model_stats(
     """``t``'s statistics from per-point gradients of the whole model at ``x`` along the logit
     directions ``cot`` ``[V, N, C]``: a Linear's per-direction ``M̄ = [∂W ∂b]`` (Kronecker under
     K-FOC), a tied weight matrix's ``M``, or explicit gradients (diagonal / dense)."""
-    full = [f"{t.name}.{k}" if t.name else k for k in t.local_names]
+    full = t.full_names
     if isinstance(x, Tensor):
         grads = per_sample_param_grads(model, full, (x,), {}, cot, t.name, model_output=True)
     else:
