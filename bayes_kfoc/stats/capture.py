@@ -90,23 +90,35 @@ def output_grads(
     ], batched
 
 
-def check_fold(name: str, logits: Tensor, z: Tensor, cot: Tensor, g: Tensor, n: int) -> None:
-    """A module whose input folds the batch (``[k·N, ...]``, window attention) is taken to be
+def batch_major(logits: Tensor, z: Tensor, cot: Tensor, g: Tensor, n: int) -> bool:
+    """Whether a module whose input folds the batch (``[k·N, ...]``, window attention) folds it
     batch-major: point ``n`` owns rows ``n·k … n·k + k − 1``. Checked by one more backward with
     point ``n``'s direction ``cot`` scaled by ``n + 1``: the gradient ``g`` at ``z`` must scale
-    row-block by row-block alike, else a ``ValueError`` naming the module and the fix."""
+    row-block by row-block alike."""
     w = torch.arange(1, n + 1, dtype=cot.dtype, device=cot.device)
     (gw,) = torch.autograd.grad(logits, [z], cot * w[:, None], retain_graph=True)
     k = z.shape[0] // n
     ref = g.reshape(n, k, -1) * w[:, None, None]
     tol = 1e-6 * float(ref.abs().max().clamp(min=1e-30))
-    if not torch.allclose(gw.reshape(n, k, -1).to(ref.dtype), ref, rtol=1e-5, atol=tol):
-        raise ValueError(
-            f"fit_curvature: module {name!r} gets its input with the batch folded into dimension "
-            f"0 ({tuple(z.shape)} for {n} points), but not batch-major (point n owning rows "
-            f"n·{k} … n·{k} + {k - 1}), so its per-point statistics cannot be told apart. Exclude "
-            "the module that folds the batch (the outermost module around it) with exclude=[...]."
-        )
+    return torch.allclose(gw.reshape(n, k, -1).to(ref.dtype), ref, rtol=1e-5, atol=tol)
+
+
+def fold_error(names: list[str], n: int) -> ValueError:
+    """One error for every module whose folded batch is not batch-major, naming the outermost
+    module around them all (their common ancestor) to exclude."""
+    parts = [m.split(".") for m in names]
+    common = []
+    for level in zip(*parts, strict=False):
+        if len(set(level)) > 1:
+            break
+        common.append(level[0])
+    outer = ".".join(common[: len(parts[0]) - 1] if len(names) == 1 else common)
+    return ValueError(
+        f"fit_curvature: module(s) {sorted(names)} get their inputs with the batch of {n} points "
+        "folded into dimension 0, but not batch-major (point n owning a contiguous block of "
+        "rows), so their per-point statistics cannot be told apart. Exclude the module that "
+        f"folds the batch: exclude=[{outer!r}] (the outermost module around them)."
+    )
 
 
 MASK_KEY = "attention_mask"

@@ -17,10 +17,11 @@ from .attention import attention_modules, exposed_attention
 from .batch import call_model, check_label_range
 from .batch_dim import FOLDED, SHARED, BatchDims, expand_batch
 from .capture import (
+    batch_major,
     check_expansion,
-    check_fold,
     check_transposed_linear,
     conv_unfold,
+    fold_error,
     live_positions,
     output_grads,
     padding_mask,
@@ -302,10 +303,14 @@ class Collector:
             for (t, c), g in zip(calls, grads, strict=True)
             if c.get("fold") and g is not None and t.name not in self._folds_checked
         ]
-        for tf, cf, gf in folded:  # once per module: point n owns rows n·k … n·k + k − 1
-            assert gf is not None
-            check_fold(tf.name, logits, cf["z"], cot[0], gf[0], self._n)
-            self._folds_checked.add(tf.name)
+        misfolded = [  # once per module: point n owns rows n·k … n·k + k − 1
+            tf.name
+            for tf, cf, gf in folded
+            if gf is not None and not batch_major(logits, cf["z"], cot[0], gf[0], self._n)
+        ]
+        if misfolded:
+            raise fold_error(misfolded, self._n)
+        self._folds_checked.update(tf.name for tf, _, _ in folded)
         per_module: dict[str, list[tuple[dict[str, Any], Tensor]]] = {}
         for (t, cap), g in zip(calls, grads, strict=True):
             if g is None:
