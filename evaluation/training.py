@@ -9,6 +9,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from bayes_kfoc.stats import call_model
+
 
 def train_map(
     model: nn.Module,
@@ -37,7 +39,7 @@ def train_map(
     for epoch in tqdm(range(epochs), desc="MAP training", disable=not progress, leave=False):
         for x, y in loader:
             opt.zero_grad(set_to_none=True)
-            loss = nn.functional.cross_entropy(model(x), y)
+            loss = nn.functional.cross_entropy(call_model(model, x), y)
             loss.backward()
             opt.step()
         if on_epoch is not None:

@@ -20,6 +20,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from bayes_kfoc.stats import call_model
+
 __all__ = ["TemperatureScaled", "fit_temperature"]
 
 
@@ -86,10 +88,10 @@ class TemperatureScaled:
     def fit(cls, model: nn.Module, x_val: Tensor, y_val: Tensor) -> TemperatureScaled:
         """Fit ``T`` on the validation set (see :func:`fit_temperature`)."""
         with torch.no_grad():
-            logits = model(x_val)
+            logits = call_model(model, x_val)
         return cls(model, fit_temperature(logits, y_val))
 
     @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:
         """Class probabilities ``softmax(f(x) / T)``, ``[B, C]``."""
-        return torch.softmax(self.model(x) / self.temperature, dim=-1)
+        return torch.softmax(call_model(self.model, x) / self.temperature, dim=-1)

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from bayes_kfoc import Laplace
+from bayes_kfoc.stats import call_model
 from datasets import Splits
 from evaluation.baselines.temperature import TemperatureScaled
 from evaluation.structures import STRUCTURES
@@ -155,7 +156,7 @@ def _loader(data: torch.utils.data.Dataset, batch_size: int = FIT_BATCH_SIZE) ->
 def _fit_map(model: nn.Module, splits: Splits, options: FitOptions) -> FittedMethod:
     @torch.no_grad()
     def logits(x: Tensor) -> Tensor:
-        return model(x)
+        return call_model(model, x)
 
     def predict(x: Tensor) -> Tensor:
         return torch.softmax(logits(x), dim=-1)
@@ -168,7 +169,7 @@ def _fit_temperature(model: nn.Module, splits: Splits, options: FitOptions) -> F
     start = time.perf_counter()
     scaled = TemperatureScaled.fit(model, x_val, y_val)
     with torch.no_grad():
-        perfect = bool((model(x_val).argmax(1) == y_val).all())
+        perfect = bool((call_model(model, x_val).argmax(1) == y_val).all())
     if perfect:
         warnings.warn(
             "the validation split is classified without error, so its NLL keeps falling as "
@@ -179,7 +180,7 @@ def _fit_temperature(model: nn.Module, splits: Splits, options: FitOptions) -> F
 
     @torch.no_grad()
     def logits(x: Tensor) -> Tensor:
-        return model(x) / scaled.temperature
+        return call_model(model, x) / scaled.temperature
 
     return FittedMethod(
         "temp",
@@ -274,7 +275,7 @@ def _peer_fit(subset: str) -> FitFn:
 
         @torch.no_grad()
         def logits(x: Tensor) -> Tensor:  # the GLM mean: the MAP logits (no temperature)
-            return model(x)
+            return call_model(model, x)
 
         return FittedMethod(
             name,
