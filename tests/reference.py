@@ -82,7 +82,8 @@ def module_slice(model: nn.Module, names: list[str], module_name: str) -> slice:
     sizes = {k: p.numel() for k, p in model.named_parameters() if k in names}
     start, stop, pos = None, None, 0
     for k in names:
-        own = k.startswith(prefix) and "." not in k[len(prefix) :]
+        # a parameter the model itself owns is a block of its own, named by it
+        own = k == module_name or (k.startswith(prefix) and "." not in k[len(prefix) :])
         if own and start is None:
             start = pos
         pos += sizes[k]

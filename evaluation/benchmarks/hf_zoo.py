@@ -6,7 +6,8 @@ kfac, diag) the wall time of ``fit_curvature`` over the batches is printed next 
 one plain forward + backward of the cross-entropy over the same batches (the floor, measured in
 the same process), as a ratio, with the load average.
 
-Run: ``python -m evaluation.benchmarks.hf_zoo [--points 64] [--length 16]``
+Needs the ``zoo`` extra (transformers). Run:
+``python -m evaluation.benchmarks.hf_zoo [--points 64] [--length 16]``
 """
 
 from __future__ import annotations
