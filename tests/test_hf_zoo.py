@@ -77,12 +77,58 @@ def lora_bert() -> nn.Module:
     return peft.get_peft_model(bert(), cfg)
 
 
+def roberta() -> nn.Module:
+    cfg = transformers.RobertaConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=20,
+        num_labels=CLASSES,
+        pad_token_id=1,
+    )
+    return transformers.RobertaForSequenceClassification(cfg)
+
+
+def vit() -> nn.Module:
+    cfg = transformers.ViTConfig(
+        image_size=16,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=CLASSES,
+    )
+    return transformers.ViTForImageClassification(cfg)
+
+
+def swin() -> nn.Module:  # window attention: q/k/v on a batch folded into windows
+    cfg = transformers.SwinConfig(
+        image_size=16,
+        patch_size=2,
+        num_channels=3,
+        embed_dim=8,
+        depths=[2, 1],
+        num_heads=[2, 2],
+        window_size=4,
+        num_labels=CLASSES,
+    )
+    return transformers.SwinForImageClassification(cfg)
+
+
 BUILDERS: dict[str, Callable[[], nn.Module]] = {
     "bert": bert,
     "distilbert": distilbert,
     "gpt2": gpt2,
     "lora": lora_bert,
+    "roberta": roberta,
+    "vit": vit,
+    "swin": swin,
 }
+IMAGES = {"vit", "swin"}
 
 
 def batch(n: int, t: int, seed: int) -> tuple[dict[str, Tensor], Tensor]:
@@ -94,6 +140,18 @@ def batch(n: int, t: int, seed: int) -> tuple[dict[str, Tensor], Tensor]:
     mask = (torch.arange(t) < lengths[:, None]).long()
     ids = ids * mask
     return {"input_ids": ids, "attention_mask": mask}, torch.randint(0, CLASSES, (n,), generator=g)
+
+
+def data(name: str, n: int, t: int, seed: int) -> tuple[dict[str, Tensor], Tensor]:
+    if name not in IMAGES:
+        x, y = batch(n, t, seed)
+        if name == "roberta":  # RoBERTa's padding id is 1 (its positions count from it)
+            x["input_ids"] = x["input_ids"] + (1 - x["attention_mask"])
+        return x, y
+    g = torch.Generator().manual_seed(seed)
+    return {"pixel_values": torch.randn(n, 3, 16, 16, generator=g)}, torch.randint(
+        0, CLASSES, (n,), generator=g
+    )
 
 
 def build(name: str) -> nn.Module:
@@ -108,10 +166,11 @@ def trainable(model: nn.Module) -> set[str]:
 
 
 @pytest.mark.parametrize("structure", ["kfoc", "kfac", "diag"])
-@pytest.mark.parametrize("name", ["bert", "distilbert", "gpt2", "lora"])
+@pytest.mark.parametrize("name", list(BUILDERS))
 def test_fit_covers_every_trainable_parameter(name: str, structure: str) -> None:
     model = build(name)
-    curv = fit_curvature(model, [batch(6, 7, 0), batch(5, 5, 1)], structure, progress=False)
+    batches = [data(name, 6, 7, 0), data(name, 5, 5, 1)]
+    curv = fit_curvature(model, batches, structure, progress=False)
     covered = {k for k, how in curv.coverage.items() if "block" in how}
     assert covered == trainable(model), set(curv.coverage) - covered
     assert "" not in curv.blocks
@@ -123,6 +182,10 @@ def test_fit_covers_every_trainable_parameter(name: str, structure: str) -> None
             assert f"transformer.h.0.{m}" in kron
     elif name == "lora":  # the adapters are Kronecker
         assert sum("lora_" in k for k in kron) == 4
+    elif name == "swin":  # the window attention's projections, on the folded batch
+        assert any(k.endswith("attention.q_proj") for k in kron)
+    elif name == "vit":
+        assert any(k.endswith("attention.q_proj") for k in kron)
     else:
         assert any(k.endswith("query") or k.endswith("q_lin") for k in kron)
 
