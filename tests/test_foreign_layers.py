@@ -347,3 +347,19 @@ def test_a_batch_folded_other_than_batch_major_is_refused_by_name() -> None:
     x, y = torch.randn(5, 16, 3, dtype=torch.float64), torch.randint(0, 3, (5,))
     with pytest.raises(ValueError, match=r"'block.q'.*not batch-major.*exclude=\['block'\]"):
         fit_curvature(model, [(x, y)], "diag", progress=False)
+
+
+def test_per_point_gradients_that_fail_every_way_name_the_parameters_and_the_fixes() -> None:
+    """A model that neither vmap nor single points can run (Python control flow on its mask,
+    and a batch statistic that needs two points): the error names the model's own parameter,
+    not the root, and lists the fixes."""
+
+    class Coupled(GPTLike):
+        def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Output:
+            if input_ids.shape[0] < 2:
+                raise RuntimeError("this model needs two points per batch")
+            return super().forward(input_ids, attention_mask)
+
+    model = Coupled().double().eval()
+    with pytest.raises(RuntimeError, match=r"own parameters \['pos'\].*exclude=.*position_ids"):
+        fit_curvature(model, _text_batches(), "diag", progress=False)

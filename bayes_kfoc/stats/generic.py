@@ -174,7 +174,8 @@ def point_loop_grads(
     points independently (eval mode); ``N`` times the work of one pass."""
     v, num = cotangents.shape[0], cotangents.shape[1 + bd]
     params = [module.get_parameter(k) for k in names]
-    what = f"module {module_name!r}" if module_name else f"the model's own parameters {names}"
+    own = not module_name or module_name in names  # parameters the model itself owns
+    what = f"the model's own parameters {names}" if own else f"module {module_name!r}"
 
     def cut(x: Any, i: int) -> Any:
         return x.narrow(bd, i, 1) if _batched(x, bd, num) else x
