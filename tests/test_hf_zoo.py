@@ -258,7 +258,7 @@ def test_exact_diagonal_against_brute_force(name: str) -> None:
 
 @pytest.mark.parametrize(
     ("structure", "reduction"),
-    [("kfoc", "auto"), ("kfac", "reduce"), ("kfac", "expand"), ("diag", "auto")],
+    [("kfoc", "auto"), ("kfac", "reduce"), ("kfac", "expand"), ("diag", "auto"), ("full", "auto")],
 )
 @pytest.mark.parametrize("name", ["gpt2", "bert"])
 def test_padding_adds_nothing(name: str, structure: str, reduction: str) -> None:
