@@ -344,3 +344,16 @@ def test_bad_options_are_clear_errors() -> None:
         marglik_training(model, loader, prior_precision=0.0, progress=False)
     with pytest.raises(ValueError, match="structure"):
         marglik_training(model, loader, "kron", progress=False)
+
+
+@pytest.mark.parametrize("structure", ["kfoc", "diag", "full"])
+def test_the_vectorised_evidence_equals_the_laplace_one(structure: str) -> None:
+    from bayes_kfoc.laplace.marglik import Evidence
+
+    la, _, _, _ = _fit(structure)
+    tau = torch.tensor([0.3, 4.0], dtype=torch.float64, requires_grad=True)
+    ours = Evidence(la)(tau)
+    ref = la.log_marginal_likelihood(tau)
+    torch.testing.assert_close(ours, ref, rtol=RTOL, atol=1e-9)
+    g1, g2 = torch.autograd.grad(ours, tau)[0], torch.autograd.grad(ref, tau)[0]
+    torch.testing.assert_close(g1, g2, rtol=RTOL, atol=1e-9)

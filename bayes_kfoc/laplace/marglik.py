@@ -176,6 +176,7 @@ def marglik_training(
     modules: str | Sequence[str] = "all",
     num_data: int | None = None,
     warm_start: bool = True,
+    eig_dtype: torch.dtype | None = torch.float64,
     seed: int | None = None,
     progress: bool = True,
     **fit_kwargs: Any,
@@ -208,6 +209,9 @@ def marglik_training(
         num_data: ``N``, the number of training points over all ranks (default:
             ``len(train_loader.dataset)``).
         warm_start: start each K-FOC refit from the previous fit's factors.
+        eig_dtype: dtype of the posterior's eigendecompositions (:class:`Laplace`'s
+            ``eig_dtype``); float64 by default: the factors of a network early in training are
+            often rank-deficient, and float32 ``eigh`` fails on some of them (issue 20).
         seed: seeds the global RNG for the run (shuffling, dropout, MC labels) inside
             ``torch.random.fork_rng``, so the caller's RNG state is left as it was.
         progress: a tqdm bar over epochs (fits run without their own bars).
@@ -250,7 +254,7 @@ def marglik_training(
             modules=modules,
             warm_start=warm_start,
             progress=progress,
-            fit_kwargs=fit_kwargs,
+            fit_kwargs={"eig_dtype": eig_dtype, **fit_kwargs},
         )
 
 
@@ -284,6 +288,8 @@ def _train(
 
     def fit() -> Laplace:
         kwargs = dict(fit_kwargs)
+        if la is not None:  # the first fit checked the model's determinism already
+            kwargs.setdefault("check_determinism", False)
         if warm_start and structure is Structure.KFOC and la is not None:
             kwargs["warm_start"] = la.curvature
         model.eval()
@@ -368,17 +374,46 @@ def _expand(log_tau: Tensor, blocks: int) -> Tensor:
     return tau.expand(blocks).clone() if tau.numel() == 1 else tau
 
 
+class Evidence:
+    """The Laplace evidence of a fitted :class:`Laplace` as a function of ``τ`` (one value per
+    block), with the curvature, the weights and the log-likelihood held fixed: every block's
+    eigenvalues concatenated once, so that each evaluation is a few vectorised operations
+    (:meth:`Laplace.log_marginal_likelihood` loops over blocks). Differentiable in ``τ``.
+    """
+
+    def __init__(self, la: Laplace):
+        evals = [b.eigenvalues().detach().double() for b in la.blocks.values()]
+        device = evals[0].device
+        self.eigenvalues = torch.cat(evals)
+        counts = torch.tensor([e.numel() for e in evals], device=device)
+        self.index = torch.repeat_interleave(torch.arange(len(evals), device=device), counts)
+        self.sizes = torch.tensor(
+            [b.num_params for b in la.blocks.values()], dtype=torch.float64, device=device
+        )
+        self.sq_norms = la._block_sq_norms().to(device)
+        self.log_likelihood = la.log_likelihood
+
+    def __call__(self, tau: Tensor) -> Tensor:
+        """``log p(D|θ*) − ½Σ τ_b||θ_b||² + ½Σ P_b log τ_b − ½Σ_b Σ_i log(λ_{b,i} + τ_b)``."""
+        return (
+            self.log_likelihood
+            - 0.5 * (tau * self.sq_norms).sum()
+            + 0.5 * (self.sizes * tau.log()).sum()
+            - 0.5 * torch.log(self.eigenvalues + tau[self.index]).sum()
+        )
+
+
 def _hyper_steps(la: Laplace, log_tau: Tensor, opt: torch.optim.Optimizer, steps: int) -> float:
     """``steps`` Adam steps on ``−log evidence`` in ``log τ``; returns the evidence after them."""
+    evidence = Evidence(la)
     blocks = len(la.blocks)
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
         tau = log_tau.exp()
-        loss = -la.log_marginal_likelihood(tau.expand(blocks) if tau.numel() == 1 else tau)
+        loss = -evidence(tau.expand(blocks) if tau.numel() == 1 else tau)
         loss.backward()
         opt.step()
-    with torch.no_grad():
-        return float(la.log_marginal_likelihood(_expand(log_tau, blocks)))
+    return float(la.log_marginal_likelihood(_expand(log_tau, blocks)))
 
 
 def _solver_iterations(la: Laplace) -> int | None:
