@@ -357,3 +357,5 @@ def test_the_vectorised_evidence_equals_the_laplace_one(structure: str) -> None:
     torch.testing.assert_close(ours, ref, rtol=RTOL, atol=1e-9)
     g1, g2 = torch.autograd.grad(ours, tau)[0], torch.autograd.grad(ref, tau)[0]
     torch.testing.assert_close(g1, g2, rtol=RTOL, atol=1e-9)
+    closed = Evidence(la).grad_log_tau(tau.detach())  # d/d log τ = τ d/dτ
+    torch.testing.assert_close(closed, tau.detach() * g2, rtol=RTOL, atol=1e-9)
