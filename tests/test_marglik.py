@@ -359,3 +359,18 @@ def test_the_vectorised_evidence_equals_the_laplace_one(structure: str) -> None:
     torch.testing.assert_close(g1, g2, rtol=RTOL, atol=1e-9)
     closed = Evidence(la).grad_log_tau(tau.detach())  # d/d log τ = τ d/dτ
     torch.testing.assert_close(closed, tau.detach() * g2, rtol=RTOL, atol=1e-9)
+
+
+def test_the_written_out_adam_matches_torch_adam() -> None:
+    from bayes_kfoc.laplace.marglik import _Adam
+
+    gen = torch.Generator().manual_seed(0)
+    ours = torch.zeros(3, dtype=torch.float64)
+    ref = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    adam, torch_adam = _Adam(ours, 0.1), torch.optim.Adam([ref], lr=0.1)
+    for _ in range(20):
+        grad = torch.randn(3, generator=gen, dtype=torch.float64)
+        adam.ascend(grad)
+        ref.grad = -grad  # torch descends
+        torch_adam.step()
+    torch.testing.assert_close(ours, ref.detach(), rtol=1e-12, atol=1e-12)

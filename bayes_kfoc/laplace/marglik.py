@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from ..curvature.passes import dataset_size
 from ..options import Structure
 from ..stats.inputs import Inputs
+from ._prior import LOG_TAU_BOUNDS
 from .laplace import Laplace
 from .prior import check_prior_precision
 
@@ -281,7 +282,7 @@ def _train(
     device = next(model.parameters()).device
     prior = _Prior(model, tau0)
     log_tau: Tensor | None = None  # float64, one per block (or one shared), after the first fit
-    hyper_opt: torch.optim.Optimizer | None = None
+    hyper_opt: _Adam | None = None
     la: Laplace | None = None
     history: list[MarglikEpoch] = []
     fitted_at = 0  # the epoch whose weights la was fitted at
@@ -334,8 +335,7 @@ def _train(
             if log_tau is None:
                 size = len(la.blocks) if per_module else 1
                 log_tau = torch.full((size,), math.log(tau0), dtype=torch.float64, device=device)
-                log_tau.requires_grad_(True)
-                hyper_opt = torch.optim.Adam([log_tau], lr=lr_hyp)
+                hyper_opt = _Adam(log_tau, lr_hyp)
             assert hyper_opt is not None
             evidence = _hyper_steps(la, log_tau, hyper_opt, hyper_steps)
             tau = _expand(log_tau, len(la.blocks))
@@ -411,16 +411,36 @@ class Evidence:
         return 0.5 * (self.sizes - tau * self.sq_norms - tau * inv)
 
 
-def _hyper_steps(la: Laplace, log_tau: Tensor, opt: torch.optim.Optimizer, steps: int) -> float:
-    """``steps`` Adam steps on ``−log evidence`` in ``log τ``; returns the evidence after them."""
+class _Adam:
+    """Adam (Kingma & Ba, with ``torch.optim.Adam``'s defaults: ``β = (0.9, 0.999)``,
+    ``ε = 1e-8``) *ascending* a handful of scalars in place: written out, because
+    ``torch.optim``'s per-step overhead is most of the cost at this size. Its state persists
+    across refits, as laplace-torch's hyper-optimiser's does."""
+
+    def __init__(self, param: Tensor, lr: float, betas: tuple[float, float] = (0.9, 0.999)):
+        self.param, self.lr, self.betas, self.eps = param, lr, betas, 1e-8
+        self.m = torch.zeros_like(param)
+        self.v = torch.zeros_like(param)
+        self.t = 0
+
+    def ascend(self, grad: Tensor) -> None:
+        b1, b2 = self.betas
+        self.t += 1
+        self.m.mul_(b1).add_(grad, alpha=1 - b1)
+        self.v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        denom = (self.v / (1 - b2**self.t)).sqrt_().add_(self.eps)
+        self.param.addcdiv_(self.m, denom, value=self.lr / (1 - b1**self.t))
+
+
+def _hyper_steps(la: Laplace, log_tau: Tensor, opt: _Adam, steps: int) -> float:
+    """``steps`` Adam steps up the log evidence in ``log τ``; returns the evidence after them."""
     evidence = Evidence(la)
     blocks = len(la.blocks)
     for _ in range(steps):
-        with torch.no_grad():
-            tau = log_tau.exp()
-            grad = evidence.grad_log_tau(tau.expand(blocks) if tau.numel() == 1 else tau)
-            log_tau.grad = -(grad.sum(0, keepdim=True) if tau.numel() == 1 else grad)
-        opt.step()
+        tau = log_tau.exp()
+        grad = evidence.grad_log_tau(tau.expand(blocks) if tau.numel() == 1 else tau)
+        opt.ascend(grad.sum(0, keepdim=True) if tau.numel() == 1 else grad)
+        log_tau.clamp_(*LOG_TAU_BOUNDS)  # a block without an interior maximum (zero weights)
     return float(la.log_marginal_likelihood(_expand(log_tau, blocks)))
 
 
