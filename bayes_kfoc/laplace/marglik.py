@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from ..curvature.passes import dataset_size
 from ..options import Structure
 from ..stats.inputs import Inputs
-from ._prior import LOG_TAU_BOUNDS
+from . import _hyper
 from .laplace import Laplace
 from .prior import check_prior_precision
 
@@ -282,7 +282,7 @@ def _train(
     device = next(model.parameters()).device
     prior = _Prior(model, tau0)
     log_tau: Tensor | None = None  # float64, one per block (or one shared), after the first fit
-    hyper_opt: _Adam | None = None
+    hyper_opt: _hyper.Adam | None = None
     la: Laplace | None = None
     history: list[MarglikEpoch] = []
     fitted_at = 0  # the epoch whose weights la was fitted at
@@ -335,10 +335,10 @@ def _train(
             if log_tau is None:
                 size = len(la.blocks) if per_module else 1
                 log_tau = torch.full((size,), math.log(tau0), dtype=torch.float64, device=device)
-                hyper_opt = _Adam(log_tau, lr_hyp)
+                hyper_opt = _hyper.Adam(log_tau, lr_hyp)
             assert hyper_opt is not None
-            evidence = _hyper_steps(la, log_tau, hyper_opt, hyper_steps)
-            tau = _expand(log_tau, len(la.blocks))
+            evidence = _hyper.hyper_steps(la, log_tau, hyper_opt, hyper_steps)
+            tau = _hyper.expand(log_tau, len(la.blocks))
             la.prior_precision = tau
             prior.update(la, tau)
             hyper_s = time.perf_counter() - t1
@@ -367,81 +367,6 @@ def _train(
         la = fit()
         la.prior_precision = tau0 if tau_now is None else tau_now
     return MarglikResult(la, model, history)
-
-
-def _expand(log_tau: Tensor, blocks: int) -> Tensor:
-    tau = log_tau.detach().exp()
-    return tau.expand(blocks).clone() if tau.numel() == 1 else tau
-
-
-class Evidence:
-    """The Laplace evidence of a fitted :class:`Laplace` as a function of ``τ`` (one value per
-    block), with the curvature, the weights and the log-likelihood held fixed: every block's
-    eigenvalues concatenated once, so that each evaluation is a few vectorised operations
-    (:meth:`Laplace.log_marginal_likelihood` loops over blocks). Differentiable in ``τ``.
-    """
-
-    def __init__(self, la: Laplace):
-        evals = [b.eigenvalues().detach().double() for b in la.blocks.values()]
-        device = evals[0].device
-        self.eigenvalues = torch.cat(evals)
-        counts = torch.tensor([e.numel() for e in evals], device=device)
-        self.index = torch.repeat_interleave(torch.arange(len(evals), device=device), counts)
-        self.sizes = torch.tensor(
-            [b.num_params for b in la.blocks.values()], dtype=torch.float64, device=device
-        )
-        self.sq_norms = la._block_sq_norms().to(device)
-        self.log_likelihood = la.log_likelihood
-
-    def __call__(self, tau: Tensor) -> Tensor:
-        """``log p(D|θ*) − ½Σ τ_b||θ_b||² + ½Σ P_b log τ_b − ½Σ_b Σ_i log(λ_{b,i} + τ_b)``."""
-        return (
-            self.log_likelihood
-            - 0.5 * (tau * self.sq_norms).sum()
-            + 0.5 * (self.sizes * tau.log()).sum()
-            - 0.5 * torch.log(self.eigenvalues + tau[self.index]).sum()
-        )
-
-    def grad_log_tau(self, tau: Tensor) -> Tensor:
-        """The gradient in ``t = log τ``, in closed form (no autograd graph):
-        ``½ [P_b − τ_b ||θ_b||² − τ_b Σ_i 1/(λ_{b,i} + τ_b)]``."""
-        inv = torch.zeros_like(tau).index_add_(
-            0, self.index, (self.eigenvalues + tau[self.index]).reciprocal()
-        )
-        return 0.5 * (self.sizes - tau * self.sq_norms - tau * inv)
-
-
-class _Adam:
-    """Adam (Kingma & Ba, with ``torch.optim.Adam``'s defaults: ``β = (0.9, 0.999)``,
-    ``ε = 1e-8``) *ascending* a handful of scalars in place: written out, because
-    ``torch.optim``'s per-step overhead is most of the cost at this size. Its state persists
-    across refits, as laplace-torch's hyper-optimiser's does."""
-
-    def __init__(self, param: Tensor, lr: float, betas: tuple[float, float] = (0.9, 0.999)):
-        self.param, self.lr, self.betas, self.eps = param, lr, betas, 1e-8
-        self.m = torch.zeros_like(param)
-        self.v = torch.zeros_like(param)
-        self.t = 0
-
-    def ascend(self, grad: Tensor) -> None:
-        b1, b2 = self.betas
-        self.t += 1
-        self.m.mul_(b1).add_(grad, alpha=1 - b1)
-        self.v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
-        denom = (self.v / (1 - b2**self.t)).sqrt_().add_(self.eps)
-        self.param.addcdiv_(self.m, denom, value=self.lr / (1 - b1**self.t))
-
-
-def _hyper_steps(la: Laplace, log_tau: Tensor, opt: _Adam, steps: int) -> float:
-    """``steps`` Adam steps up the log evidence in ``log τ``; returns the evidence after them."""
-    evidence = Evidence(la)
-    blocks = len(la.blocks)
-    for _ in range(steps):
-        tau = log_tau.exp()
-        grad = evidence.grad_log_tau(tau.expand(blocks) if tau.numel() == 1 else tau)
-        opt.ascend(grad.sum(0, keepdim=True) if tau.numel() == 1 else grad)
-        log_tau.clamp_(*LOG_TAU_BOUNDS)  # a block without an interior maximum (zero weights)
-    return float(la.log_marginal_likelihood(_expand(log_tau, blocks)))
 
 
 def _solver_iterations(la: Laplace) -> int | None:
