@@ -8,6 +8,7 @@ from ._version import __version__
 from .blocks import CurvatureBlock, DenseBlock, DiagBlock, KronBlock
 from .curvature import ConvergenceWarning, Curvature, fit_curvature
 from .laplace import Laplace
+from .laplace.marglik import MarglikEpoch, MarglikResult, marglik_training
 from .stats.capture import set_padding_mask
 from .stats.output import set_logits
 
@@ -19,8 +20,11 @@ __all__ = [
     "DiagBlock",
     "KronBlock",
     "Laplace",
+    "MarglikEpoch",
+    "MarglikResult",
     "__version__",
     "fit_curvature",
+    "marglik_training",
     "set_logits",
     "set_padding_mask",
 ]

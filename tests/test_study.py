@@ -608,3 +608,28 @@ def test_notebook_executes_on_the_smoke_report(
     assert "kfoc-ll" in text
     images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(images) == len(json.loads((smoke_report / "results.json").read_text())["figures"])
+
+
+@pytest.mark.slow
+def test_marglik_methods_write_their_section_and_figure(tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    code = main(
+        [
+            "study", "--dataset", "digits", "--model", "mlp", "--seeds", "1", "--epochs", "2",
+            "--methods", "map,temp,marglik-diag,marglik-kfoc", "--quick", "--no-progress",
+            "--no-fidelity", "--no-sweep", "--no-shift", "--no-cache", "--out", str(out),
+        ]
+    )  # fmt: skip
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert "figures/marglik.png" in results["figures"] and (out / "figures/marglik.png").is_file()
+    seed = results["seeds"][0]
+    for m in ("marglik-diag", "marglik-kfoc"):
+        trace = seed["methods"][m]["marglik"]
+        assert trace["epoch"] == [1, 2] and trace["refit_epoch"] == [1, 2]
+        assert all(math.isfinite(e) for e in trace["log_evidence"])
+        assert set(trace["prior_precision"]) == {"0", "2", "4"}  # the MLP's three Linears
+        assert seed["methods"][m]["hyperparameters"]["temperature"] == 1.0
+    report = (out / "report.md").read_text()
+    assert "## Marginal-likelihood training" in report and "| marglik-kfoc |" in report
+    assert "nan" not in report.lower()

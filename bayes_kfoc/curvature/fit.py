@@ -8,7 +8,7 @@ streaming (:mod:`~bayes_kfoc.curvature.drivers`), then the blocks.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -23,7 +23,7 @@ from ._kfoc import Result, warn_unconverged
 from ._result import Curvature
 from .coverage import coverage
 from .drivers import jacobi_streaming, kfoc_cached, lanczos_streaming
-from .first_pass import FirstPass, first_pass, kron_names
+from .first_pass import FirstPass, KronSums, first_pass, kron_names
 from .info import FitInfo
 from .options import FitOptions
 from .passes import FitSetup, prepare
@@ -59,6 +59,7 @@ def fit_curvature(
     dtype: torch.dtype | None = None,
     solver: str = "lanczos",
     kfac_reduction: str = "auto",
+    warm_start: Curvature | Mapping[str, tuple[Tensor, Tensor]] | None = None,
 ) -> Curvature:
     """Fit curvature blocks of a classifier's **summed** Fisher over every batch of ``loader``.
 
@@ -127,6 +128,11 @@ def fit_curvature(
         kfac_reduction: K-FAC over positions: ``"auto"`` (``"reduce"`` for Linear layers over
             sequences and attention, ``"expand"`` for Conv2d), ``"expand"`` or ``"reduce"``
             (:class:`~bayes_kfoc.options.KfacReduction`). K-FOC's blocks do not depend on it.
+        warm_start: K-FOC only: a previous fit's factors to start the solver from instead of
+            K-FAC's (a :class:`Curvature`, or ``{module: (A, G)}``): Lanczos starts from ``A``,
+            power iteration from ``(A, G)``. Modules it lacks start from K-FAC. After a small
+            change of the weights (marginal-likelihood training) a refit then converges in a
+            step or two. The fixed point, and so the result within ``tol``, is the same.
 
     Returns:
         A :class:`Curvature` with ``blocks[module_name]``.
@@ -156,7 +162,7 @@ def fit_curvature(
     guard = ModelGuard(model)
     with torch.inference_mode(False):  # e.g. inside Lightning's test loop
         try:
-            curv = _fit(model, loader, opts, guard)
+            curv = _fit(model, loader, opts, guard, _warm_factors(warm_start))
         except Exception as err:
             guard.check(cause=err)
             raise
@@ -164,13 +170,65 @@ def fit_curvature(
     return curv
 
 
-def _fit(model: nn.Module, loader: Iterable[Any], opts: FitOptions, guard: ModelGuard) -> Curvature:
+def _warm_factors(
+    warm: Curvature | Mapping[str, tuple[Tensor, Tensor]] | None,
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """``{module: (A, G)}`` from ``warm_start`` (a :class:`Curvature`'s Kronecker blocks)."""
+    if warm is None:
+        return {}
+    if isinstance(warm, Curvature):
+        return {k: (b.A, b.G) for k, b in warm.blocks.items() if isinstance(b, KronBlock)}
+    return {k: (a, g) for k, (a, g) in warm.items()}
+
+
+def _starts(
+    setup: FitSetup, first: FirstPass, warm: dict[str, tuple[Tensor, Tensor]]
+) -> dict[str, KronSums]:
+    """The solver's start per Kronecker module: K-FAC's sums, or the warm-start factors (as
+    sums with count 1, so that ``kfac_a`` is the given ``A``)."""
+    names = kron_names(setup)
+    unknown = sorted(set(warm) - set(names))
+    if unknown:
+        raise ValueError(
+            f"fit_curvature: warm_start names module(s) {unknown} that have no K-FOC block in "
+            f"this fit (the Kronecker modules are {names}); pass the factors of a fit of the "
+            "same model and modules, or drop those entries."
+        )
+    out = {}
+    for k in names:
+        sums = first.kron[k]
+        if k not in warm:
+            out[k] = sums
+            continue
+        A, G = warm[k]
+        t = next(t for t in setup.targets if t.name == k)
+        d_out = int(next(iter(t.param_shapes.values()))[0])
+        if tuple(A.shape) != tuple(sums.a.shape) or tuple(G.shape) != (d_out, d_out):
+            raise ValueError(
+                f"fit_curvature: warm_start[{k!r}] has A {tuple(A.shape)} and G "
+                f"{tuple(G.shape)}, but module {k!r} needs A {tuple(sums.a.shape)} and G "
+                f"({d_out}, {d_out}); pass the factors of a fit of the same model, or drop it."
+            )
+        like = sums.a
+        A = A.to(device=like.device, dtype=like.dtype)
+        G = G.to(device=like.device, dtype=like.dtype)
+        out[k] = KronSums(A, G, 1)
+    return out
+
+
+def _fit(
+    model: nn.Module,
+    loader: Iterable[Any],
+    opts: FitOptions,
+    guard: ModelGuard,
+    warm: dict[str, tuple[Tensor, Tensor]],
+) -> Curvature:
     setup = prepare(model, loader, opts)
     guard.check()  # the probe's forward passes, before the long work
     opts = setup.passes.opts  # with the accumulation dtype resolved
     with Collector(model, setup.targets, opts.fisher, opts.mc_samples, opts.dtype) as collector:
         first = first_pass(setup, collector)
-        solved, used_mode = _solve(setup, collector, first)
+        solved, used_mode = _solve(setup, collector, first, warm)
     warn_unconverged([(k, r[2]) for k, r in solved.items()], stacklevel=3)
     blocks = _blocks(setup, first, solved)
     info = FitInfo(
@@ -192,18 +250,27 @@ def _fit(model: nn.Module, loader: Iterable[Any], opts: FitOptions, guard: Model
 
 
 def _solve(
-    setup: FitSetup, collector: Collector, first: FirstPass
+    setup: FitSetup,
+    collector: Collector,
+    first: FirstPass,
+    warm: dict[str, tuple[Tensor, Tensor]],
 ) -> tuple[dict[str, Result], str]:
     """K-FOC's factors per Kronecker module, and how the solver saw the data."""
     opts = setup.passes.opts
     names = kron_names(setup)
+    if warm and opts.structure is not Structure.KFOC:
+        raise ValueError(
+            f"fit_curvature: warm_start applies to structure='kfoc' only (this fit is "
+            f"{opts.structure.value!r}); drop warm_start."
+        )
     if opts.structure is not Structure.KFOC or not names:
         return {}, "single-pass"
+    starts = _starts(setup, first, warm)
     if first.cache is not None:
         red = setup.passes.reducer
-        return {k: kfoc_cached(first.cache[k], first.kron[k], red, opts) for k in names}, "cached"
+        return {k: kfoc_cached(first.cache[k], starts[k], red, opts) for k in names}, "cached"
     stream = lanczos_streaming if opts.solver is Solver.LANCZOS else jacobi_streaming
-    return stream(setup.passes, collector, {k: first.kron[k] for k in names}), "streaming"
+    return stream(setup.passes, collector, starts), "streaming"
 
 
 def _blocks(

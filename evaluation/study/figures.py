@@ -9,6 +9,8 @@
   positive class, as in :mod:`evaluation.metrics.ood`);
 - ``prior_sweep.png``: test NLL, ECE and far-OOD AUROC of diag / K-FAC / K-FOC against a shared
   prior scale (seed 0; :mod:`evaluation.study.sweep_report`);
+- ``marglik.png``: the log evidence and prior precisions of marglik training over the epochs
+  (:mod:`evaluation.study.marglik_report`);
 - ``fisher_fidelity.png``: per-layer relative Frobenius error of diag / K-FAC / K-FOC (mean and
   sd over the random subsets), layers named by module and type.
 
@@ -35,6 +37,8 @@ import pandas as pd
 import seaborn as sns
 from sklearn.metrics import roc_curve
 
+from evaluation.study.marglik_report import FIGURE as MARGLIK_FIGURE
+from evaluation.study.marglik_report import marglik_figure, marglik_methods
 from evaluation.study.sweep_report import sweep_figure
 
 __all__ = ["SCORE_LABELS", "write_figures"]
@@ -356,6 +360,8 @@ def write_figures(
     for ood_set in results["ood_sets"]:
         ood_histogram_figure(results, scores, ood_set, out(f"ood_{ood_set}.png"))
         roc_figure(results, scores, ood_set, out(f"roc_{ood_set}.png"))
+    if marglik_methods(results):
+        marglik_figure(results, out(MARGLIK_FIGURE))
     if results.get("prior_sweep"):
         sweep_figure(results, out("prior_sweep.png"))
     if results.get("fisher_fidelity"):

@@ -15,7 +15,10 @@ Names:
   precision tuned by the library's default (``optimize_prior_precision(val_loader=...)``: a
   validation grid search on NLL), and predicts with the default GLM + probit;
 - ``laplace-torch`` / ``laplace-torch-ll``: laplace-torch's ``kron`` on all weights / the last
-  layer with the same tuning and predictive, only when ``laplace`` is importable (never required).
+  layer with the same tuning and predictive, only when ``laplace`` is importable (never required);
+- ``marglik-kfoc``, ``marglik-kfac``, ``marglik-diag``, ``marglik-full``: a fresh network trained
+  with :func:`bayes_kfoc.marglik_training` (prior learned by the evidence, no validation data;
+  :mod:`evaluation.study.marglik`).
 
 A base Laplace name given on the command line (``kfoc``) expands to both subsets; ``kfoc-ll``
 alone asks for the last layer only.
@@ -29,7 +32,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -40,6 +43,7 @@ from bayes_kfoc.stats import call_model
 from datasets import Splits
 from evaluation.baselines.temperature import TemperatureScaled
 from evaluation.structures import STRUCTURES
+from evaluation.study.marglik import MARGLIK_PREFIX, MARGLIK_STRUCTURES, run_marglik
 
 __all__ = [
     "METHODS",
@@ -100,6 +104,8 @@ class FittedMethod:
         tune_seconds: Wall time of hyperparameter tuning (prior precision / temperature).
         hyperparameters: Chosen values (``prior_precision``, ``temperature``, ...), finite floats
             or lists of them.
+        marglik: A marglik method's per-epoch trace (:func:`evaluation.study.marglik.trace_json`),
+            ``None`` otherwise.
     """
 
     name: str
@@ -112,6 +118,7 @@ class FittedMethod:
     fit_seconds: float = 0.0
     tune_seconds: float = 0.0
     hyperparameters: dict[str, float | list[float]] = field(default_factory=dict)
+    marglik: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -122,9 +129,15 @@ class FitOptions:
         tau_grid: Prior scales ``s`` searched on the validation NLL (Laplace methods: the
             scaled prior ``τ_b = s · P_b / ||θ*_b||²``, expanded past the ends when the best
             scale is there); ``None`` for the library's default grid.
+        seed, epochs, lr, batch_size: the MAP's training settings, which the marglik methods
+            repeat for their own network.
     """
 
     tau_grid: tuple[float, ...] | None = None
+    seed: int = 0
+    epochs: int = 100
+    lr: float = 1e-3
+    batch_size: int = 64
 
 
 FitFn = Callable[[nn.Module, Splits, FitOptions], FittedMethod]
@@ -290,6 +303,48 @@ def _peer_fit(subset: str) -> FitFn:
     return fit
 
 
+def _marglik_fit(structure: str) -> FitFn:
+    def fit(model: nn.Module, splits: Splits, options: FitOptions) -> FittedMethod:
+        run = run_marglik(
+            model,
+            splits.train,
+            structure,
+            epochs=options.epochs,
+            lr=options.lr,
+            batch_size=options.batch_size,
+            seed=options.seed,
+        )
+        la = run.laplace
+
+        def samples(x: Tensor, n: int, seed: int) -> Tensor:
+            gen = torch.Generator(la.device).manual_seed(seed)
+            return la.predictive_samples(x, n, generator=gen)
+
+        tau = [float(t) for t in la.prior_precision.flatten()]
+        fit_s = sum(run.trace["fit_seconds"])
+        hyper_s = sum(run.trace["hyper_seconds"])
+        return FittedMethod(
+            MARGLIK_PREFIX + structure,
+            la.predict,
+            samples,
+            glm=la.glm_distribution,
+            posterior=la,
+            convergence=_convergence(la),
+            fit_seconds=run.seconds - hyper_s,  # training, with its curvature fits
+            tune_seconds=hyper_s,
+            hyperparameters={
+                "prior_precision": math.exp(sum(math.log(t) for t in tau) / len(tau)),
+                "prior_precision_per_block": tau,
+                "temperature": 1.0,
+                "num_params": float(la.num_params),
+                "curvature_seconds": fit_s,
+            },
+            marglik=run.trace,
+        )
+
+    return fit
+
+
 def _build_registry() -> dict[str, MethodSpec]:
     reg = {
         "map": MethodSpec("map", "MAP network, softmax of the logits", _fit_map, False),
@@ -316,6 +371,14 @@ def _build_registry() -> dict[str, MethodSpec]:
             _peer_fit(subset),
             True,
             optional=True,
+        )
+    for s in MARGLIK_STRUCTURES:
+        reg[MARGLIK_PREFIX + s] = MethodSpec(
+            MARGLIK_PREFIX + s,
+            f"a fresh network trained by bayes_kfoc.marglik_training, {s} curvature; τ per "
+            "module learned by the Laplace evidence (no validation data), GLM probit, T = 1",
+            _marglik_fit(s),
+            True,
         )
     return reg
 
@@ -355,7 +418,9 @@ def expand_methods(requested: Iterable[str], subsets: Sequence[str] = SUBSETS) -
         )
     wanted: set[str] = set()
     for r in requested:
-        if r in ("map", "temp") or (r.endswith(LL_SUFFIX) and r in METHODS):
+        if r in ("map", "temp") or (r.startswith(MARGLIK_PREFIX) and r in METHODS):
+            wanted.add(r)
+        elif r.endswith(LL_SUFFIX) and r in METHODS:
             wanted.add(r)
         elif r in (*STRUCTURES, PEER):
             wanted.update(r + (LL_SUFFIX if s == "last_layer" else "") for s in subsets)

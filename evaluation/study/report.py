@@ -14,6 +14,7 @@ from typing import Any
 
 from evaluation.study.errors import StudyRunError
 from evaluation.study.figures import SCORE_LABELS
+from evaluation.study.marglik_report import marglik_section
 from evaluation.study.sweep_report import sweep_section
 from evaluation.study.tables import Column, format_geometric, format_mean_std, markdown_table
 
@@ -371,6 +372,7 @@ def render_report(results: dict[str, Any]) -> str:
         lines += _ood_section(results)
     else:
         lines += ["## OOD detection", "", "No OOD sets; see the notes.", ""]
+    lines += marglik_section(results)
     lines += sweep_section(results)
     lines += _fidelity_section(results)
     lines += _convergence_section(results)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import functools
 import importlib.metadata
@@ -143,7 +144,12 @@ def _run(config: StudyConfig) -> Path:
     methods = config.method_list
     mi_samples = min(config.mi_samples, QUICK_MI_SAMPLES) if config.quick else config.mi_samples
     angles = _angles(config, plan.image)
-    options = FitOptions(tau_grid=tuple(config.tau_grid))
+    options = FitOptions(
+        tau_grid=tuple(config.tau_grid),
+        epochs=config.epochs,
+        lr=config.lr,
+        batch_size=config.batch_size,
+    )
     notes = list(plan.notes)
     if not config.runs("shift") and plan.image:
         notes.append("Rotation shift skipped (--no-shift).")
@@ -177,7 +183,8 @@ def _run(config: StudyConfig) -> Path:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 try:
-                    fitted = fit_method(name, map_model.model, data.splits, options)
+                    seeded = dataclasses.replace(options, seed=seed)
+                    fitted = fit_method(name, map_model.model, data.splits, seeded)
                 except ValueError as err:
                     raise StudyRunError(f"method {name!r}, seed {seed}, fitting: {err}") from err
             for w in caught:
@@ -205,6 +212,8 @@ def _run(config: StudyConfig) -> Path:
             }
             if fitted.convergence is not None:
                 per_method[name]["convergence"] = fitted.convergence
+            if fitted.marglik is not None:
+                per_method[name]["marglik"] = fitted.marglik
             if seed == 0:
                 scores0[name] = ev.scores
                 if sweep is not None and name in swept and fitted.posterior is not None:
