@@ -209,14 +209,15 @@ def test_tune_predict_save_load_and_pyro(name: str, tmp_path: Path) -> None:
         torch.testing.assert_close(p.sum(-1), torch.ones(8))
     la.save(tmp_path / "la.pt")
     torch.testing.assert_close(Laplace.load(tmp_path / "la.pt", model).predict(x), glm)
-    if name == "lora":  # peft's classes carry ABCMeta, which Pyro cannot mix PyroModule into
-        with pytest.raises(TypeError, match="cannot make .* a PyroModule"):
-            bayesian_model(model, prior_precision=la.prior_precision, laplace=la)
-        return
+    # peft's classes carry ABCMeta, which Pyro cannot mix PyroModule into: the prior sites then
+    # live on a mirror of the parameter owners, under the same names.
     bm = bayesian_model(model, prior_precision=la.prior_precision, laplace=la, linearized=True)
     guide = LaplaceGuide(bm, la)
     pred = pyro.infer.Predictive(bm, guide=guide, num_samples=3, return_sites=["obs"])(x)
     assert pred["obs"].shape == (3, 8)
+    trainable = {k for k, p in model.named_parameters() if p.requires_grad}
+    trace = pyro.poutine.trace(bm).get_trace(x)
+    assert trainable <= set(trace.nodes)
 
 
 def _exact_diagonal(model: nn.Module, x: dict[str, Tensor]) -> dict[str, Tensor]:

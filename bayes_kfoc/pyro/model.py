@@ -62,6 +62,29 @@ class GaussianPrior:
         return prior.to_event(len(self.shape))
 
 
+def _pyro_convertible(net: nn.Module) -> bool:
+    """Whether ``to_pyro_module_`` can convert every module of ``net``: Pyro mixes
+    :class:`~pyro.nn.PyroModule` into each class, which fails for a class with a metaclass of
+    its own (``ABCMeta``, as peft's tuner layers have)."""
+    return all(type(type(m)) is type for m in net.modules())
+
+
+def _prior_sites(owners: dict[str, tuple[str, str]]) -> PyroModule:
+    """A :class:`~pyro.nn.PyroModule` tree that mirrors only the modules owning the parameters
+    (same dotted names, no forward): it holds the prior sites of a network that Pyro cannot
+    convert, so the sites keep the ``named_parameters`` names."""
+    root = PyroModule()
+    for mod_name, _ in owners.values():
+        node = root
+        for part in mod_name.split(".") if mod_name else []:
+            child = node._modules.get(part)
+            if child is None:
+                child = PyroModule()
+                node.add_module(part, child)
+            node = child  # type: ignore[assignment]
+    return root
+
+
 def _get_path(root: nn.Module, name: str) -> Any:
     obj: Any = root
     for part in name.split("."):
@@ -77,6 +100,10 @@ class BayesianClassifier(ClassifierModel):
         net: the prior network, a :class:`pyro.nn.PyroModule` copy of the classifier whose
             parameters are :class:`pyro.nn.PyroSample` sites (the user's module unless
             ``inplace=True``). Calling ``model.net(x)`` draws the weights from the prior.
+            Where Pyro cannot convert the network's classes (a class with a metaclass of its
+            own, such as peft's ``ABCMeta`` tuner layers), ``net`` is a ``PyroModule`` tree
+            that mirrors only the modules owning parameters: the prior sites and their names
+            are the same, but it has no forward of its own.
         map_net: a private copy of the classifier with its parameters as buffers holding the
             MAP ``θ*``; the forward evaluates it functionally at the sampled weights.
         prior_precision: ``{param_name: τ}``.
@@ -110,22 +137,15 @@ class BayesianClassifier(ClassifierModel):
         functional = FunctionalNetwork(net, names, linearized=linearized)
         super().__init__(functional, num_data=num_data, subsample_size=subsample_size)
         self.prior_precision = dict(prior_precision)
-        prior_net = (net if inplace else copy.deepcopy(net)).eval()
         owners = {k: owner(k) for k in self.param_names}
-        ref = {k: p for k, p in prior_net.named_parameters()}
-        try:
+        ref = {k: p for k, p in net.named_parameters()}
+        prior_net: nn.Module
+        if _pyro_convertible(net):
+            prior_net = (net if inplace else copy.deepcopy(net)).eval()
+            ref = {k: p for k, p in prior_net.named_parameters()}
             to_pyro_module_(prior_net)
-        except TypeError as err:  # e.g. a class with an ABCMeta metaclass (peft's tuners)
-            bad = next(
-                (type(m).__name__ for m in prior_net.modules() if type(type(m)) is not type),
-                type(prior_net).__name__,
-            )
-            raise TypeError(
-                f"bayesian_model: Pyro cannot make {bad} (a class with a metaclass of its own, "
-                f"e.g. ABCMeta) a PyroModule: {err}. Use the Laplace predictives (la.predict, "
-                "method='glm' or 'mc') for such a network, or pass a network of plain "
-                "nn.Module classes."
-            ) from err
+        else:  # e.g. peft's tuner classes carry ABCMeta, which PyroModule cannot be mixed into
+            prior_net = _prior_sites(owners)
         modules = dict(prior_net.named_modules())
         for k in self.param_names:
             mod_name, pname = owners[k]
