@@ -24,12 +24,13 @@ from torch.nn.utils import parameters_to_vector
 
 from ..blocks import CurvatureBlock
 from ..curvature import Curvature, fit_curvature
-from ..options import FisherType, Link, PredMethod, Structure
+from ..options import FisherType, GlmPath, Link, PredMethod, Structure
 from ..stats import Target, targets_for
 from ..stats.inputs import Batches, Inputs, inputs_to, split_inputs
 from . import predictive, serialization
 from ._guard import check_model, fingerprints
 from ._layout import Layout
+from ._plan import GlmPlan
 from ._posterior import log_evidence
 from ._recorder import TRAIN_SAMPLE, Recorder
 from .optimize import optimize_prior
@@ -52,7 +53,12 @@ class Laplace:
             in block order).
         eig_dtype: dtype of the posterior's eigendecompositions (e.g. ``torch.float64`` for
             float32 models); default: the model's dtype, float32 for float16 / bfloat16 models.
-        chunk_size: points per chunk in predictions (bounds memory for many classes or wide nets).
+        chunk_size: points per chunk in predictions (bounds memory for many classes or wide nets);
+            at most: ``memory_budget`` may lower it.
+        memory_budget: bytes the fit's cached statistics (see :func:`fit_curvature`) and each
+            chunk of the GLM predictive and of tuning may use (default: the fit's own default,
+            and 2 GiB, or less when the machine has less free, for prediction and tuning). A
+            budget too small for one point raises a ``MemoryError`` naming the bytes needed.
         fit_kwargs: forwarded to :func:`fit_curvature` (``mc_samples``, ``seed``, ``tol``, ...).
 
     .. warning:: The curvature is the Fisher **summed** over the training set; ``τ`` acts on that
@@ -71,6 +77,7 @@ class Laplace:
         modules: str | Sequence[str] | None = None,
         eig_dtype: torch.dtype | None = None,
         chunk_size: int = 256,
+        memory_budget: int | None = None,
         progress: bool = True,
         **fit_kwargs: Any,
     ):
@@ -89,8 +96,12 @@ class Laplace:
         self.modules: str | list[str] = chosen if isinstance(chosen, str) else list(chosen)
         self.eig_dtype = eig_dtype
         self.chunk_size = chunk_size
+        self.memory_budget = memory_budget
         self.progress = progress
         self.fit_kwargs = fit_kwargs
+        if memory_budget is not None:
+            fit_kwargs.setdefault("memory_budget", memory_budget)
+        self.last_glm: GlmPlan | None = None  # how the latest GLM pass ran (which path)
         self._prior_init = prior_precision
         if not isinstance(prior_precision, dict):
             check_prior_precision(torch.as_tensor(prior_precision, dtype=torch.float64))
@@ -286,17 +297,31 @@ class Laplace:
         return self.prior_precision
 
     # -- sampling and prediction ------------------------------------------------------------------
-    def view(self, prior_precision: Tensor | None = None) -> PosteriorView:
+    def view(
+        self, prior_precision: Tensor | None = None, glm: str | GlmPath = GlmPath.AUTO
+    ) -> PosteriorView:
         """The fitted posterior as a :class:`~bayes_kfoc.laplace.predictive.PosteriorView`
-        (at the current ``τ``, or at ``prior_precision``: one value per block); raises if the
-        model left eval mode or its weights changed since the fit."""
+        (at the current ``τ``, or at ``prior_precision``: one value per block; GLM passes on
+        the ``glm`` path, recorded in :attr:`last_glm`); raises if the model left eval mode or
+        its weights changed since the fit."""
         self._require_fit("view")
         check_model(self.model, self._weights, "Laplace")
         tau = self.prior_precision if prior_precision is None else prior_precision
         parts = (self.model, self.blocks, tau.to(self.device), self.map_vector, self.layout)
+        path = GlmPath.parse(glm, "Laplace: glm")
         return PosteriorView(
-            *parts, self._targets, self.input_shape, self.chunk_size, self.temperature
+            *parts,
+            self._targets,
+            self.input_shape,
+            self.chunk_size,
+            self.temperature,
+            self.memory_budget,
+            path,
+            self._record_glm,
         )
+
+    def _record_glm(self, plan: GlmPlan) -> None:
+        self.last_glm = plan
 
     def sample(self, n_samples: int = 100, generator: torch.Generator | None = None) -> Tensor:
         """``[n, P]`` full parameter vectors (``parameters_to_vector`` order) from the posterior.
@@ -315,9 +340,11 @@ class Laplace:
         n_samples: int = 100,
         method: str = "glm",
         generator: torch.Generator | None = None,
+        glm: str = "auto",
     ) -> Tensor:
-        """``[n, B, C]`` probability samples: GLM logit draws, or the network at sampled weights."""
-        view = self.view()
+        """``[n, B, C]`` probability samples: GLM logit draws (on the ``glm`` path, see
+        :meth:`predict`), or the network at sampled weights."""
+        view = self.view(glm=glm)
         m = PredMethod.parse(method, "Laplace.predictive_samples: method")
         self._check_sampling(m, view)
         return predictive.predictive_samples(view, x, m, n_samples, generator)
@@ -338,14 +365,24 @@ class Laplace:
         link: str = "probit",
         n_samples: int = 100,
         generator: torch.Generator | None = None,
+        glm: str = "auto",
     ) -> Tensor:
         """Predictive class probabilities ``[B, C]``.
 
         ``method="glm"`` (default) linearises the network around ``θ*``: ``link="probit"``
         (default, closed form) or ``link="mc"`` (``n_samples`` logit draws). ``method="mc"``
         averages the softmax of the network at ``n_samples`` sampled weight vectors.
+
+        GLM paths (``glm``, a :class:`~bayes_kfoc.options.GlmPath`): a last layer (a Linear
+        whose output is the logits, Kronecker or diagonal block) is always in closed form.
+        ``"exact"`` takes one vector-Jacobian product per class and point for the other blocks;
+        ``"sampled"`` pushes ``n_samples`` posterior draws through forward-mode JVPs (cost
+        independent of the classes; with the probit link the variances are the draws' mean
+        squares, a Monte-Carlo estimate; seed it with ``generator``); ``"auto"`` (default)
+        takes the cheaper by a cost model, or ``"sampled"`` when one point's exact statistics
+        exceed ``memory_budget``. :attr:`last_glm` records the plan that ran.
         """
-        view = self.view()
+        view = self.view(glm=glm)
         m = PredMethod.parse(method, "Laplace.predict: method")
         lk = Link.parse(link, "Laplace.predict: link")
         self._check_sampling(m, view)
