@@ -69,7 +69,9 @@ class GlmChunk:
         return cov
 
 
-def glm_plan(view: PosteriorView, x: Inputs, samples: int, path: GlmPath) -> GlmPlan:
+def glm_plan(
+    view: PosteriorView, x: Inputs, samples: int, path: GlmPath, what: str = "Laplace.predict"
+) -> GlmPlan:
     """The :class:`GlmPlan` for ``x`` (one forward pass on its first point)."""
     modules = {t.name: t.module for t in view.targets}
     kinds = {t.name: t.kind for t in view.targets}
@@ -85,11 +87,14 @@ def glm_plan(view: PosteriorView, x: Inputs, samples: int, path: GlmPath) -> Glm
         chunk_size=view.chunk_size,
         budget=budget_bytes(view.memory_budget, view.device),
         model_itemsize=item,
+        what=what,
     )
 
 
 @contextmanager
-def captured_inputs(modules: dict[str, nn.Module], points: list[int]) -> Iterator[dict[str, Tensor]]:
+def captured_inputs(
+    modules: dict[str, nn.Module], points: list[int]
+) -> Iterator[dict[str, Tensor]]:
     """``{name: input}`` of each module's latest call on a batch of ``points[0]`` points."""
     seen: dict[str, Tensor] = {}
 

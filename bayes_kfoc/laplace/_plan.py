@@ -202,6 +202,4 @@ def plan_glm(
             + "or a smaller posterior (modules='last_layer')."
         )
     chunk = int(max(1, min(chunk_size, budget // max(int(per_point), 1))))
-    return GlmPlan(
-        path, closed, c, chunk, samples, exact_cost, sampled_cost, int(exact_bytes)
-    )
+    return GlmPlan(path, closed, c, chunk, samples, exact_cost, sampled_cost, int(exact_bytes))

@@ -35,7 +35,9 @@ def draw_tangents(
 ) -> dict[str, Tensor]:
     """``{parameter name: [n, *shape]}``: ``n`` posterior deviations ``δ`` of every block."""
     names = list(blocks)
-    draws = sample_blocks([blocks[k] for k in names], torch.stack([tau[k] for k in names]), n, generator)
+    draws = sample_blocks(
+        [blocks[k] for k in names], torch.stack([tau[k] for k in names]), n, generator
+    )
     out: dict[str, Tensor] = {}
     for k, d in zip(names, draws, strict=True):
         block = blocks[k]
@@ -63,7 +65,9 @@ def linearised_deviations(
         return as_logits(functional_call(model, (p, buffers), (x,)))
 
     def one(*t: Tensor) -> tuple[Tensor, Tensor]:
-        return jvp(f, primals, tuple(v.to(p.dtype) for v, p in zip(t, primals, strict=True)))
+        tangent = tuple(v.to(p.dtype) for v, p in zip(t, primals, strict=True))
+        out = jvp(f, primals, tangent)
+        return out[0], out[1]
 
     s = next(iter(tangents.values())).shape[0]
     outs, mean = [], None
@@ -71,7 +75,7 @@ def linearised_deviations(
         warnings.filterwarnings("ignore", "There is a performance drop")
         for start in range(0, s, group):
             chunk = tuple(tangents[k][start : start + group] for k in keys)
-            primal, dev = vmap(one, out_dims=(None, 0))(*chunk)
+            primal, dev = vmap(one, out_dims=(None, 0))(*chunk)  # type: ignore[arg-type]
             mean = primal if mean is None else mean
             outs.append(dev)
     assert mean is not None

@@ -17,15 +17,15 @@ import torch
 from torch import Tensor
 
 from ..options import Link, PredMethod, TuneMethod
-from ..stats import as_labels, check_label_range
+from ..stats import as_labels
 from ..stats.inputs import Batches, batch_size, check_mapping, merge_batches, split_inputs
 from . import predictive
-from ._glm import chunk_variances
+from ._scales import ScaleVariances
 from .consistency import consistency
 from .predictive import PosteriorView
 from .prior import scaled_prior_base
 from .tuning import Metric, TuningResult, nll, tune_gridsearch, tune_marglik
-from .validation import ValidationTerms, search
+from .validation import search
 
 PRIORS = ("scaled", "global")
 
@@ -66,20 +66,6 @@ def collect_points(loader: Iterable[Any], what: str, limit: int | None = None) -
     if count == 0:
         raise ValueError(f"Laplace.optimize_prior_precision: {what} yielded no points.")
     return merge_batches(out)
-
-
-def glm_terms(view: PosteriorView, points: Batches, what: str) -> ValidationTerms:
-    """Squared Jacobian coordinates of every block at the points (once), MAP logits, labels."""
-    terms, logits, labels = [], [], []
-    for x, y in points:
-        for chunk in predictive.iter_jacobians(view, x):
-            terms.append(chunk_variances(chunk, view.blocks))
-            logits.append(chunk[1])
-        labels.append(y)
-    out = torch.cat(logits).double()
-    y_all = torch.cat(labels).to(out.device)
-    check_label_range(y_all, out.shape[1], f"Laplace.optimize_prior_precision: {what}")
-    return ValidationTerms(terms, out, y_all)
 
 
 def optimize_prior(
@@ -126,7 +112,7 @@ def optimize_prior(
                 f"{what}: the consistency rule needs training points; pass train_loader= (or "
                 "val_loader= to tune on validation data). A loaded posterior keeps none."
             )
-        terms = glm_terms(view, train_sample, "train_loader")
+        terms = ScaleVariances(view, train_sample, base, f"{what}: train_loader")
         return consistency(terms, base, blocks, num_data, prior=prior)
     if val_loader is None:
         raise ValueError(f"{what}: gridsearch needs val_loader.")
@@ -134,7 +120,7 @@ def optimize_prior(
     pm = PredMethod.parse(pred_method, f"{what}: pred_method")
     lk = Link.parse(link, f"{what}: link")
     if pm is PredMethod.GLM and lk is Link.PROBIT:
-        terms = glm_terms(view, points, "val_loader")
+        terms = ScaleVariances(view, points, base, f"{what}: val_loader")
         return search(
             terms,
             base,

@@ -11,8 +11,10 @@ the best. ``τ → ∞`` with ``T`` free is temperature scaling and ``T = 1`` is
 posterior, so on validation data the result cannot lose to either.
 
 ``T ≥ 1``: the MAP is never sharpened (on a validation split with few or no errors ``T < 1``
-over-sharpens). The Jacobian-side work is done once: every ``(s, T)`` costs one contraction per
-block in its eigenbasis and a softmax.
+over-sharpens). The Jacobian-side work is done once when it fits the memory budget (then every
+``(s, T)`` costs one contraction per block in its eigenbasis and a softmax), else in bounded
+memory: the first pass evaluates the initial grid and every scale the expansion can reach, and
+the refinement costs one more pass (:class:`._scales.ScaleVariances`).
 """
 
 from __future__ import annotations
@@ -20,12 +22,11 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from ._glm import BlockVariance, total_variance
+from ._scales import ScaleVariances, key
 from .tuning import REFINE_POINTS, Metric, TuningResult, check_grid
 
 STEP = 0.25  # decades between grid points
@@ -35,18 +36,6 @@ EXPAND = 2.0  # decades added per expansion
 PLATEAU = 1e-5  # a metric change below this over the last expansion ends it
 T_MAX = 100.0
 GOLDEN_ITERS = 40
-
-
-@dataclass(frozen=True)
-class ValidationTerms:
-    """The τ-independent validation quantities: per-chunk variance terms, MAP logits, labels."""
-
-    terms: list[list[BlockVariance]]
-    logits: Tensor
-    labels: Tensor
-
-    def variance(self, tau: Tensor) -> Tensor:
-        return torch.cat([total_variance(t, tau) for t in self.terms])
 
 
 def _log_probs(logits: Tensor, var: Tensor, temperature: float) -> Tensor:
@@ -77,8 +66,25 @@ def _golden(f: Callable[[float], float], lo: float, hi: float) -> tuple[float, f
     return x, fx
 
 
+def expansions(lo: float, hi: float) -> list[float]:
+    """Every scale the expansion of :func:`search` can reach from the range ``[lo, hi]`` (its
+    own arithmetic), for :meth:`ScaleVariances.prepare`'s look-ahead."""
+    out = []
+    h = hi
+    while h < LIMITS[1]:
+        new = [h + STEP * k for k in range(1, int(EXPAND / STEP) + 1)]
+        out += new
+        h = max(key(u) for u in new)
+    low = lo
+    while low > LIMITS[0]:
+        new = [low - STEP * k for k in range(1, int(EXPAND / STEP) + 1)]
+        out += new
+        low = min(key(u) for u in new)
+    return out
+
+
 def search(
-    val: ValidationTerms,
+    val: ScaleVariances,
     base: Tensor,
     *,
     grid: Sequence[float] | Tensor | None = None,
@@ -95,6 +101,8 @@ def search(
         start = torch.arange(DEFAULT_RANGE[0], DEFAULT_RANGE[1] + 1e-9, STEP, dtype=torch.float64)
     else:
         start = check_grid(grid).log10()
+    starts = start.tolist()
+    val.prepare(starts, expansions(min(starts), max(starts)) if expand else ())
     labels, base = val.labels, base.to(val.logits.device)
     scores: dict[float, float] = {}
     temps: dict[float, float] = {}
@@ -104,7 +112,7 @@ def search(
         u = round(u, 10)
         if u in scores:
             return scores[u]
-        var = val.variance(10.0**u * base)
+        var = val.take(u)
 
         def value(log_t: float) -> float:
             lp = _log_probs(val.logits, var, math.exp(log_t))
@@ -140,6 +148,7 @@ def search(
         else:
             break
         before = scores[best]
+        val.prepare(new)
         for u in new:
             evaluate(u)
         lo, hi = min(scores), max(scores)
@@ -150,7 +159,9 @@ def search(
     i = us.index(best)
     if len(us) > 2:
         a, b = us[max(i - 1, 0)], us[min(i + 1, len(us) - 1)]
-        for u in torch.linspace(a, b, REFINE_POINTS + 2)[1:-1].tolist():
+        refine = torch.linspace(a, b, REFINE_POINTS + 2)[1:-1].tolist()
+        val.prepare([u for u in refine if key(u) not in scores])
+        for u in refine:
             evaluate(u)
     us = sorted(scores)
     best = min(us, key=scores.__getitem__)
