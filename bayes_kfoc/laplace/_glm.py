@@ -10,6 +10,7 @@ per-point Jacobian ``M_c = Σ_t (J_z f)_{c,t} ā_t^T`` is rotated, ``Q_G^T M_c Q
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -108,8 +109,8 @@ def chunk_variances(chunk: Chunk, blocks: dict[str, CurvatureBlock]) -> list[Blo
     return [BlockVariance(stats[name], block) for name, block in blocks.items()]
 
 
-def total_variance(terms: list[BlockVariance], tau: Tensor) -> Tensor:
-    """``[B, C]``: the logit variances of all blocks at ``τ`` (one value per block)."""
+def total_variance(terms: Sequence[Callable[[Tensor], Tensor]], tau: Tensor) -> Tensor:
+    """``[B, C]``: the logit variances of all blocks' terms at ``τ`` (one value per block)."""
     out = terms[0](tau[0])
     for term, t in zip(terms[1:], tau[1:], strict=True):
         out = out + term(t)

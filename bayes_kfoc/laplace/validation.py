@@ -22,10 +22,13 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from ._glm import total_variance
 from ._scales import ScaleVariances, key
 from .tuning import REFINE_POINTS, Metric, TuningResult, check_grid
 
@@ -36,6 +39,20 @@ EXPAND = 2.0  # decades added per expansion
 PLATEAU = 1e-5  # a metric change below this over the last expansion ends it
 T_MAX = 100.0
 GOLDEN_ITERS = 40
+
+
+@dataclass(frozen=True)
+class ValidationTerms:
+    """τ-independent variance terms kept for every chunk (block order), MAP logits, labels
+    (``optimize.glm_terms``; memory grows with the points)."""
+
+    terms: list[list[Any]]
+    logits: Tensor
+    labels: Tensor
+
+    def variance(self, tau: Tensor) -> Tensor:
+        """``[N, C]`` logit variances at ``τ`` (one value per block)."""
+        return torch.cat([total_variance(t, tau) for t in self.terms])
 
 
 def _log_probs(logits: Tensor, var: Tensor, temperature: float) -> Tensor:
