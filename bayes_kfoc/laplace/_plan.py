@@ -173,8 +173,12 @@ def plan_glm(
                 rotate += positions * o * n + o * o * n + o * n * n
                 exact_bytes += WORKSPACE * c * o * n * item
             draw += o * o * n + o * n * n
-        else:
-            flops += b.num_params * max(out // max(b.num_params, 1), 1)
+        else:  # explicit per-point gradients: Σ_t δ_t ā_tᵀ over a shared weight, then (Qᵀg)²
+            shape = torch.Size(next(iter(b.param_shapes.values()), ()))
+            d_out = int(shape[0]) if len(shape) else 1
+            positions = max(out // max(d_out, 1), 1)
+            flops += positions * b.num_params
+            rotate += positions * b.num_params if positions > 1 else 0
             rotate += b.num_params * (b.num_params if isinstance(b, DenseBlock) else 1)
             exact_bytes += WORKSPACE * c * b.num_params * item
             draw += b.num_params * (b.num_params if isinstance(b, DenseBlock) else 1)
