@@ -13,7 +13,8 @@ posterior, so on validation data the result cannot lose to either.
 ``T ≥ 1``: the MAP is never sharpened (on a validation split with few or no errors ``T < 1``
 over-sharpens). The Jacobian-side work is done once when it fits the memory budget (then every
 ``(s, T)`` costs one contraction per block in its eigenbasis and a softmax), else in bounded
-memory: the first pass evaluates the initial grid and every scale the expansion can reach, and
+memory: the first pass evaluates the initial grid and the scales of the first expansion on
+either side (each expansion that runs evaluates the next one's too), and
 the refinement costs one more pass (:class:`._scales.ScaleVariances`).
 """
 
@@ -39,6 +40,7 @@ EXPAND = 2.0  # decades added per expansion
 PLATEAU = 1e-5  # a metric change below this over the last expansion ends it
 T_MAX = 100.0
 GOLDEN_ITERS = 40
+LOOK_AHEAD = 1  # expansions per side whose scales a streamed first pass evaluates up front
 
 
 @dataclass(frozen=True)
@@ -83,20 +85,21 @@ def _golden(f: Callable[[float], float], lo: float, hi: float) -> tuple[float, f
     return x, fx
 
 
-def expansions(lo: float, hi: float) -> list[float]:
-    """Every scale the expansion of :func:`search` can reach from the range ``[lo, hi]`` (its
-    own arithmetic), for :meth:`ScaleVariances.prepare`'s look-ahead."""
+def expansions(lo: float, hi: float, rounds: int = LOOK_AHEAD) -> list[float]:
+    """The scales the first ``rounds`` expansions of :func:`search` can reach from the range
+    ``[lo, hi]`` on either side (its own arithmetic), for :meth:`ScaleVariances.prepare`'s
+    look-ahead."""
     out = []
-    h = hi
-    while h < LIMITS[1]:
-        new = [h + STEP * k for k in range(1, int(EXPAND / STEP) + 1)]
-        out += new
-        h = max(key(u) for u in new)
-    low = lo
-    while low > LIMITS[0]:
-        new = [low - STEP * k for k in range(1, int(EXPAND / STEP) + 1)]
-        out += new
-        low = min(key(u) for u in new)
+    h, low = hi, lo
+    for _ in range(rounds):
+        if h < LIMITS[1]:
+            new = [h + STEP * k for k in range(1, int(EXPAND / STEP) + 1)]
+            out += new
+            h = max(key(u) for u in new)
+        if low > LIMITS[0]:
+            new = [low - STEP * k for k in range(1, int(EXPAND / STEP) + 1)]
+            out += new
+            low = min(key(u) for u in new)
     return out
 
 
@@ -159,13 +162,16 @@ def search(
     while expand:
         best = min(scores, key=scores.__getitem__)
         if best == hi and hi < LIMITS[1]:
-            new = [hi + STEP * k for k in range(1, int(EXPAND / STEP) + 1)]
+            new, up = [hi + STEP * k for k in range(1, int(EXPAND / STEP) + 1)], True
         elif best == lo and lo > LIMITS[0]:
-            new = [lo - STEP * k for k in range(1, int(EXPAND / STEP) + 1)]
+            new, up = [lo - STEP * k for k in range(1, int(EXPAND / STEP) + 1)], False
         else:
             break
         before = scores[best]
-        val.prepare(new)
+        edge = key(max(new)) if up else key(min(new))
+        step = STEP if up else -STEP
+        nxt = [edge + step * k for k in range(1, int(EXPAND / STEP) + 1)]  # the next expansion's
+        val.prepare(new, nxt if LIMITS[0] < edge < LIMITS[1] else ())
         for u in new:
             evaluate(u)
         lo, hi = min(scores), max(scores)

@@ -153,11 +153,16 @@ def mlp(points: int, repeats: int) -> dict[str, Any]:
             "load": _load(),
         }
         if c == 1000:
+            t_s32, _ = median_time(
+                lambda la=la, x=x, gen=gen: la.predict(x, generator=gen, n_samples=32), repeats
+            )
+            row["glm_sampled_S32_s"] = t_s32
             few = x[: max(points // 16, 8)]
             t_exact, _ = median_time(lambda la=la, x=few: la.predict(x, glm="exact"), 1)
             row["exact_s_per_point"] = t_exact / len(few)
         out[str(c)] = row
     out["ratio_1000_over_10"] = out["1000"]["glm_auto_s"] / out["10"]["glm_auto_s"]
+    out["ratio_1000_S32_over_10"] = out["1000"]["glm_sampled_S32_s"] / out["10"]["glm_auto_s"]
     return out
 
 
