@@ -211,3 +211,28 @@ def test_collector_sees_no_head_in_an_all_weights_posterior(
     monkeypatch.setattr(Collector, "jacobians", spy)
     la.predict(x[:4], glm="exact")
     assert names == [{"0"}]  # the head "2" gets no backpropagated directions
+
+
+class _ScaledInPlace(nn.Module):
+    """The head's output is returned, but scaled in place first: not an identity Jacobian."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(4, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.head(torch.tanh(self.inp(x)))
+        return out.mul_(2.0)
+
+
+def test_a_head_scaled_in_place_takes_the_jacobian_path() -> None:
+    torch.manual_seed(0)
+    model = _ScaledInPlace().double().eval()
+    x = torch.randn(12, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (12,))
+    la = Laplace(model, structure="kfac", progress=False).fit([(x, y)])
+    mean, cov = _dense_moments(la, x[:5])
+    _, c = la.glm_distribution(x[:5])
+    assert la.last_glm is not None and la.last_glm.closed_form == ()
+    torch.testing.assert_close(c, cov, rtol=1e-9, atol=1e-12)

@@ -110,6 +110,7 @@ def probe_modules(
             first = out if isinstance(out, Tensor) else next(iter(out), None)
             rec["numel"] += first.numel() if isinstance(first, Tensor) else 0
             rec["out"] = out
+            rec["version"] = out._version if isinstance(out, Tensor) else None
             a = args[0] if args else None
             rec["in_ndim"] = a.ndim if isinstance(a, Tensor) else -1
 
@@ -122,8 +123,13 @@ def probe_modules(
     finally:
         for h in handles:
             h.remove()
-    out = {
-        k: ModuleProbe(r["calls"], r["numel"], r.get("out") is logits, r.get("in_ndim", -1))
+    out = {  # the very tensor returned, not modified in place afterwards (e.g. out.mul_(2))
+        k: ModuleProbe(
+            r["calls"],
+            r["numel"],
+            r.get("out") is logits and r.get("version") == logits._version,
+            r.get("in_ndim", -1),
+        )
         for k, r in seen.items()
     }
     return out, int(logits.shape[-1])
