@@ -232,7 +232,7 @@ def test_a_head_scaled_in_place_takes_the_jacobian_path() -> None:
     x = torch.randn(12, 4, dtype=torch.float64)
     y = torch.randint(0, 3, (12,))
     la = Laplace(model, structure="kfac", progress=False).fit([(x, y)])
-    mean, cov = _dense_moments(la, x[:5])
+    _, cov = _dense_moments(la, x[:5])
     _, c = la.glm_distribution(x[:5])
     assert la.last_glm is not None and la.last_glm.closed_form == ()
     torch.testing.assert_close(c, cov, rtol=1e-9, atol=1e-12)

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ..blocks import CurvatureBlock, DenseBlock, KronBlock
-from ..curvature._checks import default_memory_budget, human_bytes
+from ..curvature import default_memory_budget, human_bytes
 from ..options import GlmPath
 from ..stats import LINEAR, call_model
 from ..stats.inputs import Inputs, split_inputs

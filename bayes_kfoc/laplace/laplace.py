@@ -53,12 +53,9 @@ class Laplace:
             in block order).
         eig_dtype: dtype of the posterior's eigendecompositions (e.g. ``torch.float64`` for
             float32 models); default: the model's dtype, float32 for float16 / bfloat16 models.
-        chunk_size: points per chunk in predictions (bounds memory for many classes or wide nets);
-            at most: ``memory_budget`` may lower it.
-        memory_budget: bytes the fit's cached statistics (see :func:`fit_curvature`) and each
-            chunk of the GLM predictive and of tuning may use (default: the fit's own default,
-            and 2 GiB, or less when the machine has less free, for prediction and tuning). A
-            budget too small for one point raises a ``MemoryError`` naming the bytes needed.
+        chunk_size: at most this many points per chunk in predictions and tuning.
+        memory_budget: bytes for the fit's cached statistics and each predictive / tuning chunk
+            (default: the fit's; 2 GiB for chunks); too small for one point: ``MemoryError``.
         fit_kwargs: forwarded to :func:`fit_curvature` (``mc_samples``, ``seed``, ``tol``, ...).
 
     .. warning:: The curvature is the Fisher **summed** over the training set; ``τ`` acts on that
@@ -96,11 +93,8 @@ class Laplace:
         self.modules: str | list[str] = chosen if isinstance(chosen, str) else list(chosen)
         self.eig_dtype = eig_dtype
         self.chunk_size = chunk_size
-        self.memory_budget = memory_budget
-        self.progress = progress
-        self.fit_kwargs = fit_kwargs
-        if memory_budget is not None:
-            fit_kwargs.setdefault("memory_budget", memory_budget)
+        self.memory_budget, self.progress, self.fit_kwargs = memory_budget, progress, fit_kwargs
+        fit_kwargs.setdefault("memory_budget", memory_budget)  # None: the fit's own default
         self.last_glm: GlmPlan | None = None  # how the latest GLM pass ran (which path)
         self._prior_init = prior_precision
         if not isinstance(prior_precision, dict):
@@ -218,11 +212,8 @@ class Laplace:
         Differentiable in ``prior_precision`` (scalar or one value per block; default: current).
         """
         self._require_fit("log_marginal_likelihood")
-        tau = (
-            self.prior_precision
-            if prior_precision is None
-            else torch.as_tensor(prior_precision, dtype=torch.float64, device=self.device)
-        )
+        given = self.prior_precision if prior_precision is None else prior_precision
+        tau = torch.as_tensor(given, dtype=torch.float64, device=self.device)
         tau = tau.expand(len(self.blocks)) if tau.numel() == 1 else tau.flatten()
         check_prior_precision(tau.detach())
         blocks = list(self.blocks.values())
@@ -267,10 +258,7 @@ class Laplace:
           ``T = 1``. See :mod:`bayes_kfoc.laplace.consistency`.
         - ``"marglik"``: maximise :meth:`log_marginal_likelihood` exactly, per module
           (``per_module=True``) or one shared τ; ``T = 1``.
-
-        .. warning:: Post-hoc marglik on *all* weights of a network trained with weak weight
-           decay picks a small τ and a grossly underconfident predictive (on the digits MLP:
-           ECE 0.32 against the MAP's 0.02); it is no longer the default.
+          Post-hoc marglik on *all* weights is underconfident (README, "Defaults and why").
         """
         self._require_fit("optimize_prior_precision")
         result = optimize_prior(
@@ -301,33 +289,22 @@ class Laplace:
         self, prior_precision: Tensor | None = None, glm: str | GlmPath = GlmPath.AUTO
     ) -> PosteriorView:
         """The fitted posterior as a :class:`~bayes_kfoc.laplace.predictive.PosteriorView`
-        (at the current ``τ``, or at ``prior_precision``: one value per block; GLM passes on
-        the ``glm`` path, recorded in :attr:`last_glm`); raises if the model left eval mode or
-        its weights changed since the fit."""
+        (at the current ``τ``, or at ``prior_precision``: one value per block; GLM on the
+        ``glm`` path); raises if the model left eval mode or its weights changed since the fit."""
         self._require_fit("view")
         check_model(self.model, self._weights, "Laplace")
         tau = self.prior_precision if prior_precision is None else prior_precision
         parts = (self.model, self.blocks, tau.to(self.device), self.map_vector, self.layout)
         path = GlmPath.parse(glm, "Laplace: glm")
-        return PosteriorView(
-            *parts,
-            self._targets,
-            self.input_shape,
-            self.chunk_size,
-            self.temperature,
-            self.memory_budget,
-            path,
-            self._record_glm,
-        )
+        rest = (self._targets, self.input_shape, self.chunk_size, self.temperature)
+        return PosteriorView(*parts, *rest, self.memory_budget, path, self._record_glm)
 
-    def _record_glm(self, plan: GlmPlan) -> None:
+    def _record_glm(self, plan: GlmPlan) -> None:  # which GLM path ran, for the user
         self.last_glm = plan
 
     def sample(self, n_samples: int = 100, generator: torch.Generator | None = None) -> Tensor:
-        """``[n, P]`` full parameter vectors (``parameters_to_vector`` order) from the posterior.
-
-        Random parameters are ``θ* + P_b^{-1/2} ε``; all others stay at the MAP.
-        """
+        """``[n, P]`` full parameter vectors (``parameters_to_vector`` order) from the posterior:
+        random parameters are ``θ* + P_b^{-1/2} ε``, all others stay at the MAP."""
         return predictive.sample(self.view(), n_samples, generator)
 
     def glm_distribution(self, x: Tensor | Mapping[str, Any]) -> tuple[Tensor, Tensor]:
@@ -342,8 +319,8 @@ class Laplace:
         generator: torch.Generator | None = None,
         glm: str = "auto",
     ) -> Tensor:
-        """``[n, B, C]`` probability samples: GLM logit draws (on the ``glm`` path, see
-        :meth:`predict`), or the network at sampled weights."""
+        """``[n, B, C]`` probability samples: GLM logit draws (``glm`` as in :meth:`predict`),
+        or the network at sampled weights."""
         view = self.view(glm=glm)
         m = PredMethod.parse(method, "Laplace.predictive_samples: method")
         self._check_sampling(m, view)
@@ -372,15 +349,7 @@ class Laplace:
         ``method="glm"`` (default) linearises the network around ``θ*``: ``link="probit"``
         (default, closed form) or ``link="mc"`` (``n_samples`` logit draws). ``method="mc"``
         averages the softmax of the network at ``n_samples`` sampled weight vectors.
-
-        GLM paths (``glm``, a :class:`~bayes_kfoc.options.GlmPath`): a last layer (a Linear
-        whose output is the logits, Kronecker or diagonal block) is always in closed form.
-        ``"exact"`` takes one vector-Jacobian product per class and point for the other blocks;
-        ``"sampled"`` pushes ``n_samples`` posterior draws through forward-mode JVPs (cost
-        independent of the classes; with the probit link the variances are the draws' mean
-        squares, a Monte-Carlo estimate; seed it with ``generator``); ``"auto"`` (default)
-        takes the cheaper by a cost model, or ``"sampled"`` when one point's exact statistics
-        exceed ``memory_budget``. :attr:`last_glm` records the plan that ran.
+        ``glm``: ``"auto"``, ``"exact"`` or ``"sampled"`` (:class:`~bayes_kfoc.options.GlmPath`).
         """
         view = self.view(glm=glm)
         m = PredMethod.parse(method, "Laplace.predict: method")
@@ -422,15 +391,8 @@ class Laplace:
         """Read a saved posterior (``torch.load(weights_only=True)``, checksum verified) onto
         ``model``."""
         state = serialization.read_state(path)
-        la = cls(
-            model,
-            state["likelihood"],
-            state["structure"],
-            state["fisher"],
-            state["subset"],
-            progress=False,
-        )
-        return la.load_state_dict(state, check_weights=check_weights)
+        args = (state["likelihood"], state["structure"], state["fisher"], state["subset"])
+        return cls(model, *args, progress=False).load_state_dict(state, check_weights=check_weights)
 
     def __repr__(self) -> str:
         status = f"{len(self.blocks)} blocks, {self.num_params} params" if self.fitted else "unfit"
