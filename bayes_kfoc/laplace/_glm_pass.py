@@ -154,8 +154,14 @@ def glm_chunks(
             with torch.inference_mode(False):
                 if sub:
                     n = plan.samples if samples is None else samples
-                    tangents = draw_tangents(sub, tau, n, generator)
-                    logits, deviations = linearised_deviations(view.model, xb, tangents, n)
+                    parts = []
+                    for start in range(0, n, plan.group):  # bounded: `group` tangents at a time
+                        k = min(plan.group, n - start)
+                        tangents = draw_tangents(sub, tau, k, generator)
+                        logits, dev = linearised_deviations(view.model, xb, tangents, k)
+                        parts.append(dev)
+                        del tangents
+                    deviations = torch.cat(parts)
                 if head_modules or not sub:
                     with torch.no_grad():
                         logits = as_logits(call_model(view.model, xb, "Laplace.predict"))

@@ -80,6 +80,8 @@ class GlmPlan:
         samples: ``S``, the JVPs per point of the sampled path.
         exact_cost, sampled_cost: the cost model's multiply-adds per point of either path.
         exact_bytes: bytes one point needs on the exact path (Jacobian statistics and terms).
+        group: draws pushed through the JVP at once on the sampled path (their tangents, one
+            parameter vector each, use at most a quarter of the budget).
     """
 
     path: GlmPath
@@ -90,6 +92,7 @@ class GlmPlan:
     exact_cost: float
     sampled_cost: float
     exact_bytes: int
+    group: int = 1
 
     @property
     def jacobian_blocks(self) -> bool:
@@ -161,7 +164,7 @@ def plan_glm(
         and probes[k].in_ndim == 2
     )
     flops = rotate = 0.0
-    exact_bytes = sampled_bytes = draw = 0.0
+    exact_bytes = act_bytes = draw = tangent_bytes = 0.0
     for k, b in blocks.items():
         if k in closed:
             continue
@@ -178,7 +181,7 @@ def plan_glm(
             else:  # shared weights: M_c, then Q_Gᵀ M_c Q_A per class
                 rotate += positions * o * n + o * o * n + o * n * n
                 exact_bytes += WORKSPACE * c * o * n * item
-            draw += o * o * n + o * n * n
+            draw += o * n + o * o * n + o * n * n  # E, then Q_G E Q_Aᵀ
         else:  # explicit per-point gradients: Σ_t δ_t ā_tᵀ over a shared weight, then (Qᵀg)²
             shape = torch.Size(next(iter(b.param_shapes.values()), ()))
             d_out = int(shape[0]) if len(shape) else 1
@@ -187,9 +190,13 @@ def plan_glm(
             rotate += positions * b.num_params if positions > 1 else 0
             rotate += b.num_params * (b.num_params if isinstance(b, DenseBlock) else 1)
             exact_bytes += WORKSPACE * c * b.num_params * item
-            draw += b.num_params * (b.num_params if isinstance(b, DenseBlock) else 1)
+            draw += b.num_params * (b.num_params if isinstance(b, DenseBlock) else 1) + b.num_params
         exact_bytes += c * out * model_itemsize  # the backpropagated directions
-        sampled_bytes += WORKSPACE * samples * out * model_itemsize
+        act_bytes += WORKSPACE * out * model_itemsize  # per draw and point
+        tangent_bytes += 2 * b.num_params * max(item, model_itemsize)  # per draw
+    # the sampled path draws `group` tangents at a time (a quarter of the budget at most)
+    group = int(min(samples, max(1, budget // (4 * max(tangent_bytes, 1)))))
+    sampled_bytes = group * act_bytes + samples * c * model_itemsize
     exact_cost = c * (2 * flops + rotate) if flops else 0.0
     sampled_cost = samples * (2 * flops + draw / max(chunk_size, 1)) if flops else 0.0
     if requested is GlmPath.AUTO:
@@ -199,7 +206,8 @@ def plan_glm(
         path = requested
     per_point = exact_bytes if path is GlmPath.EXACT else sampled_bytes
     per_point += 4 * c * 8  # logits, variances, probabilities
-    if per_point > budget:
+    room = budget if path is GlmPath.EXACT else budget - group * tangent_bytes
+    if per_point > room:
         raise MemoryError(
             f"{what}: one point needs about {human_bytes(per_point)} on the {path.value} GLM path "
             f"({c} classes), over the memory_budget of {human_bytes(budget)}. Raise it "
@@ -211,5 +219,7 @@ def plan_glm(
             )
             + "or a smaller posterior (modules='last_layer')."
         )
-    chunk = int(max(1, min(chunk_size, budget // max(int(per_point), 1))))
-    return GlmPlan(path, closed, c, chunk, samples, exact_cost, sampled_cost, int(exact_bytes))
+    chunk = int(max(1, min(chunk_size, room // max(int(per_point), 1))))
+    return GlmPlan(
+        path, closed, c, chunk, samples, exact_cost, sampled_cost, int(exact_bytes), group
+    )
