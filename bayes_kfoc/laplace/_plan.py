@@ -121,7 +121,7 @@ def probe_modules(
 
     handles = [m.register_forward_hook(make(k)) for k, m in modules.items()]
     try:
-        with torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad():  # normal tensors: version counters
             logits = as_logits(call_model(model, split_inputs(x, 1)[0], "Laplace.predict"))
     finally:
         for h in handles:
