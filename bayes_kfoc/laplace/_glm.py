@@ -102,6 +102,24 @@ class BlockVariance:
             return torch.einsum("cbo,bo->bc", self.left, self.right @ inv.T)
         return torch.einsum("cbp,p->bc", self.left, inv)
 
+    def many(self, taus: Tensor) -> Tensor:
+        """``[S, B, C]``: :meth:`__call__` at ``S`` priors ``taus`` at once, one GEMM over the
+        stored coordinates (not one pass over them per prior)."""
+        taus = taus.to(self.block.dtype)
+        if isinstance(self.block, KronBlock):
+            la, _, lg, _ = self.block.eigh()
+            spectrum = torch.outer(lg, la)
+        else:
+            assert self.evals is not None
+            spectrum = self.evals
+        inv = (spectrum.unsqueeze(0) + taus.reshape(-1, *[1] * spectrum.ndim)).reciprocal()
+        if self.right is not None:  # rank-one: left [C, B, o], right [B, n], inv [S, o, n]
+            r = torch.einsum("bj,sij->sbi", self.right, inv)
+            return torch.einsum("cbi,sbi->sbc", self.left, r)
+        c, b = self.left.shape[:2]
+        out = self.left.reshape(c * b, -1) @ inv.reshape(inv.shape[0], -1).T  # [C·B, S]
+        return out.reshape(c, b, -1).permute(2, 1, 0)
+
 
 def chunk_variances(chunk: Chunk, blocks: dict[str, CurvatureBlock]) -> list[BlockVariance]:
     """The τ-independent variance terms of every block at one chunk (block order)."""

@@ -61,6 +61,10 @@ class HeadVariance:
             inv = (vec_to_mat(block.values, o, n - int(self.bias), self.bias) + tau).reciprocal()
         return self.right @ inv.T
 
+    def many(self, taus: Tensor) -> Tensor:
+        """``[S, B, C]``: :meth:`__call__` at ``S`` priors at once."""
+        return torch.stack([self(t) for t in taus])
+
     def __call__(self, tau: Tensor) -> Tensor:
         """``[B, C]`` variances of the logits at prior ``τ``: ``(Q_G²) s`` per point."""
         s = self._scaled(tau)

@@ -129,9 +129,15 @@ class ScaleVariances:
         parts: dict[float, list[Tensor]] = {u: [] for u in todo}
         logits, labels = [], []
         count = 0
+        exps = torch.tensor(todo, dtype=torch.float64, device=self.base.device)
         for terms, lg, y, per_point in self._chunks():
-            for u in todo:
-                parts[u].append(self._sum(terms, u))
+            if todo:  # every scale in one contraction per block
+                taus = 10.0 ** exps.unsqueeze(1) * self.base  # [S, blocks]
+                var = terms[0].many(taus[:, 0])
+                for i, term in enumerate(terms[1:], 1):
+                    var = var + term.many(taus[:, i])
+                for u, v in zip(todo, var, strict=True):
+                    parts[u].append(v)
             if first:
                 logits.append(lg)
                 labels.append(y)
