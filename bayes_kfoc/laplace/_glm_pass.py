@@ -40,20 +40,27 @@ class GlmChunk:
     deviations: Tensor | None = None  # sampled path: J δ_s of the other blocks, [S, B, C]
     blocks: Mapping[str, Any] | None = None
 
+    def names(self) -> list[str]:
+        """The blocks with variance terms in this chunk (closed form or Jacobian statistics)."""
+        return [*self.heads, *(self.stats or {})]
+
+    def term(self, name: str) -> Any:
+        """Block ``name``'s τ-independent terms: ``term(τ) -> [B, C]``, ``term.many(τs)``."""
+        if name in self.heads:
+            return self.heads[name]
+        assert self.stats is not None and self.blocks is not None
+        return BlockVariance(self.stats[name], self.blocks[name])
+
     def terms(self) -> dict[str, Any]:
-        """``{block: term}`` with ``term(τ) -> [B, C]`` variances (closed form or Jacobian)."""
-        out: dict[str, Any] = dict(self.heads)
-        if self.stats is not None:
-            assert self.blocks is not None
-            for k, st in self.stats.items():
-                out[k] = BlockVariance(st, self.blocks[k])
-        return out
+        """``{block: term}`` of every block at once (memory: all blocks' terms)."""
+        return {k: self.term(k) for k in self.names()}
 
     def variance(self, tau: Mapping[str, Tensor]) -> Tensor:
-        """``[B, C]`` variances of the linearised logits at ``τ`` (by block name)."""
+        """``[B, C]`` variances of the linearised logits at ``τ`` (by block name); one block's
+        terms alive at a time."""
         var: Tensor | None = None
-        for k, term in self.terms().items():
-            v = term(tau[k])
+        for k in self.names():
+            v = self.term(k)(tau[k])
             var = v if var is None else var + v
         if self.deviations is not None:
             v = self.deviations.square().mean(0)

@@ -82,6 +82,8 @@ class GlmPlan:
         exact_bytes: bytes one point needs on the exact path (Jacobian statistics and terms).
         group: draws pushed through the JVP at once on the sampled path (their tangents, one
             parameter vector each, use at most a quarter of the budget).
+        terms_bytes: bytes of all blocks' τ-independent variance terms per point (what tuning
+            keeps per point when they fit the budget).
     """
 
     path: GlmPath
@@ -93,6 +95,7 @@ class GlmPlan:
     sampled_cost: float
     exact_bytes: int
     group: int = 1
+    terms_bytes: int = 0
 
     @property
     def jacobian_blocks(self) -> bool:
@@ -164,7 +167,7 @@ def plan_glm(
         and probes[k].in_ndim == 2
     )
     flops = rotate = 0.0
-    exact_bytes = act_bytes = draw = tangent_bytes = 0.0
+    directions = workspace = terms = act_bytes = draw = tangent_bytes = 0.0
     for k, b in blocks.items():
         if k in closed:
             continue
@@ -177,10 +180,10 @@ def plan_glm(
             flops += positions * o * b.d_in
             if positions == 1:  # rank-one: (d Q_G)² per class, (a Q_A)² once
                 rotate += o * o + n * n / c
-                exact_bytes += WORKSPACE * c * o * item
+                kept = (c * o + n) * item
             else:  # shared weights: M_c, then Q_Gᵀ M_c Q_A per class
                 rotate += positions * o * n + o * o * n + o * n * n
-                exact_bytes += WORKSPACE * c * o * n * item
+                kept = c * o * n * item
             draw += o * n + o * o * n + o * n * n  # E, then Q_G E Q_Aᵀ
         else:  # explicit per-point gradients: Σ_t δ_t ā_tᵀ over a shared weight, then (Qᵀg)²
             shape = torch.Size(next(iter(b.param_shapes.values()), ()))
@@ -189,14 +192,17 @@ def plan_glm(
             flops += positions * b.num_params
             rotate += positions * b.num_params if positions > 1 else 0
             rotate += b.num_params * (b.num_params if isinstance(b, DenseBlock) else 1)
-            exact_bytes += WORKSPACE * c * b.num_params * item
+            kept = c * b.num_params * item
             draw += b.num_params * (b.num_params if isinstance(b, DenseBlock) else 1) + b.num_params
-        exact_bytes += c * out * model_itemsize  # the backpropagated directions
+        terms += kept  # the block's τ-independent terms per point
+        workspace = max(workspace, WORKSPACE * kept)  # one block's terms are made at a time
+        directions += c * out * model_itemsize  # the backpropagated directions
         act_bytes += WORKSPACE * out * model_itemsize  # per draw and point
         tangent_bytes += 2 * b.num_params * max(item, model_itemsize)  # per draw
     # the sampled path draws `group` tangents at a time (a quarter of the budget at most)
     group = int(min(samples, max(1, budget // (4 * max(tangent_bytes, 1)))))
     sampled_bytes = group * act_bytes + samples * c * model_itemsize
+    exact_bytes = workspace + directions
     exact_cost = c * (2 * flops + rotate) if flops else 0.0
     sampled_cost = samples * (2 * flops + draw / max(chunk_size, 1)) if flops else 0.0
     if requested is GlmPath.AUTO:
@@ -221,5 +227,14 @@ def plan_glm(
         )
     chunk = int(max(1, min(chunk_size, room // max(int(per_point), 1))))
     return GlmPlan(
-        path, closed, c, chunk, samples, exact_cost, sampled_cost, int(exact_bytes), group
+        path,
+        closed,
+        c,
+        chunk,
+        samples,
+        exact_cost,
+        sampled_cost,
+        int(exact_bytes),
+        group,
+        int(terms),
     )

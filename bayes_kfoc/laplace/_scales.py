@@ -26,8 +26,8 @@ from torch import Tensor
 from ..options import GlmPath
 from ..stats import check_label_range
 from ..stats.inputs import Batches
-from ._glm_pass import glm_chunks, glm_plan
-from ._plan import budget_bytes
+from ._glm_pass import GlmChunk, glm_chunks, glm_plan
+from ._plan import GlmPlan, budget_bytes
 from .predictive import PosteriorView, check_inputs
 
 AHEAD_SHARE = 4  # the look-ahead scales may use 1 / AHEAD_SHARE of the memory budget
@@ -85,19 +85,16 @@ class ScaleVariances:
     def _tau(self, u: float) -> dict[str, Tensor]:
         return dict(zip(self.view.blocks, 10.0**u * self.base, strict=True))
 
-    def _chunks(self) -> Iterator[tuple[list[Any], Tensor, Tensor, int]]:
-        """Per chunk: the blocks' terms (block order), the MAP logits, the labels, and the
-        bytes one point's terms need."""
+    def _chunks(self) -> Iterator[tuple[GlmChunk, Tensor, GlmPlan]]:
+        """Per chunk: the GLM chunk (its blocks' terms on demand), the labels, and the plan."""
         for x, y in self.points:
             x = check_inputs(self.view, x)
             plan = glm_plan(self.view, x, 1, GlmPath.EXACT, self.what)
             start = 0
             for chunk in glm_chunks(self.view, x, plan, None):
-                terms = chunk.terms()
                 b = chunk.logits.shape[0]
-                labels = y[start : start + b]
+                yield chunk, y[start : start + b], plan
                 start += b
-                yield [terms[k] for k in self.view.blocks], chunk.logits, labels, plan.exact_bytes
         self.passes += 1
 
     def _sum(self, terms: list[Any], u: float) -> Tensor:
@@ -130,22 +127,31 @@ class ScaleVariances:
         logits, labels = [], []
         count = 0
         exps = torch.tensor(todo, dtype=torch.float64, device=self.base.device)
-        for terms, lg, y, per_point in self._chunks():
-            if todo:  # every scale in one contraction per block
-                taus = 10.0 ** exps.unsqueeze(1) * self.base  # [S, blocks]
-                var = terms[0].many(taus[:, 0])
-                for i, term in enumerate(terms[1:], 1):
-                    var = var + term.many(taus[:, i])
+        taus = 10.0 ** exps.unsqueeze(1) * self.base  # [S, blocks]
+        names = list(self.view.blocks)
+        for chunk, y, plan in self._chunks():
+            count += chunk.logits.shape[0]
+            if kept is not None and self.keep is None:
+                if count * plan.terms_bytes + plan.exact_bytes > self.budget:
+                    kept = None  # too big to keep: stream from now on
+            terms = []
+            var: Tensor | None = None
+            for i, k in enumerate(names):  # every scale in one contraction per block
+                term = chunk.term(k)
+                if todo:
+                    v = term.many(taus[:, i])
+                    var = v if var is None else var + v
+                if kept is not None:
+                    terms.append(term)
+                del term  # streamed: one block's terms alive at a time
+            if var is not None:
                 for u, v in zip(todo, var, strict=True):
                     parts[u].append(v)
             if first:
-                logits.append(lg)
+                logits.append(chunk.logits)
                 labels.append(y)
-            count += lg.shape[0]
             if kept is not None:
                 kept.append(terms)
-                if self.keep is None and count * per_point > self.budget:
-                    kept = None  # too big to keep: stream from now on
         for u in todo:
             self._cache[u] = torch.cat(parts[u])
         if first:
