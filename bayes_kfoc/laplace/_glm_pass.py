@@ -10,6 +10,7 @@ Every chunk carries the MAP logits and the τ-independent material of each block
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -154,7 +155,7 @@ def glm_chunks(
             return
         sub = {t.name: view.blocks[t.name] for t in others}
         tau = view.tau_of
-        for xb in chunks:
+        for i, xb in enumerate(chunks):
             size[0] = batch_size(xb)
             feats.clear()
             deviations = None
@@ -162,12 +163,25 @@ def glm_chunks(
                 if sub:
                     n = plan.samples if samples is None else samples
                     parts = []
-                    for start in range(0, n, plan.group):  # bounded: `group` tangents at a time
-                        k = min(plan.group, n - start)
-                        tangents = draw_tangents(sub, tau, k, generator)
-                        logits, dev = linearised_deviations(view.model, xb, tangents, k)
-                        parts.append(dev)
-                        del tangents
+                    try:
+                        for start in range(0, n, plan.group):  # `group` tangents at a time
+                            k = min(plan.group, n - start)
+                            tangents = draw_tangents(sub, tau, k, generator)
+                            logits, dev = linearised_deviations(view.model, xb, tangents, k)
+                            parts.append(dev)
+                            del tangents
+                    except NotImplementedError as err:  # an op without forward-mode AD
+                        if i or view.glm is not GlmPath.AUTO:
+                            raise NotImplementedError(
+                                f"Laplace.predict: glm='sampled' needs forward-mode AD, which an "
+                                f"operation of this model lacks ({str(err).splitlines()[0]}); "
+                                "use glm='exact'."
+                            ) from err
+                        exact = dataclasses.replace(plan, path=GlmPath.EXACT)
+                        if view.report is not None:
+                            view.report(exact)
+                        yield from glm_chunks(view, x, exact, generator, samples)
+                        return
                     deviations = torch.cat(parts)
                 if head_modules or not sub:
                     with torch.no_grad():

@@ -31,6 +31,7 @@ from ..stats.inputs import Inputs, split_inputs
 from ._head import has_closed_form
 
 DEFAULT_BUDGET = 2 * 2**30  # bytes: the predictive's default memory_budget (capped by free RAM)
+AUTO_MARGIN = 4  # glm="auto" samples only when the cost model says 4x cheaper than exact
 WORKSPACE = 3  # copies of the per-point Jacobian terms alive at once (gradients, rotated, squared)
 
 
@@ -205,8 +206,8 @@ def plan_glm(
     exact_bytes = workspace + directions
     exact_cost = c * (2 * flops + rotate) if flops else 0.0
     sampled_cost = samples * (2 * flops + draw / max(chunk_size, 1)) if flops else 0.0
-    if requested is GlmPath.AUTO:
-        cheaper = sampled_cost < exact_cost
+    if requested is GlmPath.AUTO:  # the Monte-Carlo path only when clearly cheaper
+        cheaper = AUTO_MARGIN * sampled_cost < exact_cost
         path = GlmPath.SAMPLED if cheaper or exact_bytes > budget else GlmPath.EXACT
     else:
         path = requested

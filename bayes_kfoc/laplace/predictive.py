@@ -195,30 +195,35 @@ def glm_distribution(view: PosteriorView, x: Inputs) -> tuple[Tensor, Tensor]:
 
 
 def linearised_samples(
-    view: PosteriorView, x: Inputs, n: int, generator: torch.Generator | None
+    view: PosteriorView,
+    x: Inputs,
+    n: int,
+    generator: torch.Generator | None,
+    temperature: float = 1.0,
 ) -> Iterator[Tensor]:
-    """``[n, b, C]`` draws of the linearised logits ``f(θ*) + J δ`` (untempered), one chunk at a
-    time: exact Gaussian draws (``N(f, J Σ Jᵀ)`` through the covariance's eigendecomposition)
-    on the exact path, ``J δ_s`` by JVPs on the sampled one; last layers add ``Q_G (√s ⊙ ε)``."""
+    """``[n, b, C]`` draws of the linearised logits ``(f(θ*) + J δ) / temperature``, one chunk
+    at a time. Exact path: ``N(f, J Σ Jᵀ)`` through the eigendecomposition of the chunk's whole
+    covariance (the last layers' closed-form covariance included), as ``glm_distribution``
+    gives it; a last-layer-only posterior draws ``Q_G (√s ⊙ ε)`` directly (no ``C × C``
+    matrix); sampled path: ``J δ_s`` by JVPs, plus the last layers' direct draws."""
     n = check_num_samples(n, "Laplace.predict")
     x = check_inputs(view, x)
     plan = _plan(view, x, n)
+    t = temperature
     for chunk in glm_chunks(view, x, plan, generator, n):
-        mean = chunk.logits
-        draws: Tensor | None = None
         if chunk.stats is not None:
-            names = list(chunk.stats)
-            blocks = {k: view.blocks[k] for k in names}
-            tau = torch.stack([view.tau_of[k] for k in names])
-            mean, cov = glm_moments([(chunk.stats, chunk.logits)], blocks, tau)
-            draws = sample_logits(torch.zeros_like(mean), cov, n, generator)
-        elif chunk.deviations is not None:
-            draws = chunk.deviations
+            mean, cov = _covariance(view, chunk)
+            if t != 1.0:  # the tempered logits f / T, as glm_distribution returns them
+                mean, cov = mean / t, cov / t**2
+            yield sample_logits(mean, cov, n, generator)
+            continue
+        draws: Tensor | None = chunk.deviations
         for k, head in chunk.heads.items():
             d = head.sample(view.tau_of[k], n, generator)
             draws = d if draws is None else draws + d.to(draws.dtype)
-        mean = mean if draws is None else mean.to(draws.dtype)
-        yield mean.expand(n, *mean.shape) if draws is None else mean + draws
+        mean = chunk.logits if draws is None else chunk.logits.to(draws.dtype)
+        f = mean.expand(n, *mean.shape) if draws is None else mean + draws
+        yield f if t == 1.0 else f / t
 
 
 def glm_probability_samples(
@@ -226,8 +231,8 @@ def glm_probability_samples(
 ) -> Iterator[Tensor]:
     """``[n, b, C]`` softmax probabilities of GLM draws of the tempered logits ``f / T``, one
     chunk at a time (:func:`linearised_samples`): memory bounded by ``memory_budget``."""
-    for f in linearised_samples(view, x, n, generator):
-        yield torch.softmax(f / view.temperature, dim=-1)
+    for f in linearised_samples(view, x, n, generator, view.temperature):
+        yield torch.softmax(f, dim=-1)
 
 
 def sample(view: PosteriorView, n: int, generator: torch.Generator | None) -> Tensor:
