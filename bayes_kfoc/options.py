@@ -136,3 +136,24 @@ class TuneMethod(StrEnum):
     MARGLIK = "marglik"
     GRIDSEARCH = "gridsearch"
     CONSISTENCY = "consistency"
+
+
+class GlmPath(StrEnum):
+    """How the GLM predictive computes the linearised logits' spread (``docs/math.md``, "Sampled
+    linearised predictive").
+
+    - ``auto`` (default): ``sampled`` where a cost model says it is at least 4× cheaper (many
+      classes, wide convolutions), or where one point's exact Jacobian statistics exceed
+      ``memory_budget``; else (and where an operation lacks forward-mode AD) ``exact``.
+    - ``exact``: one vector-Jacobian product per class and point, contracted in each block's
+      eigenbasis (the exact variances / covariance).
+    - ``sampled``: ``n_samples`` weight perturbations from the posterior pushed through
+      forward-mode JVPs; a Monte-Carlo estimate whose cost does not grow with the classes.
+
+    Either way a Kronecker or diagonal block whose module *produces* the logits (a last layer)
+    uses the closed form, exact and without Jacobians.
+    """
+
+    AUTO = "auto"
+    EXACT = "exact"
+    SAMPLED = "sampled"

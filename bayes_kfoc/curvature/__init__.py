@@ -5,7 +5,7 @@ checks the model and first batch, and the result is a :class:`Curvature` with ty
 :class:`FitInfo` and per-block :class:`SolverInfo`.
 """
 
-from ._checks import check_train_mode
+from ._checks import check_train_mode, default_memory_budget, human_bytes
 from ._kfoc import ConvergenceWarning
 from ._result import Curvature
 from .fit import fit_curvature
@@ -22,6 +22,8 @@ __all__ = [
     "FitSetup",
     "SolverInfo",
     "check_train_mode",
+    "default_memory_budget",
     "fit_curvature",
+    "human_bytes",
     "prepare",
 ]

@@ -10,6 +10,7 @@ per-point Jacobian ``M_c = Σ_t (J_z f)_{c,t} ā_t^T`` is rotated, ``Q_G^T M_c Q
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -103,6 +104,24 @@ class BlockVariance:
             return torch.einsum("cbo,bo->bc", self.left, self.right @ inv.T)
         return torch.einsum("cbp,p->bc", self.left, inv)
 
+    def many(self, taus: Tensor) -> Tensor:
+        """``[S, B, C]``: :meth:`__call__` at ``S`` priors ``taus`` at once, one GEMM over the
+        stored coordinates (not one pass over them per prior)."""
+        taus = taus.to(self.block.dtype)
+        if isinstance(self.block, KronBlock):
+            la, _, lg, _ = self.block.eigh()
+            spectrum = torch.outer(lg, la)
+        else:
+            assert self.evals is not None
+            spectrum = self.evals
+        inv = (spectrum.unsqueeze(0) + taus.reshape(-1, *[1] * spectrum.ndim)).reciprocal()
+        if self.right is not None:  # rank-one: left [C, B, o], right [B, n], inv [S, o, n]
+            r = torch.einsum("bj,sij->sbi", self.right, inv)
+            return torch.einsum("cbi,sbi->sbc", self.left, r)
+        c, b = self.left.shape[:2]
+        out = self.left.reshape(c * b, -1) @ inv.reshape(inv.shape[0], -1).T  # [C·B, S]
+        return out.reshape(c, b, -1).permute(2, 1, 0)
+
 
 def chunk_variances(chunk: Chunk, blocks: dict[str, CurvatureBlock]) -> list[BlockVariance]:
     """The τ-independent variance terms of every block at one chunk (block order)."""
@@ -110,8 +129,8 @@ def chunk_variances(chunk: Chunk, blocks: dict[str, CurvatureBlock]) -> list[Blo
     return [BlockVariance(stats[name], block) for name, block in blocks.items()]
 
 
-def total_variance(terms: list[BlockVariance], tau: Tensor) -> Tensor:
-    """``[B, C]``: the logit variances of all blocks at ``τ`` (one value per block)."""
+def total_variance(terms: Sequence[Callable[[Tensor], Tensor]], tau: Tensor) -> Tensor:
+    """``[B, C]``: the logit variances of all blocks' terms at ``τ`` (one value per block)."""
     out = terms[0](tau[0])
     for term, t in zip(terms[1:], tau[1:], strict=True):
         out = out + term(t)

@@ -26,8 +26,9 @@ import torch
 from torch import Tensor
 
 from ..blocks import CurvatureBlock
+from ._scales import ScaleVariances
 from .tuning import TuningResult
-from .validation import STEP, ValidationTerms
+from .validation import STEP
 
 TOP = 7.0  # log10 s of the tight-posterior reference
 BOTTOM = -4.0  # log10 s the scan never passes
@@ -44,7 +45,7 @@ def effective_parameters(blocks: list[CurvatureBlock], tau: Tensor) -> float:
 
 
 def consistency(
-    train: ValidationTerms,
+    train: ScaleVariances,
     base: Tensor,
     blocks: list[CurvatureBlock],
     num_data: int,
@@ -55,13 +56,18 @@ def consistency(
     """The rule of the module docstring on the training sample ``train``."""
     if not slack > 0:
         raise ValueError(f"Laplace.optimize_prior_precision: slack must be positive, got {slack}.")
+    lattice, u = [TOP], TOP - STEP
+    while u >= BOTTOM - 1e-9:  # the scan's own arithmetic, so that every scale is prepared
+        lattice.append(u)
+        u -= STEP
+    train.prepare(lattice)
     logits, labels = train.logits, train.labels
     base = base.to(logits.device)
     nll_map = float(-torch.log_softmax(logits, -1).gather(1, labels[:, None]).mean())
 
     def ratio(u: float) -> float:
         tau = 10.0**u * base
-        var = train.variance(tau)
+        var = train.take(u)
         lp = torch.log_softmax(logits / torch.sqrt(1 + math.pi / 8 * var), dim=-1)
         drop = num_data * (float(-lp.gather(1, labels[:, None]).mean()) - nll_map)
         gamma = effective_parameters(blocks, tau)

@@ -24,12 +24,13 @@ from torch.nn.utils import parameters_to_vector
 
 from ..blocks import CurvatureBlock
 from ..curvature import Curvature, fit_curvature
-from ..options import FisherType, Link, PredMethod, Structure
+from ..options import FisherType, GlmPath, Link, PredMethod, Structure
 from ..stats import Target, targets_for
 from ..stats.inputs import Batches, Inputs, inputs_to, split_inputs
 from . import predictive, serialization
 from ._guard import check_model, fingerprints
 from ._layout import Layout
+from ._plan import GlmPlan
 from ._posterior import log_evidence
 from ._recorder import TRAIN_SAMPLE, Recorder
 from .optimize import optimize_prior
@@ -52,7 +53,9 @@ class Laplace:
             in block order).
         eig_dtype: dtype of the posterior's eigendecompositions (e.g. ``torch.float64`` for
             float32 models); default: the model's dtype, float32 for float16 / bfloat16 models.
-        chunk_size: points per chunk in predictions (bounds memory for many classes or wide nets).
+        chunk_size: at most this many points per chunk in predictions and tuning.
+        memory_budget: bytes for the fit's cached statistics and each predictive / tuning chunk
+            (default: the fit's; 2 GiB for chunks); too small for one point: ``MemoryError``.
         fit_kwargs: forwarded to :func:`fit_curvature` (``mc_samples``, ``seed``, ``tol``, ...).
 
     .. warning:: The curvature is the Fisher **summed** over the training set; ``τ`` acts on that
@@ -71,6 +74,7 @@ class Laplace:
         modules: str | Sequence[str] | None = None,
         eig_dtype: torch.dtype | None = None,
         chunk_size: int = 256,
+        memory_budget: int | None = None,
         progress: bool = True,
         **fit_kwargs: Any,
     ):
@@ -89,8 +93,9 @@ class Laplace:
         self.modules: str | list[str] = chosen if isinstance(chosen, str) else list(chosen)
         self.eig_dtype = eig_dtype
         self.chunk_size = chunk_size
-        self.progress = progress
-        self.fit_kwargs = fit_kwargs
+        self.memory_budget, self.progress, self.fit_kwargs = memory_budget, progress, fit_kwargs
+        fit_kwargs.setdefault("memory_budget", memory_budget)  # None: the fit's own default
+        self.last_glm: GlmPlan | None = None  # how the latest GLM pass ran (which path)
         self._prior_init = prior_precision
         if not isinstance(prior_precision, dict):
             check_prior_precision(torch.as_tensor(prior_precision, dtype=torch.float64))
@@ -207,11 +212,8 @@ class Laplace:
         Differentiable in ``prior_precision`` (scalar or one value per block; default: current).
         """
         self._require_fit("log_marginal_likelihood")
-        tau = (
-            self.prior_precision
-            if prior_precision is None
-            else torch.as_tensor(prior_precision, dtype=torch.float64, device=self.device)
-        )
+        given = self.prior_precision if prior_precision is None else prior_precision
+        tau = torch.as_tensor(given, dtype=torch.float64, device=self.device)
         tau = tau.expand(len(self.blocks)) if tau.numel() == 1 else tau.flatten()
         check_prior_precision(tau.detach())
         blocks = list(self.blocks.values())
@@ -256,10 +258,7 @@ class Laplace:
           ``T = 1``. See :mod:`bayes_kfoc.laplace.consistency`.
         - ``"marglik"``: maximise :meth:`log_marginal_likelihood` exactly, per module
           (``per_module=True``) or one shared τ; ``T = 1``.
-
-        .. warning:: Post-hoc marglik on *all* weights of a network trained with weak weight
-           decay picks a small τ and a grossly underconfident predictive (on the digits MLP:
-           ECE 0.32 against the MAP's 0.02); it is no longer the default.
+          Post-hoc marglik on *all* weights is underconfident (README, "Defaults and why").
         """
         self._require_fit("optimize_prior_precision")
         result = optimize_prior(
@@ -286,23 +285,26 @@ class Laplace:
         return self.prior_precision
 
     # -- sampling and prediction ------------------------------------------------------------------
-    def view(self, prior_precision: Tensor | None = None) -> PosteriorView:
+    def view(
+        self, prior_precision: Tensor | None = None, glm: str | GlmPath = GlmPath.AUTO
+    ) -> PosteriorView:
         """The fitted posterior as a :class:`~bayes_kfoc.laplace.predictive.PosteriorView`
-        (at the current ``τ``, or at ``prior_precision``: one value per block); raises if the
-        model left eval mode or its weights changed since the fit."""
+        (at the current ``τ``, or at ``prior_precision``: one value per block; GLM on the
+        ``glm`` path); raises if the model left eval mode or its weights changed since the fit."""
         self._require_fit("view")
         check_model(self.model, self._weights, "Laplace")
         tau = self.prior_precision if prior_precision is None else prior_precision
         parts = (self.model, self.blocks, tau.to(self.device), self.map_vector, self.layout)
-        return PosteriorView(
-            *parts, self._targets, self.input_shape, self.chunk_size, self.temperature
-        )
+        path = GlmPath.parse(glm, "Laplace: glm")
+        rest = (self._targets, self.input_shape, self.chunk_size, self.temperature)
+        return PosteriorView(*parts, *rest, self.memory_budget, path, self._record_glm)
+
+    def _record_glm(self, plan: GlmPlan) -> None:  # which GLM path ran, for the user
+        self.last_glm = plan
 
     def sample(self, n_samples: int = 100, generator: torch.Generator | None = None) -> Tensor:
-        """``[n, P]`` full parameter vectors (``parameters_to_vector`` order) from the posterior.
-
-        Random parameters are ``θ* + P_b^{-1/2} ε``; all others stay at the MAP.
-        """
+        """``[n, P]`` full parameter vectors (``parameters_to_vector`` order) from the posterior:
+        random parameters are ``θ* + P_b^{-1/2} ε``, all others stay at the MAP."""
         return predictive.sample(self.view(), n_samples, generator)
 
     def glm_distribution(self, x: Tensor | Mapping[str, Any]) -> tuple[Tensor, Tensor]:
@@ -315,9 +317,11 @@ class Laplace:
         n_samples: int = 100,
         method: str = "glm",
         generator: torch.Generator | None = None,
+        glm: str = "auto",
     ) -> Tensor:
-        """``[n, B, C]`` probability samples: GLM logit draws, or the network at sampled weights."""
-        view = self.view()
+        """``[n, B, C]`` probability samples: GLM logit draws (``glm`` as in :meth:`predict`),
+        or the network at sampled weights."""
+        view = self.view(glm=glm)
         m = PredMethod.parse(method, "Laplace.predictive_samples: method")
         self._check_sampling(m, view)
         return predictive.predictive_samples(view, x, m, n_samples, generator)
@@ -338,14 +342,16 @@ class Laplace:
         link: str = "probit",
         n_samples: int = 100,
         generator: torch.Generator | None = None,
+        glm: str = "auto",
     ) -> Tensor:
         """Predictive class probabilities ``[B, C]``.
 
         ``method="glm"`` (default) linearises the network around ``θ*``: ``link="probit"``
         (default, closed form) or ``link="mc"`` (``n_samples`` logit draws). ``method="mc"``
         averages the softmax of the network at ``n_samples`` sampled weight vectors.
+        ``glm``: ``"auto"``, ``"exact"`` or ``"sampled"`` (:class:`~bayes_kfoc.options.GlmPath`).
         """
-        view = self.view()
+        view = self.view(glm=glm)
         m = PredMethod.parse(method, "Laplace.predict: method")
         lk = Link.parse(link, "Laplace.predict: link")
         self._check_sampling(m, view)
@@ -385,15 +391,8 @@ class Laplace:
         """Read a saved posterior (``torch.load(weights_only=True)``, checksum verified) onto
         ``model``."""
         state = serialization.read_state(path)
-        la = cls(
-            model,
-            state["likelihood"],
-            state["structure"],
-            state["fisher"],
-            state["subset"],
-            progress=False,
-        )
-        return la.load_state_dict(state, check_weights=check_weights)
+        args = (state["likelihood"], state["structure"], state["fisher"], state["subset"])
+        return cls(model, *args, progress=False).load_state_dict(state, check_weights=check_weights)
 
     def __repr__(self) -> str:
         status = f"{len(self.blocks)} blocks, {self.num_params} params" if self.fitted else "unfit"

@@ -16,11 +16,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..options import Link, PredMethod, TuneMethod
+from ..options import GlmPath, Link, PredMethod, TuneMethod
 from ..stats import as_labels, check_label_range
 from ..stats.inputs import Batches, batch_size, check_mapping, merge_batches, split_inputs
 from . import predictive
-from ._glm import chunk_variances
+from ._glm_pass import glm_chunks, glm_plan
+from ._scales import ScaleVariances
 from .consistency import consistency
 from .predictive import PosteriorView
 from .prior import scaled_prior_base
@@ -69,12 +70,18 @@ def collect_points(loader: Iterable[Any], what: str, limit: int | None = None) -
 
 
 def glm_terms(view: PosteriorView, points: Batches, what: str) -> ValidationTerms:
-    """Squared Jacobian coordinates of every block at the points (once), MAP logits, labels."""
+    """Every block's τ-independent variance terms at the points, kept in memory (one exact
+    Jacobian pass; last layers in closed form), the MAP logits and the labels: for callers that
+    score many priors on points they know fit in memory (e.g. the study's prior sweep). Tuning
+    itself uses :class:`._scales.ScaleVariances`, bounded by ``memory_budget``."""
     terms, logits, labels = [], [], []
     for x, y in points:
-        for chunk in predictive.iter_jacobians(view, x):
-            terms.append(chunk_variances(chunk, view.blocks))
-            logits.append(chunk[1])
+        x = predictive.check_inputs(view, x)
+        plan = glm_plan(view, x, 1, GlmPath.EXACT, f"Laplace.optimize_prior_precision: {what}")
+        for chunk in glm_chunks(view, x, plan, None):
+            by_name = chunk.terms()
+            terms.append([by_name[k] for k in view.blocks])
+            logits.append(chunk.logits)
         labels.append(y)
     out = torch.cat(logits).double()
     y_all = torch.cat(labels).to(out.device)
@@ -126,7 +133,7 @@ def optimize_prior(
                 f"{what}: the consistency rule needs training points; pass train_loader= (or "
                 "val_loader= to tune on validation data). A loaded posterior keeps none."
             )
-        terms = glm_terms(view, train_sample, "train_loader")
+        terms = ScaleVariances(view, train_sample, base, f"{what}: train_loader")
         return consistency(terms, base, blocks, num_data, prior=prior)
     if val_loader is None:
         raise ValueError(f"{what}: gridsearch needs val_loader.")
@@ -134,7 +141,7 @@ def optimize_prior(
     pm = PredMethod.parse(pred_method, f"{what}: pred_method")
     lk = Link.parse(link, f"{what}: link")
     if pm is PredMethod.GLM and lk is Link.PROBIT:
-        terms = glm_terms(view, points, "val_loader")
+        terms = ScaleVariances(view, points, base, f"{what}: val_loader")
         return search(
             terms,
             base,

@@ -8,20 +8,22 @@ grid search can score another ``τ`` without touching the posterior.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from ..blocks import CurvatureBlock
-from ..options import Link, PredMethod
+from ..options import GlmPath, Link, PredMethod
 from ..stats import Collector, Target, call_model, normal_tensor
 from ..stats.inputs import Batches, Inputs, check_mapping, inputs_to, split_inputs
-from ._glm import Chunk, chunk_variances, glm_moments, probit, sample_logits, total_variance
+from ._glm import Chunk, glm_moments, probit, sample_logits
+from ._glm_pass import GlmChunk, glm_chunks, glm_plan
 from ._guard import check_num_samples
 from ._layout import Layout
 from ._mc import head_features, head_logits, logits_at
+from ._plan import GlmPlan
 from ._posterior import sample_blocks
 
 __all__ = [
@@ -33,6 +35,7 @@ __all__ = [
     "head_features",
     "iter_jacobians",
     "jacobians",
+    "linearised_samples",
     "logits_at",
     "predict",
     "predictive_samples",
@@ -54,8 +57,12 @@ class PosteriorView:
         layout: where each block's parameters sit in ``map_vector``.
         targets: the blocks' modules (for the Jacobian collector).
         input_shape: the shape of one input the posterior was fitted on.
-        chunk_size: points per chunk of Jacobians.
+        chunk_size: points per chunk of Jacobians (at most; ``memory_budget`` may lower it).
         temperature: ``T``; every predictive divides the logits by it.
+        memory_budget: bytes a GLM chunk may use (``None``: the default of
+            :func:`._plan.budget_bytes`).
+        glm: how the GLM predictive treats blocks without a closed form (:class:`GlmPath`).
+        report: called with the :class:`GlmPlan` of every GLM pass (which path ran).
     """
 
     model: nn.Module
@@ -67,9 +74,17 @@ class PosteriorView:
     input_shape: tuple[int, ...]
     chunk_size: int
     temperature: float = 1.0
+    memory_budget: int | None = None
+    glm: GlmPath = GlmPath.AUTO
+    report: Callable[[GlmPlan], None] | None = None
 
     def with_tau(self, tau: Tensor) -> PosteriorView:
         return dataclasses.replace(self, tau=tau)
+
+    @property
+    def tau_of(self) -> dict[str, Tensor]:
+        """``τ`` by block name."""
+        return dict(zip(self.blocks, self.tau, strict=True))
 
     @property
     def device(self) -> torch.device:
@@ -122,43 +137,102 @@ def jacobians(view: PosteriorView, x: Inputs) -> list[Chunk]:
     return list(iter_jacobians(view, x))
 
 
-def glm_mean_variance(view: PosteriorView, x: Inputs) -> tuple[Tensor, Tensor]:
+def _plan(view: PosteriorView, x: Inputs, samples: int, path: GlmPath | None = None) -> GlmPlan:
+    plan = glm_plan(view, x, samples, view.glm if path is None else path)
+    if view.report is not None:
+        view.report(plan)
+    return plan
+
+
+def glm_mean_variance(
+    view: PosteriorView, x: Inputs, samples: int = 100, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
     """Mean and variances ``[B, C]`` of the linearised logits ``f(x)`` (untempered), chunk by
-    chunk: memory ``O(chunk_size · C)`` beyond one chunk's Jacobian statistics."""
+    chunk: memory bounded by ``memory_budget``. Last layers take the closed form; the other
+    blocks the exact or sampled path (``view.glm``; ``samples`` JVPs per point when sampled, the
+    variance then the draws' mean square ``mean_s (J δ_s)²``, unbiased as ``E[J δ] = 0``)."""
+    x = check_inputs(view, x)
+    plan = _plan(view, x, samples)
     means, variances = [], []
-    for chunk in iter_jacobians(view, x):
-        var = total_variance(chunk_variances(chunk, view.blocks), view.tau)
-        means.append(chunk[1].to(var.dtype))
+    for chunk in glm_chunks(view, x, plan, generator):
+        var = chunk.variance(view.tau_of)
+        means.append(chunk.logits.to(var.dtype))
         variances.append(var)
     return torch.cat(means), torch.cat(variances)
 
 
+def _covariance(view: PosteriorView, chunk: GlmChunk) -> tuple[Tensor, Tensor]:
+    """Mean ``[B, C]`` and exact covariance ``[B, C, C]`` of one chunk's linearised logits."""
+    cov = chunk.covariance(view.tau_of)
+    mean = chunk.logits
+    if chunk.stats is not None:
+        names = list(chunk.stats)
+        blocks = {k: view.blocks[k] for k in names}
+        tau = torch.stack([view.tau_of[k] for k in names])
+        mean, rest = glm_moments([(chunk.stats, chunk.logits)], blocks, tau)
+        cov = rest if cov is None else cov + rest
+    if cov is None:  # no random block reaches the logits
+        c = mean.shape[1]
+        cov = mean.new_zeros((mean.shape[0], c, c))
+    return mean.to(cov.dtype), cov
+
+
 def glm_distribution(view: PosteriorView, x: Inputs) -> tuple[Tensor, Tensor]:
     """Mean ``[B, C]`` and covariance ``[B, C, C]`` of the linearised, tempered logits
-    ``f(x) / T`` at ``x``.
+    ``f(x) / T`` at ``x`` (exact: last layers in closed form, the other blocks by Jacobians).
 
     Memory: the full covariance, ``B·C²`` numbers (8 GB in float64 for 1,000 points and 1,000
     classes); the predictives themselves go chunk by chunk (:func:`glm_mean_variance`,
     :func:`glm_probability_samples`).
     """
-    mean, cov = glm_moments(jacobians(view, x), view.blocks, view.tau)
+    x = check_inputs(view, x)
+    plan = _plan(view, x, 1, GlmPath.EXACT)
+    parts = [_covariance(view, chunk) for chunk in glm_chunks(view, x, plan, None)]
+    mean = torch.cat([m for m, _ in parts])
+    cov = torch.cat([c for _, c in parts])
     t = view.temperature
     return (mean, cov) if t == 1.0 else (mean / t, cov / t**2)
+
+
+def linearised_samples(
+    view: PosteriorView,
+    x: Inputs,
+    n: int,
+    generator: torch.Generator | None,
+    temperature: float = 1.0,
+) -> Iterator[Tensor]:
+    """``[n, b, C]`` draws of the linearised logits ``(f(θ*) + J δ) / temperature``, one chunk
+    at a time. Exact path: ``N(f, J Σ Jᵀ)`` through the eigendecomposition of the chunk's whole
+    covariance (the last layers' closed-form covariance included), as ``glm_distribution``
+    gives it; a last-layer-only posterior draws ``Q_G (√s ⊙ ε)`` directly (no ``C × C``
+    matrix); sampled path: ``J δ_s`` by JVPs, plus the last layers' direct draws."""
+    n = check_num_samples(n, "Laplace.predict")
+    x = check_inputs(view, x)
+    plan = _plan(view, x, n)
+    t = temperature
+    for chunk in glm_chunks(view, x, plan, generator, n):
+        if chunk.stats is not None:
+            mean, cov = _covariance(view, chunk)
+            if t != 1.0:  # the tempered logits f / T, as glm_distribution returns them
+                mean, cov = mean / t, cov / t**2
+            yield sample_logits(mean, cov, n, generator)
+            continue
+        draws: Tensor | None = chunk.deviations
+        for k, head in chunk.heads.items():
+            d = head.sample(view.tau_of[k], n, generator)
+            draws = d if draws is None else draws + d.to(draws.dtype)
+        mean = chunk.logits if draws is None else chunk.logits.to(draws.dtype)
+        f = mean.expand(n, *mean.shape) if draws is None else mean + draws
+        yield f if t == 1.0 else f / t
 
 
 def glm_probability_samples(
     view: PosteriorView, x: Inputs, n: int, generator: torch.Generator | None
 ) -> Iterator[Tensor]:
     """``[n, b, C]`` softmax probabilities of GLM draws of the tempered logits ``f / T``, one
-    chunk of ``chunk_size`` points at a time: memory ``O(chunk_size · C · (C + n))`` beyond the
-    chunk's Jacobians."""
-    n = check_num_samples(n, "Laplace.predict")
-    t = view.temperature
-    for chunk in iter_jacobians(view, x):
-        mean, cov = glm_moments([chunk], view.blocks, view.tau)
-        if t != 1.0:  # the tempered logits f / T, as glm_distribution returns them
-            mean, cov = mean / t, cov / t**2
-        yield torch.softmax(sample_logits(mean, cov, n, generator), dim=-1)
+    chunk at a time (:func:`linearised_samples`): memory bounded by ``memory_budget``."""
+    for f in linearised_samples(view, x, n, generator, view.temperature):
+        yield torch.softmax(f, dim=-1)
 
 
 def sample(view: PosteriorView, n: int, generator: torch.Generator | None) -> Tensor:
@@ -208,7 +282,7 @@ def predict(
     """Predictive class probabilities ``[B, C]`` (GLM probit in closed form, else MC; the GLM
     draws are averaged chunk by chunk, so memory is bounded by ``chunk_size``)."""
     if method is PredMethod.GLM and link is Link.PROBIT:
-        return probit(*glm_mean_variance(view, x), view.temperature)
+        return probit(*glm_mean_variance(view, x, n, generator), view.temperature)
     n = check_num_samples(n, "Laplace.predict")
     if method is PredMethod.GLM:
         return torch.cat([p.mean(0) for p in glm_probability_samples(view, x, n, generator)])

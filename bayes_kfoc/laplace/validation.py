@@ -11,8 +11,11 @@ the best. ``τ → ∞`` with ``T`` free is temperature scaling and ``T = 1`` is
 posterior, so on validation data the result cannot lose to either.
 
 ``T ≥ 1``: the MAP is never sharpened (on a validation split with few or no errors ``T < 1``
-over-sharpens). The Jacobian-side work is done once: every ``(s, T)`` costs one contraction per
-block in its eigenbasis and a softmax.
+over-sharpens). The Jacobian-side work is done once when it fits the memory budget (then every
+``(s, T)`` costs one contraction per block in its eigenbasis and a softmax), else in bounded
+memory: the first pass evaluates the initial grid and the scales of the first expansion on
+either side (each expansion that runs evaluates the next one's too), and
+the refinement costs one more pass (:class:`._scales.ScaleVariances`).
 """
 
 from __future__ import annotations
@@ -21,11 +24,13 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from ._glm import BlockVariance, total_variance
+from ._glm import total_variance
+from ._scales import ScaleVariances, key
 from .tuning import REFINE_POINTS, Metric, TuningResult, check_grid
 
 STEP = 0.25  # decades between grid points
@@ -36,17 +41,20 @@ PLATEAU = 1e-5  # a metric change below this over the last expansion ends it
 T_MAX = 100.0
 T_EDGE = 0.99  # a tuned T above T_EDGE · T_MAX is at the range's end
 GOLDEN_ITERS = 40
+LOOK_AHEAD = 1  # expansions per side whose scales a streamed first pass evaluates up front
 
 
 @dataclass(frozen=True)
 class ValidationTerms:
-    """The τ-independent validation quantities: per-chunk variance terms, MAP logits, labels."""
+    """τ-independent variance terms kept for every chunk (block order), MAP logits, labels
+    (``optimize.glm_terms``; memory grows with the points)."""
 
-    terms: list[list[BlockVariance]]
+    terms: list[list[Any]]
     logits: Tensor
     labels: Tensor
 
     def variance(self, tau: Tensor) -> Tensor:
+        """``[N, C]`` logit variances at ``τ`` (one value per block)."""
         return torch.cat([total_variance(t, tau) for t in self.terms])
 
 
@@ -78,8 +86,26 @@ def _golden(f: Callable[[float], float], lo: float, hi: float) -> tuple[float, f
     return x, fx
 
 
+def expansions(lo: float, hi: float, rounds: int = LOOK_AHEAD) -> list[float]:
+    """The scales the first ``rounds`` expansions of :func:`search` can reach from the range
+    ``[lo, hi]`` on either side (its own arithmetic), for :meth:`ScaleVariances.prepare`'s
+    look-ahead."""
+    out = []
+    h, low = hi, lo
+    for _ in range(rounds):
+        if h < LIMITS[1]:
+            new = [h + STEP * k for k in range(1, int(EXPAND / STEP) + 1)]
+            out += new
+            h = max(key(u) for u in new)
+        if low > LIMITS[0]:
+            new = [low - STEP * k for k in range(1, int(EXPAND / STEP) + 1)]
+            out += new
+            low = min(key(u) for u in new)
+    return out
+
+
 def search(
-    val: ValidationTerms,
+    val: ScaleVariances,
     base: Tensor,
     *,
     grid: Sequence[float] | Tensor | None = None,
@@ -96,6 +122,8 @@ def search(
         start = torch.arange(DEFAULT_RANGE[0], DEFAULT_RANGE[1] + 1e-9, STEP, dtype=torch.float64)
     else:
         start = check_grid(grid).log10()
+    starts = start.tolist()
+    val.prepare(starts, expansions(min(starts), max(starts)) if expand else ())
     labels, base = val.labels, base.to(val.logits.device)
     scores: dict[float, float] = {}
     temps: dict[float, float] = {}
@@ -105,7 +133,7 @@ def search(
         u = round(u, 10)
         if u in scores:
             return scores[u]
-        var = val.variance(10.0**u * base)
+        var = val.take(u)
 
         def value(log_t: float) -> float:
             lp = _log_probs(val.logits, var, math.exp(log_t))
@@ -135,12 +163,16 @@ def search(
     while expand:
         best = min(scores, key=scores.__getitem__)
         if best == hi and hi < LIMITS[1]:
-            new = [hi + STEP * k for k in range(1, int(EXPAND / STEP) + 1)]
+            new, up = [hi + STEP * k for k in range(1, int(EXPAND / STEP) + 1)], True
         elif best == lo and lo > LIMITS[0]:
-            new = [lo - STEP * k for k in range(1, int(EXPAND / STEP) + 1)]
+            new, up = [lo - STEP * k for k in range(1, int(EXPAND / STEP) + 1)], False
         else:
             break
         before = scores[best]
+        edge = key(max(new)) if up else key(min(new))
+        step = STEP if up else -STEP
+        nxt = [edge + step * k for k in range(1, int(EXPAND / STEP) + 1)]  # the next expansion's
+        val.prepare(new, nxt if LIMITS[0] < edge < LIMITS[1] else ())
         for u in new:
             evaluate(u)
         lo, hi = min(scores), max(scores)
@@ -151,7 +183,9 @@ def search(
     i = us.index(best)
     if len(us) > 2:
         a, b = us[max(i - 1, 0)], us[min(i + 1, len(us) - 1)]
-        for u in torch.linspace(a, b, REFINE_POINTS + 2)[1:-1].tolist():
+        refine = torch.linspace(a, b, REFINE_POINTS + 2)[1:-1].tolist()
+        val.prepare([u for u in refine if key(u) not in scores])
+        for u in refine:
             evaluate(u)
     us = sorted(scores)
     best = min(us, key=scores.__getitem__)
