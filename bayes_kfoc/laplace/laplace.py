@@ -52,6 +52,8 @@ class Laplace:
             in block order).
         eig_dtype: dtype of the posterior's eigendecompositions (e.g. ``torch.float64`` for
             float32 models); default: the model's dtype, float32 for float16 / bfloat16 models.
+            A factor whose decomposition fails to converge in it (rank-deficient conv factors
+            in float32) is redone in float64 by itself, and ``curvature.report()`` says so.
         chunk_size: points per chunk in predictions (bounds memory for many classes or wide nets).
         fit_kwargs: forwarded to :func:`fit_curvature` (``mc_samples``, ``seed``, ``tol``, ...).
 
@@ -133,8 +135,7 @@ class Laplace:
         self.device = p.device
         half = p.dtype in (torch.float16, torch.bfloat16)  # no eigh / cholesky in half types
         curv = curv.to(self.device, self.eig_dtype or (torch.float32 if half else p.dtype))
-        for b in curv.blocks.values():
-            b.eigenvalues()  # decompose once, up front; raises on a non-PSD factor
+        curv.decompose()  # once, up front (fallbacks noted in coverage); raises on a non-PSD factor
         self.curvature = curv
         self.tuning = None
         self.temperature = 1.0
