@@ -60,7 +60,8 @@ class FirstPass:
             K-FOC).
         cache_bytes_estimate / peak_bytes_estimate: K-FOC's estimated cache for the whole loader,
             and that plus one batch's work (:func:`batch_work_bytes`) and the solver's
-            factor-sized copies of every layer (``None`` when nothing was cached).
+            factor-sized copies (:func:`cached_solver_bytes`; ``None`` when nothing was
+            cached).
     """
 
     num_data: int
@@ -96,6 +97,20 @@ def batch_work_bytes(stats: dict[str, Stats], logits: Tensor, fisher: FisherType
     n, c = logits.shape
     directions = 3 * n * c * c * logits.element_size() if fisher is FisherType.EXACT else 0
     return directions + BATCH_COPIES * sum(st.nbytes for st in stats.values())
+
+
+KEPT_COPIES = 3
+"""Factor-sized tensors every Kronecker layer keeps until a cached fit returns: its K-FAC sums,
+its solved factors and its block's symmetrised copy."""
+
+
+def cached_solver_bytes(stats: list[KronStats], factor_copies: int) -> int:
+    """Factor memory of a cached K-FOC fit: :data:`KEPT_COPIES` per layer, plus the solver's
+    ``factor_copies`` temporaries (iterates, updates, Lanczos bases) of **one** layer at a time,
+    the largest (the cached solver runs the layers one after another; counting every layer's
+    temporaries at once sent ResNet-18 to streaming, 8 extra passes over the data)."""
+    sizes = [(st.n**2 + st.o**2) * st.element_size for st in stats]
+    return KEPT_COPIES * sum(sizes) + factor_copies * max(sizes, default=0)
 
 
 def _add(acc: dict[str, Tensor], name: str, value: Tensor) -> None:
@@ -138,10 +153,9 @@ def first_pass(setup: FitSetup, collector: Collector) -> FirstPass:
             else:
                 _add(exact, t.name, st.diag())
         if cache is not None and i == 0:
-            work = batch_work_bytes(stats, logits, opts.fisher) + sum(
-                opts.factor_copies * (st.n**2 + st.o**2) * st.element_size
-                for k, st in stats.items()
-                if k in kron and isinstance(st, KronStats)
+            work = batch_work_bytes(stats, logits, opts.fisher) + cached_solver_bytes(
+                [st for k, st in stats.items() if k in kron and isinstance(st, KronStats)],
+                opts.factor_copies,
             )
             size = dataset_size(passes.loader)
             if size is not None:

@@ -6,13 +6,25 @@ at one Lanczos step (``max_iter=1``: one ``G`` and one ``A`` update, then the re
 divided by the K-FAC time. That is the least work any K-FOC fit that *checks* its convergence
 can do, even from an already optimal warm start, so ``floor`` bounds the achievable ratio.
 
-Run: ``python -m evaluation.benchmarks.curvature_speed [--models digits,wide] [--repeats 3]``
+*resnet18*: the zoo's torchvision-faithful ResNet-18 (11.2 M parameters, random weights, eval
+mode) on ``--points`` random 3×32×32 images, batch 32 (issue 20). ``--variants`` adds, for each
+model, K-FOC with ``mode="streaming"`` (what ``mode="auto"`` chose on ResNet-18 before the
+cached solver's memory estimate counted one layer's solver temporaries at a time) and K-FOC
+without the row-space solver (``_rowspace.ROW_FRACTION = 0``), each over the same K-FAC time.
+
+Every time is the best of ``--repeats`` runs; ``cpu`` is that run's process CPU time (all
+threads) over K-FAC's, which the other jobs on a shared machine disturb less than wall time.
+The load average (``os.getloadavg()``) is printed before and after each model.
+
+Run: ``python -m evaluation.benchmarks.curvature_speed [--models digits,wide,resnet18]
+[--repeats 3] [--points 256] [--variants]``
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import os
 import resource
 import time
 import warnings
@@ -23,11 +35,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+import bayes_kfoc.curvature._rowspace as rowspace
 from bayes_kfoc import fit_curvature
 from bayes_kfoc.curvature import ConvergenceWarning
 from datasets import load_dataset
 from evaluation.models import mlp
 from evaluation.training import train_map
+from evaluation.zoo_resnet import resnet18
 
 
 def digits_problem(seed: int = 0, device: str = "cpu") -> tuple[nn.Module, DataLoader]:
@@ -47,25 +61,46 @@ def wide_problem(
     return model, DataLoader(TensorDataset(x, y), batch_size=256)
 
 
+def resnet18_problem(
+    seed: int = 0, n: int = 256, device: str = "cpu"
+) -> tuple[nn.Module, DataLoader]:
+    torch.manual_seed(seed)
+    model = resnet18(num_classes=10).eval().to(device)
+    x = torch.randn(n, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (n,), device=device)
+    return model, DataLoader(TensorDataset(x, y), batch_size=32)
+
+
 PROBLEMS: dict[str, Callable[..., tuple[nn.Module, DataLoader]]] = {
     "digits": digits_problem,
     "wide": wide_problem,
+    "resnet18": resnet18_problem,
 }
+
+CPU_TIMES: dict[int, float] = {}  # id(result) -> process CPU seconds of the best run
 
 
 def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
-    """Best of ``repeats`` wall-clock runs (CUDA synchronised)."""
-    best, out = float("inf"), None
+    """Best of ``repeats`` wall-clock runs (CUDA synchronised); the best run's process CPU time
+    is kept in :data:`CPU_TIMES` under the result's id."""
+    best, out, cpu = float("inf"), None, float("nan")
     for _ in range(repeats):
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = fn()
+        t0, c0 = time.perf_counter(), time.process_time()
+        res = fn()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
+        t, c = time.perf_counter() - t0, time.process_time() - c0
+        if t < best:
+            best, out, cpu = t, res, c
+    CPU_TIMES[id(out)] = cpu
     return best, out
+
+
+def load() -> str:
+    return "/".join(f"{v:.1f}" for v in os.getloadavg())
 
 
 def main() -> None:
@@ -74,6 +109,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--fisher", default="exact")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--points", type=int, default=256, help="resnet18's random images")
+    parser.add_argument("--variants", action="store_true", help="streaming / no row space")
     args = parser.parse_args()
     print(
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, fisher={args.fisher}, "
@@ -81,10 +118,12 @@ def main() -> None:
     )
     print(
         f"{'model':<8}{'K-FAC s':>10}{'K-FOC s':>10}{'ratio':>8}{'iters':>7}{'half':>6}"
-        f"{'floor':>8}{'mode':>9}"
+        f"{'floor':>8}{'mode':>9}{'cpu':>7}"
     )
     for name in args.models.split(","):
-        model, loader = PROBLEMS[name](device=args.device)
+        kw_problem: dict[str, Any] = {"n": args.points} if name == "resnet18" else {}
+        model, loader = PROBLEMS[name](device=args.device, **kw_problem)
+        print(f"{name}: load average before {load()}")
 
         def fit(
             structure: str, model: nn.Module = model, loader: DataLoader = loader, **kw: Any
@@ -103,7 +142,7 @@ def main() -> None:
                 else float("nan")
             )
             if s == "kfac":
-                t_kfac = t
+                t_kfac, kfac_out = t, out
             else:
                 t_kfoc, curv = t, out
         with warnings.catch_warnings():
@@ -112,16 +151,33 @@ def main() -> None:
         conv = curv.convergence().values()
         iters = max(v["iterations"] for v in conv)
         half = max(v.get("half_steps", 2 * v["iterations"]) for v in conv)
+        cpu = CPU_TIMES[id(curv)] / CPU_TIMES[id(kfac_out)]
         print(
             f"{name:<8}{t_kfac:>10.3f}{t_kfoc:>10.3f}{t_kfoc / t_kfac:>8.2f}{iters:>7}{half:>6}"
-            f"{t_floor / t_kfac:>8.2f}{curv.mode:>9}"
+            f"{t_floor / t_kfac:>8.2f}{curv.mode:>9}{cpu:>7.2f}"
         )
+        if args.variants:
+            t_stream, out = timed(lambda: fit("kfoc", mode="streaming"), args.repeats)
+            c_stream = CPU_TIMES[id(out)] / CPU_TIMES[id(kfac_out)]
+            saved = rowspace.ROW_FRACTION
+            rowspace.ROW_FRACTION = 0.0
+            try:
+                t_full, out = timed(lambda: fit("kfoc"), args.repeats)
+            finally:
+                rowspace.ROW_FRACTION = saved
+            c_full = CPU_TIMES[id(out)] / CPU_TIMES[id(kfac_out)]
+            print(
+                f"          K-FOC streaming {t_stream:.3f} s ({t_stream / t_kfac:.2f}x K-FAC, "
+                f"cpu {c_stream:.2f}x); cached without row space {t_full:.3f} s "
+                f"({t_full / t_kfac:.2f}x, cpu {c_full:.2f}x)"
+            )
         est = curv.info.get("cache_bytes_estimate", 0) / 2**20
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(
             f"          K-FOC cache estimate {est:.1f} MiB; process peak RSS {rss:.0f} MiB; "
             f"CUDA peak K-FAC {peaks['kfac']:.0f} MiB, K-FOC {peaks['kfoc']:.0f} MiB"
         )
+        print(f"          load average after {load()}")
 
 
 if __name__ == "__main__":
