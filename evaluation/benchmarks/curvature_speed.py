@@ -17,7 +17,8 @@ threads) over K-FAC's, which the other jobs on a shared machine disturb less tha
 The load average (``os.getloadavg()``) is printed before and after each model.
 
 Run: ``python -m evaluation.benchmarks.curvature_speed [--models digits,wide,resnet18]
-[--repeats 3] [--points 256] [--variants]``
+[--repeats 3] [--points 256] [--variants] [--layers]``; ``--layers`` prints each layer's cached
+solver time (input size ``n``, stacked inputs ``R``, half-steps) for the timed K-FOC fit.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import bayes_kfoc.curvature._rowspace as rowspace
+import bayes_kfoc.curvature.fit as fit_module
 from bayes_kfoc import fit_curvature
 from bayes_kfoc.curvature import ConvergenceWarning
 from datasets import load_dataset
@@ -99,6 +101,39 @@ def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
     return best, out
 
 
+LAYER_TIMES: list[tuple[int, int, int, int, float, float]] = []
+"""Per cached K-FOC layer: ``(n, d_out, stacked inputs R, half-steps, wall s, cpu s)``."""
+
+
+def _time_layers() -> None:
+    """Wrap the cached solver of ``fit_curvature`` to record each layer's time (``--layers``)."""
+    real = fit_module.kfoc_cached
+
+    def timed_layer(stats: list[Any], start: Any, red: Any, opts: Any) -> Any:
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = real(stats, start, red, opts)
+        rows = sum(st.a.numel() // st.n if hasattr(st, "a") else 0 for st in stats)
+        half = out[2].half_steps or 2 * out[2].iterations
+        t, c = time.perf_counter() - t0, time.process_time() - c0
+        LAYER_TIMES.append((stats[0].n, stats[0].o, rows, half, t, c))
+        return out
+
+    fit_module.kfoc_cached = timed_layer  # type: ignore[assignment]
+
+
+def _print_layers(repeats: int) -> None:
+    """The last of ``repeats`` timed fits' layers (not the best run's: per-layer detail)."""
+    rows_out = LAYER_TIMES[-(len(LAYER_TIMES) // repeats) :]
+    total = sum(r[4] for r in rows_out)
+    print(f"          cached solver per layer, last run (total {total:.2f} s wall):")
+    head = f"{'n':>6}{'d_out':>6}{'R':>7}{'row space':>10}{'half':>5}{'wall s':>8}{'cpu s':>8}"
+    print(f"          {head}")
+    for n, o, rows, half, t, c in rows_out:
+        space = "yes" if 0 < rows <= rowspace.ROW_FRACTION * n else "no"
+        print(f"          {n:>6}{o:>6}{rows:>7}{space:>10}{half:>5}{t:>8.2f}{c:>8.2f}")
+    LAYER_TIMES.clear()
+
+
 def load() -> str:
     return "/".join(f"{v:.1f}" for v in os.getloadavg())
 
@@ -111,7 +146,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--points", type=int, default=256, help="resnet18's random images")
     parser.add_argument("--variants", action="store_true", help="streaming / no row space")
+    parser.add_argument("--layers", action="store_true", help="per-layer cached solver times")
     args = parser.parse_args()
+    if args.layers:
+        _time_layers()
     print(
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, fisher={args.fisher}, "
         f"device={args.device}"
@@ -131,6 +169,7 @@ def main() -> None:
             return fit_curvature(model, loader, structure, args.fisher, progress=False, **kw)
 
         fit("kfac")  # warm-up
+        LAYER_TIMES.clear()
         peaks = {}
         for s in ("kfac", "kfoc"):
             if args.device.startswith("cuda"):
@@ -145,9 +184,12 @@ def main() -> None:
                 t_kfac, kfac_out = t, out
             else:
                 t_kfoc, curv = t, out
+                if args.layers:
+                    _print_layers(args.repeats)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)  # max_iter=1 stops unconverged
             t_floor, _ = timed(lambda: fit("kfoc", max_iter=1), args.repeats)
+        LAYER_TIMES.clear()
         conv = curv.convergence().values()
         iters = max(v["iterations"] for v in conv)
         half = max(v.get("half_steps", 2 * v["iterations"]) for v in conv)
