@@ -52,8 +52,7 @@ class Laplace:
             in block order).
         eig_dtype: dtype of the posterior's eigendecompositions (e.g. ``torch.float64`` for
             float32 models); default: the model's dtype, float32 for float16 / bfloat16 models.
-            A factor whose decomposition fails to converge in it (rank-deficient conv factors
-            in float32) is redone in float64 by itself, and ``curvature.report()`` says so.
+            A factor that fails to converge in it is redone in float64 (``curvature.report()``).
         chunk_size: points per chunk in predictions (bounds memory for many classes or wide nets).
         fit_kwargs: forwarded to :func:`fit_curvature` (``mc_samples``, ``seed``, ``tol``, ...).
 
