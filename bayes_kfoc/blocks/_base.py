@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ..options import BlockKind
+from ._eigh import Decomposition
 
 
 def clamp_psd(evals: Tensor, name: str, eps: float | None = None) -> Tensor:
@@ -33,7 +34,8 @@ def clamp_psd(evals: Tensor, name: str, eps: float | None = None) -> Tensor:
         raise ValueError(
             f"{name}: the factor is not positive semi-definite (smallest eigenvalue "
             f"{low.item():.3e}, largest {scale.item():.3e}); curvature factors must be PSD. Refit "
-            "in float64 or check the model for non-finite outputs."
+            "in float64 (fit_curvature(..., dtype=torch.float64)), decompose in float64 "
+            "(Laplace(..., eig_dtype=torch.float64)), or check the model for non-finite outputs."
         )
     return evals.clamp_min(0.0)
 
@@ -60,6 +62,9 @@ class CurvatureBlock(ABC):
         self.param_shapes = dict(param_shapes)
         self.info: Mapping[str, Any] = {}  # how the fit ended (K-FOC: a SolverInfo)
         self.round_off: float | None = None  # unit round-off of the dtype the block was fit in
+        # how each factor's eigendecomposition was obtained, once it has been ({"A", "G"} for
+        # a Kronecker block, {"matrix"} for a dense one; a diagonal block needs none)
+        self.decompositions: dict[str, Decomposition] = {}
 
     @property
     def num_params(self) -> int:

@@ -7,6 +7,7 @@ from torch import Tensor
 
 from ..options import BlockKind
 from ._base import CurvatureBlock, as_damping, clamp_psd
+from ._eigh import robust_eigh
 
 
 class DenseBlock(CurvatureBlock):
@@ -33,9 +34,10 @@ class DenseBlock(CurvatureBlock):
         return self.matrix.dtype
 
     def eigh(self) -> tuple[Tensor, Tensor]:
-        """Eigenvalues (clamped PSD) and eigenvectors, cached."""
+        """Eigenvalues (clamped PSD) and eigenvectors, cached; a decomposition that fails to
+        converge is redone in float64 or with a reported jitter (``decompositions["matrix"]``)."""
         if self._eig is None:
-            evals, evecs = torch.linalg.eigh(self.matrix)
+            evals, evecs, self.decompositions["matrix"] = robust_eigh(self.matrix, self.name)
             self._eig = (clamp_psd(evals, self.name, self.round_off), evecs)
         return self._eig
 

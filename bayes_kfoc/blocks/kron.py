@@ -24,6 +24,7 @@ from torch import Tensor
 
 from ..options import BlockKind
 from ._base import CurvatureBlock, as_damping, clamp_psd
+from ._eigh import robust_eigh
 
 
 def vec_to_mat(v: Tensor, d_out: int, d_in: int, bias: bool, transposed: bool = False) -> Tensor:
@@ -123,10 +124,16 @@ class KronBlock(CurvatureBlock):
         return self.A.dtype
 
     def eigh(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``(λ_A, Q_A, λ_G, Q_G)``: eigen-decompositions of both factors (PSD-clamped), cached."""
+        """``(λ_A, Q_A, λ_G, Q_G)``: eigen-decompositions of both factors (PSD-clamped), cached.
+
+        A factor whose decomposition fails to converge in its dtype (rank-deficient conv
+        factors in float32) is redone in float64, or with a reported jitter
+        (:func:`~bayes_kfoc.blocks._eigh.robust_eigh`); ``decompositions["A"]`` / ``["G"]`` say
+        which.
+        """
         if self._eig is None:
-            la, qa = torch.linalg.eigh(self.A)
-            lg, qg = torch.linalg.eigh(self.G)
+            la, qa, self.decompositions["A"] = robust_eigh(self.A, f"{self.name}.A")
+            lg, qg, self.decompositions["G"] = robust_eigh(self.G, f"{self.name}.G")
             eps = self.round_off
             self._eig = (
                 clamp_psd(la, f"{self.name}.A", eps),

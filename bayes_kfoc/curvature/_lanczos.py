@@ -10,6 +10,7 @@ from collections.abc import Callable, Generator
 import torch
 from torch import Tensor
 
+from ..blocks import robust_eigh
 from ._kfoc import Result, _finish, _unit, effective_tol, warn_unconverged
 
 
@@ -69,7 +70,7 @@ def _psd_part(x: Tensor) -> tuple[Tensor, float]:
     eye = torch.eye(n, dtype=x.dtype, device=x.device)
     if int(torch.linalg.cholesky_ex(x + shift * eye).info) == 0:
         return x, 0.0
-    evals, evecs = torch.linalg.eigh(x)
+    evals, evecs, _ = robust_eigh(x, "K-FOC Ritz factor")  # float64 / jitter if float32 fails
     neg = evals.clamp_max(0.0)
     removed = float(torch.linalg.vector_norm(neg) / torch.linalg.vector_norm(evals))
     return (evecs * evals.clamp_min(0.0)) @ evecs.T, removed

@@ -8,8 +8,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..blocks import CurvatureBlock
+from ..blocks import CurvatureBlock, Decomposition
 from ..options import FisherType, Structure
+from .coverage import note_decompositions
 from .info import FitInfo
 
 
@@ -26,7 +27,9 @@ class Curvature:
         mode: ``"cached"`` or ``"streaming"`` (how K-FOC saw the data); ``"single-pass"`` else
             (``"loaded"`` for a posterior read from a file that did not record it).
         coverage: ``{parameter_name: how it is covered}`` for every trainable parameter of the
-            model, so that nothing is silently dropped.
+            model, so that nothing is silently dropped; after :meth:`decompose` (which
+            ``Laplace`` runs) it also names every factor whose eigendecomposition needed a
+            fallback.
         info: fit details (:class:`FitInfo`): ``log_likelihood`` (summed ``log p(y|x, θ)`` over
             the data, at the fitted weights), ``input_shape``, ``base_seed`` and the cache
             estimates.
@@ -62,6 +65,22 @@ class Curvature:
     def convergence(self) -> dict[str, dict[str, Any]]:
         """Per-block solver info (K-FOC only): iterations, residual, σ₁, converged, scheme."""
         return {k: dict(b.info) for k, b in self.blocks.items() if b.info}
+
+    def decompose(self) -> dict[str, dict[str, Decomposition]]:
+        """Eigendecompose every block now (each block caches it) and note in :attr:`coverage`
+        every factor that needed a fallback (float64 or jitter, see
+        :func:`~bayes_kfoc.blocks.robust_eigh`); returns ``{module: {factor: Decomposition}}``
+        for the blocks that have factors to decompose (Kronecker and dense).
+
+        Raises the block's error on a factor that is not PSD or not finite."""
+        for b in self.blocks.values():
+            b.eigenvalues()
+        note_decompositions(self.coverage, self.blocks)
+        return self.decompositions()
+
+    def decompositions(self) -> dict[str, dict[str, Decomposition]]:
+        """``{module: {factor: Decomposition}}`` of the blocks decomposed so far."""
+        return {k: dict(b.decompositions) for k, b in self.blocks.items() if b.decompositions}
 
     def report(self) -> str:
         """A plain-text table: every trainable parameter and how it is covered."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 
 from torch import nn
 
@@ -42,3 +42,24 @@ def coverage(
         else:
             out[full] = skipped.get(owner, "not covered")
     return out
+
+
+NOTE = "; eigendecomposition: "  # where a block's decomposition note starts in its coverage
+
+
+def note_decompositions(
+    coverage: MutableMapping[str, str], blocks: Mapping[str, CurvatureBlock]
+) -> None:
+    """Append to each parameter's coverage how its block's factors were decomposed, where any
+    needed a fallback (float64 or jitter); replaces an earlier note (idempotent)."""
+    for k, b in blocks.items():
+        fallbacks = {f: d for f, d in b.decompositions.items() if d.fallback}
+        for p in b.param_shapes:
+            full = f"{k}.{p}" if k else p
+            if full not in coverage:
+                continue
+            base = coverage[full].split(NOTE)[0]
+            if fallbacks:
+                parts = ", ".join(f"{f}: {d.describe()}" for f, d in fallbacks.items())
+                base = f"{base}{NOTE}{parts}"
+            coverage[full] = base

@@ -13,6 +13,7 @@ from ..stats import Collector, KronStats
 from ._kfoc import Result, power_iteration, power_iteration_jacobi
 from ._lanczos import Request, lanczos_bidiag, lanczos_steps
 from ._reduce import Reducer
+from ._rowspace import row_space
 from .first_pass import KronSums
 from .options import LANCZOS_RESTART, FitOptions
 from .passes import DataPasses, Update
@@ -24,7 +25,14 @@ def _with_mode(result: Result, mode: str) -> Result:
 
 
 def kfoc_cached(stats: list[KronStats], start: KronSums, red: Reducer, opts: FitOptions) -> Result:
-    """One layer's K-FOC from its cached per-batch statistics (sums all-reduced over ranks)."""
+    """One layer's K-FOC from its cached per-batch statistics (sums all-reduced over ranks).
+
+    On a single process, a layer with fewer stacked inputs than input features is solved in the
+    inputs' row space (:mod:`._rowspace`): the same factors, at a fraction of the cost."""
+    space = None if red.enabled else row_space(stats, start.kfac_a)
+    if space is not None:
+        stats = space.stats
+    A0 = start.kfac_a if space is None else space.kfac_a
 
     def a_update(G: Tensor) -> Tensor:
         return red.sum(sum((st.a_update(G) for st in stats[1:]), stats[0].a_update(G)))
@@ -32,7 +40,6 @@ def kfoc_cached(stats: list[KronStats], start: KronSums, red: Reducer, opts: Fit
     def g_update(A: Tensor) -> Tensor:
         return red.sum(sum((st.g_update(A) for st in stats[1:]), stats[0].g_update(A)))
 
-    A0 = start.kfac_a
     if opts.solver is Solver.POWER:
         assert start.g is not None
         out = power_iteration("", a_update, g_update, A0, start.g, opts.tol, opts.max_iter, False)
@@ -40,6 +47,8 @@ def kfoc_cached(stats: list[KronStats], start: KronSums, red: Reducer, opts: Fit
         out = lanczos_bidiag(
             "", a_update, g_update, A0, opts.tol, opts.max_iter, LANCZOS_RESTART, False
         )
+    if space is not None:
+        out = (space.expand(out[0]), out[1], out[2])
     return _with_mode(out, "cached")
 
 

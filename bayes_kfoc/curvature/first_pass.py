@@ -27,6 +27,7 @@ from ..stats import (
 from ..stats.inputs import batch_size
 from ._checks import default_memory_budget, human_bytes
 from ._loader import one_shot_error
+from ._rowspace import ROW_FRACTION
 from .passes import FitSetup, dataset_size
 
 
@@ -60,7 +61,8 @@ class FirstPass:
             K-FOC).
         cache_bytes_estimate / peak_bytes_estimate: K-FOC's estimated cache for the whole loader,
             and that plus one batch's work (:func:`batch_work_bytes`) and the solver's
-            factor-sized copies of every layer (``None`` when nothing was cached).
+            factor-sized copies (:func:`cached_solver_bytes`; ``None`` when nothing was
+            cached).
     """
 
     num_data: int
@@ -96,6 +98,31 @@ def batch_work_bytes(stats: dict[str, Stats], logits: Tensor, fisher: FisherType
     n, c = logits.shape
     directions = 3 * n * c * c * logits.element_size() if fisher is FisherType.EXACT else 0
     return directions + BATCH_COPIES * sum(st.nbytes for st in stats.values())
+
+
+KEPT_COPIES = 3
+"""Factor-sized tensors every Kronecker layer keeps until a cached fit returns: its K-FAC sums,
+its solved factors and its block's symmetrised copy."""
+
+
+def cached_solver_bytes(stats: list[KronStats], factor_copies: int, num_points: int | None) -> int:
+    """Factor memory of a cached K-FOC fit: :data:`KEPT_COPIES` per layer, plus the solver's
+    ``factor_copies`` temporaries (iterates, updates, Lanczos bases) of **one** layer at a time,
+    the largest (the cached solver runs the layers one after another; counting every layer's
+    temporaries at once sent ResNet-18 to streaming, 8 extra passes over the data). A layer
+    that will be solved in its inputs' row space (``num_points`` known, see
+    :mod:`._rowspace`) has ``R x R`` temporaries plus the basis ``Q`` and its input copy."""
+    kept = temp = 0
+    for st in stats:
+        size = st.n
+        if num_points is not None and isinstance(st, LinearStats | SharedStats):
+            rows = st.a.numel() // (st.n * st.num_points) * num_points
+            if 0 < rows <= ROW_FRACTION * st.n:
+                size = rows
+        extra = 2 * st.n * size if size < st.n else 0
+        kept += st.n**2 + st.o**2
+        temp = max(temp, factor_copies * (size**2 + st.o**2) + extra)
+    return (KEPT_COPIES * kept + temp) * (stats[0].element_size if stats else 0)
 
 
 def _add(acc: dict[str, Tensor], name: str, value: Tensor) -> None:
@@ -138,12 +165,12 @@ def first_pass(setup: FitSetup, collector: Collector) -> FirstPass:
             else:
                 _add(exact, t.name, st.diag())
         if cache is not None and i == 0:
-            work = batch_work_bytes(stats, logits, opts.fisher) + sum(
-                opts.factor_copies * (st.n**2 + st.o**2) * st.element_size
-                for k, st in stats.items()
-                if k in kron and isinstance(st, KronStats)
-            )
             size = dataset_size(passes.loader)
+            work = batch_work_bytes(stats, logits, opts.fisher) + cached_solver_bytes(
+                [st for k, st in stats.items() if k in kron and isinstance(st, KronStats)],
+                opts.factor_copies,
+                None if red.enabled else size,
+            )
             if size is not None:
                 estimate = int(cache_bytes / batch_size(x) * size)
         if cache is not None and max(cache_bytes, estimate or 0) + work > budget:

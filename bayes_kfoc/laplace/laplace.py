@@ -53,6 +53,7 @@ class Laplace:
             in block order).
         eig_dtype: dtype of the posterior's eigendecompositions (e.g. ``torch.float64`` for
             float32 models); default: the model's dtype, float32 for float16 / bfloat16 models.
+            A factor that fails to converge in it is redone in float64 (``curvature.report()``).
         chunk_size: at most this many points per chunk in predictions and tuning.
         memory_budget: bytes for the fit's cached statistics and each predictive / tuning chunk
             (default: the fit's; 2 GiB for chunks); too small for one point: ``MemoryError``.
@@ -138,8 +139,7 @@ class Laplace:
         self.device = p.device
         half = p.dtype in (torch.float16, torch.bfloat16)  # no eigh / cholesky in half types
         curv = curv.to(self.device, self.eig_dtype or (torch.float32 if half else p.dtype))
-        for b in curv.blocks.values():
-            b.eigenvalues()  # decompose once, up front; raises on a non-PSD factor
+        curv.decompose()  # once, up front (fallbacks noted in coverage); raises on a non-PSD factor
         self.curvature = curv
         self.tuning = None
         self.temperature = 1.0

@@ -25,6 +25,8 @@ from pyro.distributions import constraints
 from torch import Tensor
 from torch.distributions.utils import lazy_property
 
+from ..blocks import robust_eigh
+
 __all__ = ["KroneckerMatrixNormal"]
 
 _Shape = torch.Size | list[int] | tuple[int, ...]
@@ -128,8 +130,8 @@ class KroneckerMatrixNormal(dist.TorchDistribution):
         cls, loc: Tensor, A: Tensor, G: Tensor, damping: float | Tensor, **kwargs: Any
     ) -> KroneckerMatrixNormal:
         """From the (symmetric PSD) factors ``A`` (``[n, n]``, input) and ``G`` (output)."""
-        la, qa = torch.linalg.eigh(0.5 * (A + A.transpose(-1, -2)))
-        lg, qg = torch.linalg.eigh(0.5 * (G + G.transpose(-1, -2)))
+        la, qa, _ = robust_eigh(0.5 * (A + A.transpose(-1, -2)), "KroneckerMatrixNormal: A")
+        lg, qg, _ = robust_eigh(0.5 * (G + G.transpose(-1, -2)), "KroneckerMatrixNormal: G")
         return cls(loc, la.clamp_min(0), qa, lg.clamp_min(0), qg, damping, **kwargs)
 
     @classmethod

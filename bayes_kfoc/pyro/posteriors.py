@@ -28,7 +28,7 @@ import pyro.distributions as dist
 import torch
 from torch import Tensor, nn
 
-from ..blocks import CurvatureBlock, DenseBlock, DiagBlock, KronBlock
+from ..blocks import CurvatureBlock, DenseBlock, DiagBlock, KronBlock, robust_eigh
 from .distributions import KroneckerMatrixNormal
 
 if TYPE_CHECKING:
@@ -193,7 +193,7 @@ class DensePosterior(BlockPosterior):
         return dist.MultivariateNormal(self.loc, precision_matrix=precision)
 
     def variance(self) -> Tensor:
-        evals, evecs = torch.linalg.eigh(self.curvature)
+        evals, evecs, _ = robust_eigh(self.curvature, f"{self.module}: curvature")
         lam = evals.clamp_min(0) + self.damping
         return evecs.square() @ lam.reciprocal()
 
