@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from ..blocks import CurvatureBlock, DenseBlock, DiagBlock, KronBlock
+from ..blocks import CurvatureBlock, DenseBlock, DiagBlock, KronBlock, robust_eigh
 from ..blocks.kron import vec_to_mat
 from ..stats import KronStats, LinearStats, Stats
 
@@ -149,8 +149,9 @@ def probit(mean: Tensor, var: Tensor, temperature: float | Tensor = 1.0) -> Tens
 
 
 def sample_logits(mean: Tensor, cov: Tensor, n: int, generator: torch.Generator | None) -> Tensor:
-    """``[n, B, C]`` draws of ``f ~ N(mean, cov)`` through a clamped eigendecomposition of cov."""
-    evals, evecs = torch.linalg.eigh(cov)
+    """``[n, B, C]`` draws of ``f ~ N(mean, cov)`` through a clamped eigendecomposition of cov
+    (redone in float64 where it fails to converge, as the blocks' factors are)."""
+    evals, evecs, _ = robust_eigh(cov, "GLM logit covariance")
     root = evecs * evals.clamp_min(0).sqrt().unsqueeze(-2)  # [B, C, C]
     eps = torch.randn(n, *mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
     return mean + torch.einsum("bij,nbj->nbi", root, eps)
