@@ -10,8 +10,9 @@ its own):
 - ``mlp``: an all-weights K-FAC MLP (64 → 256 → 256 → C): the GLM (``glm="auto"``, and the
   path it chose) at ``C = 10`` and ``C = 1,000``, their ratio, and the exact path at 1,000;
 - ``resnet``: ResNet-18 (``evaluation.zoo_resnet``, full width, 3×32×32, 10 classes, all weights,
-  ``structure="diag"`` until the float32 eigendecomposition of its Kronecker factors is made
-  robust) over ``--resnet-points`` points: forward, GLM auto (and the path), exact and sampled;
+  ``--resnet-structure``, default ``kfac``: its Kronecker factors' float32 eigendecompositions
+  are redone in float64 where they fail) over ``--resnet-points`` points: forward, GLM auto
+  (and the path), exact and sampled;
 - ``peer`` (only in the benchmark venv with laplace-torch 0.3, not in the default sections):
   laplace-torch's last-layer ``kron`` GLM probit at ``C = 1,000`` on the ``head`` model, fed in
   slices of 4 points, against our last-layer K-FAC on the same points (same prior precision);
@@ -166,13 +167,18 @@ def mlp(points: int, repeats: int) -> dict[str, Any]:
     return out
 
 
+STRUCTURE = os.environ.get("GLM_SCALE_RESNET_STRUCTURE", "kfac")
+
+
 def _resnet(points: int) -> tuple[Laplace, nn.Module]:
     from evaluation.zoo_resnet import resnet18
 
     torch.manual_seed(0)
     model = resnet18(num_classes=10).eval()
     xf, yf = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
-    la = Laplace(model, structure="diag", progress=False).fit([(xf[:8], yf[:8]), (xf[8:], yf[8:])])
+    la = Laplace(model, structure=STRUCTURE, progress=False).fit(
+        [(xf[:8], yf[:8]), (xf[8:], yf[8:])]
+    )
     la.prior_precision = 1.0
     return la, model
 
@@ -289,8 +295,10 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--val-points", type=int, default=64)
     parser.add_argument("--peer-points", type=int, default=16)
+    parser.add_argument("--resnet-structure", default="kfac", help="ResNet-18's posterior")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    os.environ["GLM_SCALE_RESNET_STRUCTURE"] = args.resnet_structure  # read by the workers
     if args.worker is not None:
         torch.set_num_threads(int(os.environ.get("GLM_SCALE_THREADS", torch.get_num_threads())))
         jobs: dict[str, Callable[[], dict[str, Any]]] = {
