@@ -875,3 +875,17 @@ def test_frozen_parameters_stay_fixed_and_dict_inputs_reach_the_network() -> Non
     draws = Predictive(model, guide=guide, num_samples=4000, return_sites=["logits"])(xt)
     mean, _ = la.glm_distribution(xt)
     torch.testing.assert_close(draws["logits"].mean(0), mean, rtol=0, atol=MC_ATOL_LOGITS)
+
+
+def test_model_takes_the_posteriors_prior_precision_by_default() -> None:
+    """``bayesian_model(net, laplace=la)`` without ``prior_precision`` uses the posterior's τ
+    (issue 23: it used τ = 1 whatever ``la`` held); without ``laplace`` the default is τ = 1."""
+    la = _fit(CASES[0], "kfoc")
+    la.prior_precision = torch.tensor([0.3, 7.0, 2.5])[: len(la.blocks)]
+    model = bayesian_model(la.model, laplace=la)
+    expected = la.prior_precision_dict()
+    for k, tau in model.prior_precision.items():
+        module = k.rpartition(".")[0]
+        assert tau == pytest.approx(float(expected.get(k, expected.get(module, float("nan")))))
+    plain = bayesian_model(la.model)
+    assert set(plain.prior_precision.values()) == {1.0}

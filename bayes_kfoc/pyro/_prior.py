@@ -51,13 +51,8 @@ def resolve_prior_precision(
         raise ValueError(
             f"bayesian_model: default_prior_precision must be positive and finite, got {default}."
         )
-    if prior_precision is None:
-        if laplace is None:
-            raise ValueError(
-                "bayesian_model: pass prior_precision (a scalar, a dict or la.prior_precision) or "
-                "laplace=la."
-            )
-        prior_precision = laplace.prior_precision
+    if prior_precision is None:  # the posterior's τ, or τ = 1 without a posterior
+        prior_precision = 1.0 if laplace is None else laplace.prior_precision
     by_module: dict[str, float] = {}
     by_param: dict[str, float] = {}
     if isinstance(prior_precision, Mapping):

@@ -172,7 +172,7 @@ class BayesianClassifier(ClassifierModel):
 
 def bayesian_model(
     net: nn.Module,
-    prior_precision: PriorPrecision | None = 1.0,
+    prior_precision: PriorPrecision | None = None,
     *,
     laplace: Laplace | None = None,
     linearized: bool = False,
@@ -193,7 +193,8 @@ def bayesian_model(
             block order of ``laplace`` (``la.prior_precision``), which then must be given: the
             block order is the posterior's forward-call order, which the network alone does not
             determine, so a per-block tensor without ``laplace=`` raises (pass
-            ``la.prior_precision_dict()`` instead). ``None``: take ``laplace.prior_precision``.
+            ``la.prior_precision_dict()`` instead). ``None`` (default): take
+            ``laplace.prior_precision``, or ``τ = 1`` without ``laplace``.
         laplace: the fitted :class:`~bayes_kfoc.Laplace` whose block order a tensor
             ``prior_precision`` follows; its MAP must equal the network's weights.
         linearized: make the forward ``f(x, θ*) + J(x)(θ − θ*)`` (the GLM of the Laplace
