@@ -8,6 +8,7 @@ checks the model and first batch, and the result is a :class:`Curvature` with ty
 from ._checks import check_train_mode, default_memory_budget, human_bytes
 from ._kfoc import ConvergenceWarning
 from ._result import Curvature
+from .coverage import full_param_name
 from .fit import fit_curvature
 from .info import FitInfo, SolverInfo
 from .options import FitOptions
@@ -24,6 +25,7 @@ __all__ = [
     "check_train_mode",
     "default_memory_budget",
     "fit_curvature",
+    "full_param_name",
     "human_bytes",
     "prepare",
 ]

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..blocks import CurvatureBlock, Decomposition
 from ..options import FisherType, Structure
-from .coverage import note_decompositions
+from .coverage import full_param_name, note_decompositions
 from .info import FitInfo
 
 
@@ -52,11 +52,7 @@ class Curvature:
 
     def param_names(self) -> list[str]:
         """Full parameter names covered by the blocks, in block order."""
-        return [
-            f"{k}.{p}" if k and k != p else p  # a root-owned parameter's block is named by it
-            for k, b in self.blocks.items()
-            for p in b.param_shapes
-        ]
+        return [full_param_name(k, p) for k, b in self.blocks.items() for p in b.param_shapes]
 
     def to_dense(self) -> Tensor:
         """Block-diagonal ``[P, P]`` over all blocks, in :meth:`param_names` order."""

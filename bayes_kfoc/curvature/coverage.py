@@ -13,6 +13,13 @@ from ..stats.targets import why_not_kronecker
 _KIND = {"kron": "Kronecker", "diag": "diagonal", "full": "dense"}
 
 
+def full_param_name(block: str, local: str) -> str:
+    """The ``named_parameters`` name of parameter ``local`` of block ``block``: ``block.local``,
+    or ``local`` alone for the root module's block (``""``) and for a root-owned parameter,
+    whose block is named by the parameter itself."""
+    return f"{block}.{local}" if block and block != local else local
+
+
 def coverage(
     model: nn.Module,
     blocks: Mapping[str, CurvatureBlock],
@@ -55,7 +62,7 @@ def note_decompositions(
     for k, b in blocks.items():
         fallbacks = {f: d for f, d in b.decompositions.items() if d.fallback}
         for p in b.param_shapes:
-            full = f"{k}.{p}" if k else p
+            full = full_param_name(k, p)
             if full not in coverage:
                 continue
             base = coverage[full].split(NOTE)[0]

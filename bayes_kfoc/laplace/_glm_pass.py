@@ -24,7 +24,7 @@ from ..stats import Collector, Stats, call_model
 from ..stats.inputs import Inputs, batch_size, split_inputs
 from ._glm import BlockVariance
 from ._head import HeadVariance
-from ._plan import GlmPlan, as_logits, budget_bytes, plan_glm, probe_modules
+from ._plan import GlmPlan, budget_bytes, plan_glm, probe_modules
 from ._sampled import draw_tangents, linearised_deviations
 
 if TYPE_CHECKING:
@@ -185,5 +185,5 @@ def glm_chunks(
                     deviations = torch.cat(parts)
                 if head_modules or not sub:
                     with torch.no_grad():
-                        logits = as_logits(call_model(view.model, xb, "Laplace.predict"))
+                        logits = call_model(view.model, xb, "Laplace.predict")
             yield GlmChunk(logits.detach(), heads(), None, deviations, view.blocks)

@@ -35,20 +35,6 @@ AUTO_MARGIN = 4  # glm="auto" samples only when the cost model says 4x cheaper t
 WORKSPACE = 3  # copies of the per-point Jacobian terms alive at once (gradients, rotated, squared)
 
 
-def as_logits(out: Any) -> Tensor:
-    """The logits tensor of a model's output: the tensor itself, or a ``.logits`` field /
-    ``"logits"`` entry (e.g. a Hugging Face ``ModelOutput``)."""
-    if isinstance(out, Tensor):
-        return out
-    logits = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", None)
-    if not isinstance(logits, Tensor):
-        raise TypeError(
-            f"Laplace.predict: the model returned {type(out).__name__}; it must return logits "
-            "[N, C] (a tensor, or an output with a .logits tensor)."
-        )
-    return logits
-
-
 def budget_bytes(memory_budget: int | None, device: torch.device) -> int:
     """The predictive's memory budget: the user's, else :data:`DEFAULT_BUDGET` (at most the
     default fit budget: half the free CUDA memory, or a quarter of the available RAM)."""
@@ -126,7 +112,7 @@ def probe_modules(
     handles = [m.register_forward_hook(make(k)) for k, m in modules.items()]
     try:
         with torch.inference_mode(False), torch.no_grad():  # normal tensors: version counters
-            logits = as_logits(call_model(model, split_inputs(x, 1)[0], "Laplace.predict"))
+            logits = call_model(model, split_inputs(x, 1)[0], "Laplace.predict")
     finally:
         for h in handles:
             h.remove()

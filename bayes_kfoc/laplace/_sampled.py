@@ -19,15 +19,16 @@ from torch import Tensor, nn
 from torch.func import functional_call, jvp, vmap
 
 from ..blocks import CurvatureBlock
+from ..curvature import full_param_name
 from ..stats.attention import unfused_attention
 from ..stats.inputs import Inputs
-from ._plan import as_logits
+from ..stats.output import logits_of
 from ._posterior import sample_blocks
 
 
 def parameter_names(name: str, block: CurvatureBlock) -> list[str]:
     """The full ``named_parameters`` names of a block's parameters, in block order."""
-    return [f"{name}.{p}" if name else p for p in block.param_shapes]
+    return [full_param_name(name, p) for p in block.param_shapes]
 
 
 def draw_tangents(
@@ -61,8 +62,10 @@ def linearised_deviations(
     def f(*sub: Tensor) -> Tensor:
         p = {**params, **dict(zip(keys, sub, strict=True))}
         if isinstance(x, Mapping):  # model(**x)
-            return as_logits(functional_call(model, (p, buffers), (), dict(x)))
-        return as_logits(functional_call(model, (p, buffers), (x,)))
+            out = functional_call(model, (p, buffers), (), dict(x))
+        else:
+            out = functional_call(model, (p, buffers), (x,))
+        return logits_of(model, out, "Laplace.predict")
 
     def one(*t: Tensor) -> tuple[Tensor, Tensor]:
         tangent = tuple(v.to(p.dtype) for v, p in zip(t, primals, strict=True))

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,8 +32,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..curvature import full_param_name
 from ..curvature.passes import dataset_size
 from ..options import Structure
+from ..stats import call_model
 from ..stats.inputs import Inputs
 from . import _hyper
 from .laplace import Laplace
@@ -98,10 +100,6 @@ class MarglikResult:
         return [h.log_evidence for h in self.history]
 
 
-def _forward(model: nn.Module, x: Inputs) -> Tensor:
-    return model(**x) if isinstance(x, Mapping) else model(x)
-
-
 def _to(x: Inputs, device: torch.device) -> Inputs:
     if isinstance(x, Tensor):
         return x.to(device)
@@ -151,7 +149,7 @@ class _Prior:
     def update(self, la: Laplace, tau: Tensor) -> None:
         for (name, block), t in zip(la.blocks.items(), tau.tolist(), strict=True):
             for local in block.param_shapes:
-                self.tau[f"{name}.{local}" if name else local] = t
+                self.tau[full_param_name(name, local)] = t
 
     def term(self) -> Tensor:
         return 0.5 * sum(  # type: ignore[return-value]
@@ -314,7 +312,7 @@ def _train(
         for x, y in loader:
             x, y = _to(x, device), y.to(device)
             optimizer.zero_grad(set_to_none=True)
-            nll = nn.functional.cross_entropy(_forward(model, x), y)
+            nll = nn.functional.cross_entropy(call_model(model, x, "marglik_training"), y)
             loss = nll + prior.term() / n
             loss.backward()
             optimizer.step()
