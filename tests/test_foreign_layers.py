@@ -363,3 +363,54 @@ def test_per_point_gradients_that_fail_every_way_name_the_parameters_and_the_fix
     model = Coupled().double().eval()
     with pytest.raises(RuntimeError, match=r"own parameters \['pos'\].*exclude=.*position_ids"):
         fit_curvature(model, _text_batches(), "diag", progress=False)
+
+
+class ConvHead(nn.Module):
+    """A Conv1D head whose output is the logits (the GLM's closed-form last layer)."""
+
+    def __init__(self, d_in: int, classes: int) -> None:
+        super().__init__()
+        self.body = nn.Linear(4, d_in)
+        self.head = Conv1D(classes, d_in)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.body(x)))
+
+
+@pytest.mark.parametrize("d_in", [3, 5])  # square (values silently misplaced) and not
+def test_a_conv1d_last_layer_in_closed_form_equals_its_linear_twin(d_in: int) -> None:
+    torch.manual_seed(0)
+    model = ConvHead(d_in, 3).double().eval()
+    twin = ConvHead(d_in, 3).double().eval()
+    twin.load_state_dict(model.state_dict())
+    lin = nn.Linear(d_in, 3).double()
+    with torch.no_grad():
+        lin.weight.copy_(model.head.weight.T)
+        lin.bias.copy_(model.head.bias)
+    twin.head = lin  # type: ignore[assignment]
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(24, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (24,), generator=g)
+    batches = [(x[:12], y[:12]), (x[12:], y[12:])]
+    for structure in ("diag", "kfoc"):
+        a = Laplace(model, structure=structure, prior_precision=0.5, progress=False).fit(batches)
+        b = Laplace(twin, structure=structure, prior_precision=0.5, progress=False).fit(batches)
+        pa, pb = a.predict(x[:6]), b.predict(x[:6])
+        assert a.last_glm is not None and "head" in a.last_glm.closed_form
+        torch.testing.assert_close(pa, pb, rtol=RTOL, atol=1e-10)
+
+
+def test_kfoc_warm_start_on_a_conv1d() -> None:
+    """A warm start from an earlier fit's factors is accepted for a transposed weight."""
+    torch.manual_seed(0)
+    model = ConvHead(5, 3).double().eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(24, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (24,), generator=g)
+    batches = [(x[:12], y[:12]), (x[12:], y[12:])]
+    kw: dict[str, Any] = {"structure": "kfoc", "tol": 1e-12, "max_iter": 500, "progress": False}
+    first = fit_curvature(model, batches, **kw)
+    again = fit_curvature(model, batches, warm_start=first, **kw)
+    torch.testing.assert_close(
+        again.blocks["head"].to_dense(), first.blocks["head"].to_dense(), rtol=1e-5, atol=1e-8
+    )

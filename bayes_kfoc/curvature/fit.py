@@ -202,7 +202,8 @@ def _starts(
             continue
         A, G = warm[k]
         t = next(t for t in setup.targets if t.name == k)
-        d_out = int(next(iter(t.param_shapes.values()))[0])
+        shape = next(iter(t.param_shapes.values()))  # [d_in, d_out] when transposed
+        d_out = int(shape[-1] if t.transposed else shape[0])
         if tuple(A.shape) != tuple(sums.a.shape) or tuple(G.shape) != (d_out, d_out):
             raise ValueError(
                 f"fit_curvature: warm_start[{k!r}] has A {tuple(A.shape)} and G "

@@ -133,6 +133,7 @@ def glm_chunks(
     default ``plan.samples``)."""
     closed = set(plan.closed_form)
     head_modules = {t.name: t.module for t in view.targets if t.name in closed}
+    transposed = {t.name: t.transposed for t in view.targets if t.name in closed}
     others = [t for t in view.targets if t.name in view.blocks and t.name not in closed]
     size = [0]
     with captured_inputs(head_modules, size) as feats:
@@ -141,7 +142,7 @@ def glm_chunks(
             missing = [k for k in head_modules if k not in feats]
             if missing:
                 raise RuntimeError(f"Laplace.predict: module(s) {missing} were not called.")
-            return {k: HeadVariance(feats[k], view.blocks[k]) for k in head_modules}
+            return {k: HeadVariance(feats[k], view.blocks[k], transposed[k]) for k in head_modules}
 
         chunks = split_inputs(x, plan.chunk_size)
         if others and plan.path is GlmPath.EXACT:

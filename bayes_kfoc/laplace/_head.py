@@ -28,13 +28,15 @@ def has_closed_form(block: CurvatureBlock) -> bool:
 class HeadVariance:
     """The τ-independent closed-form terms of a last-layer block at a chunk of points.
 
-    ``features`` is the layer's input ``a`` ``[B, d_in]`` (the bias coordinate is appended here).
+    ``features`` is the layer's input ``a`` ``[B, d_in]`` (the bias coordinate is appended here);
+    ``transposed``: the weight is stored ``[d_in, d_out]`` (``Conv1D``), which orders a diagonal
+    block's values.
     Kronecker: keeps ``(Q_Aᵀ φ)²`` ``[B, n]``; diagonal: ``φ²``. :meth:`__call__` gives the
     ``[B, C]`` variances at a prior ``τ``, :meth:`covariance` the ``[B, C, C]`` covariance and
     :meth:`sample` draws ``Q_G (√s ⊙ ε)``.
     """
 
-    def __init__(self, features: Tensor, block: CurvatureBlock):
+    def __init__(self, features: Tensor, block: CurvatureBlock, transposed: bool = False):
         if not has_closed_form(block):
             raise TypeError(f"GLM: block {block.name!r} has no closed form (a dense block).")
         self.block = block
@@ -48,6 +50,7 @@ class HeadVariance:
         else:
             self.right = phi.square()
         self.bias = bias
+        self.transposed = transposed
 
     def _scaled(self, tau: Tensor) -> Tensor:
         """``[B, o]``: ``s`` in G's eigenbasis (Kronecker), or the variances themselves (diag)."""
@@ -56,9 +59,11 @@ class HeadVariance:
             inv = block.damped_eigenvalues(tau).reciprocal()  # [o, n]
         else:
             assert isinstance(block, DiagBlock)
-            o = next(iter(block.param_shapes.values()))[0]
+            shape = next(iter(block.param_shapes.values()))
+            o = shape[-1] if self.transposed else shape[0]
             n = self.right.shape[1]
-            inv = (vec_to_mat(block.values, o, n - int(self.bias), self.bias) + tau).reciprocal()
+            values = vec_to_mat(block.values, o, n - int(self.bias), self.bias, self.transposed)
+            inv = (values + tau).reciprocal()
         return self.right @ inv.T
 
     def many(self, taus: Tensor) -> Tensor:
