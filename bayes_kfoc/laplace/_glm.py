@@ -109,8 +109,7 @@ class BlockVariance:
         stored coordinates (not one pass over them per prior)."""
         taus = taus.to(self.block.dtype)
         if isinstance(self.block, KronBlock):
-            la, _, lg, _ = self.block.eigh()
-            spectrum = torch.outer(lg, la)
+            spectrum = self.block.damped_eigenvalues()
         else:
             assert self.evals is not None
             spectrum = self.evals
@@ -121,12 +120,6 @@ class BlockVariance:
         c, b = self.left.shape[:2]
         out = self.left.reshape(c * b, -1) @ inv.reshape(inv.shape[0], -1).T  # [C·B, S]
         return out.reshape(c, b, -1).permute(2, 1, 0)
-
-
-def chunk_variances(chunk: Chunk, blocks: dict[str, CurvatureBlock]) -> list[BlockVariance]:
-    """The τ-independent variance terms of every block at one chunk (block order)."""
-    stats, _ = chunk
-    return [BlockVariance(stats[name], block) for name, block in blocks.items()]
 
 
 def total_variance(terms: Sequence[Callable[[Tensor], Tensor]], tau: Tensor) -> Tensor:

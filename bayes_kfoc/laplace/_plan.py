@@ -84,11 +84,6 @@ class GlmPlan:
     group: int = 1
     terms_bytes: int = 0
 
-    @property
-    def jacobian_blocks(self) -> bool:
-        """Whether any block needs the Jacobian (exact) or JVP (sampled) pass."""
-        return self.exact_cost > 0 or self.sampled_cost > 0
-
 
 def probe_modules(
     model: torch.nn.Module, modules: Mapping[str, torch.nn.Module], x: Inputs

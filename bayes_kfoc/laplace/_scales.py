@@ -26,6 +26,7 @@ from torch import Tensor
 from ..options import GlmPath
 from ..stats import check_label_range
 from ..stats.inputs import Batches
+from ._glm import total_variance
 from ._glm_pass import GlmChunk, glm_chunks, glm_plan
 from ._plan import GlmPlan, budget_bytes
 from .predictive import PosteriorView, check_inputs
@@ -82,9 +83,6 @@ class ScaleVariances:
         assert self._labels is not None, "call prepare first"
         return self._labels
 
-    def _tau(self, u: float) -> dict[str, Tensor]:
-        return dict(zip(self.view.blocks, 10.0**u * self.base, strict=True))
-
     def _chunks(self) -> Iterator[tuple[GlmChunk, Tensor, GlmPlan]]:
         """Per chunk: the GLM chunk (its blocks' terms on demand), the labels, and the plan."""
         for x, y in self.points:
@@ -96,13 +94,6 @@ class ScaleVariances:
                 yield chunk, y[start : start + b], plan
                 start += b
         self.passes += 1
-
-    def _sum(self, terms: list[Any], u: float) -> Tensor:
-        tau = 10.0**u * self.base
-        out = terms[0](tau[0])
-        for term, t in zip(terms[1:], tau[1:], strict=True):
-            out = out + term(t)
-        return out
 
     def prepare(self, us: Iterable[float], ahead: Iterable[float] = ()) -> None:
         """Make the scales ``us`` available; when a Jacobian pass is needed, also evaluate the
@@ -164,6 +155,6 @@ class ScaleVariances:
         """``[N, C]`` variances at ``10^u`` (computed now if needed; a stored one is released)."""
         k = key(u)
         if k not in self._cache and self._terms is not None:
-            return torch.cat([self._sum(t, u) for t in self._terms])
+            return torch.cat([total_variance(t, 10.0**u * self.base) for t in self._terms])
         self.prepare([u])
         return self._cache.pop(k)

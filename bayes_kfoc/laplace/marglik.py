@@ -36,7 +36,7 @@ from ..curvature import full_param_name
 from ..curvature.passes import dataset_size
 from ..options import Structure
 from ..stats import call_model
-from ..stats.inputs import Inputs
+from ..stats.inputs import inputs_to
 from . import _hyper
 from .laplace import Laplace
 from .prior import check_prior_precision
@@ -98,12 +98,6 @@ class MarglikResult:
     def log_evidence(self) -> list[float | None]:
         """The log evidence per epoch (``None`` where there was no refit)."""
         return [h.log_evidence for h in self.history]
-
-
-def _to(x: Inputs, device: torch.device) -> Inputs:
-    if isinstance(x, Tensor):
-        return x.to(device)
-    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in x.items()}
 
 
 def _num_data(loader: Iterable[Any], num_data: int | None) -> int:
@@ -310,7 +304,7 @@ def _train(
         loss_sum = nll_sum = 0.0
         batches = 0
         for x, y in loader:
-            x, y = _to(x, device), y.to(device)
+            x, y = inputs_to(x, device), y.to(device)
             optimizer.zero_grad(set_to_none=True)
             nll = nn.functional.cross_entropy(call_model(model, x, "marglik_training"), y)
             loss = nll + prior.term() / n

@@ -20,6 +20,7 @@ from ..blocks import CurvatureBlock
 from .attention import unfused_attention
 from .kron import grads_quad
 from .output import logits_of
+from .targets import keeps_forward
 
 
 def _norm_grads(module: nn.Module, x: Tensor, cot: Tensor, names: list[str]) -> Tensor | None:
@@ -63,11 +64,10 @@ def _computes_base(module: nn.Module) -> bool:
     the class describes a subclass only when the subclass keeps the base class's ``forward``
     (a channels-first LayerNorm that permutes around ``F.layer_norm`` does not; it takes the
     exact generic path)."""
-    forward = type(module).forward
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return forward is nn.modules.batchnorm._BatchNorm.forward and "forward" not in vars(module)
+        return keeps_forward(module, nn.modules.batchnorm._BatchNorm)
     if isinstance(module, nn.LayerNorm):
-        return forward is nn.LayerNorm.forward and "forward" not in vars(module)
+        return keeps_forward(module, nn.LayerNorm)
     return False
 
 

@@ -138,7 +138,7 @@ def classify(module: nn.Module) -> tuple[str, str]:
     if (linear_like or isinstance(module, nn.Conv2d)) and frozen_any:
         return GENERIC, "part of its parameters are frozen: per-parameter (diagonal/dense) block"
     for base in (nn.Linear, nn.Conv2d):
-        if isinstance(module, base) and not _keeps_forward(module, base):
+        if isinstance(module, base) and not keeps_forward(module, base):
             return GENERIC, (
                 f"{type(module).__name__} overrides {base.__name__}.forward: exact per-parameter "
                 "(diagonal/dense) block, not Kronecker"
@@ -152,7 +152,7 @@ def classify(module: nn.Module) -> tuple[str, str]:
     return GENERIC, ""
 
 
-def _keeps_forward(module: nn.Module, base: type[nn.Module]) -> bool:
+def keeps_forward(module: nn.Module, base: type[nn.Module]) -> bool:
     """Whether ``module`` computes what ``base`` computes: the class keeps ``base.forward``
     (and, for a convolution, ``_conv_forward``) and the instance does not replace it."""
     cls = type(module)
