@@ -10,7 +10,6 @@ Every chunk carries the MAP logits and the τ-independent material of each block
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -178,7 +177,8 @@ def glm_chunks(
                                 f"operation of this model lacks ({str(err).splitlines()[0]}); "
                                 "use glm='exact'."
                             ) from err
-                        exact = dataclasses.replace(plan, path=GlmPath.EXACT)
+                        # planned afresh: the exact path's own chunk size and memory check
+                        exact = glm_plan(view, x, plan.samples, GlmPath.EXACT)
                         if view.report is not None:
                             view.report(exact)
                         yield from glm_chunks(view, x, exact, generator, samples)
