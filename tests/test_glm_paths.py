@@ -153,6 +153,26 @@ def test_auto_path_takes_the_sampled_glm_for_many_classes() -> None:
     assert many.last_glm.sampled_cost < many.last_glm.exact_cost
 
 
+def test_auto_falls_back_to_the_exact_path_without_forward_mode_ad(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where an operation lacks forward-mode AD, ``glm="auto"`` re-plans the exact path (its own
+    chunks) and gives the exact predictive; ``glm="sampled"`` raises naming the fix."""
+    from bayes_kfoc.laplace import _glm_pass
+
+    many, xm, _ = _fit(400, True, "kfac")
+    exact = many.predict(xm[:4], glm="exact")
+
+    def no_forward_ad(*args: object, **kwargs: object) -> None:
+        raise NotImplementedError("trying to use forward AD with an op that does not support it")
+
+    monkeypatch.setattr(_glm_pass, "linearised_deviations", no_forward_ad)
+    torch.testing.assert_close(many.predict(xm[:4], n_samples=8), exact)
+    assert many.last_glm is not None and many.last_glm.path is GlmPath.EXACT
+    with pytest.raises(NotImplementedError, match="use glm='exact'"):
+        many.predict(xm[:4], glm="sampled", n_samples=8)
+
+
 def _tuned(la: Laplace, x: Tensor, y: Tensor, monkeypatch: pytest.MonkeyPatch) -> list[int]:
     passes: list[int] = []
     real = _scales.ScaleVariances.take
