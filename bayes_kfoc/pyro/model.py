@@ -138,11 +138,10 @@ class BayesianClassifier(ClassifierModel):
         super().__init__(functional, num_data=num_data, subsample_size=subsample_size)
         self.prior_precision = dict(prior_precision)
         owners = {k: owner(k) for k in self.param_names}
-        ref = {k: p for k, p in net.named_parameters()}
+        ref = dict(net.named_parameters())  # shapes, dtypes and devices of the priors
         prior_net: nn.Module
         if _pyro_convertible(net):
             prior_net = (net if inplace else copy.deepcopy(net)).eval()
-            ref = {k: p for k, p in prior_net.named_parameters()}
             to_pyro_module_(prior_net)
         else:  # e.g. peft's tuner classes carry ABCMeta, which PyroModule cannot be mixed into
             prior_net = _prior_sites(owners)

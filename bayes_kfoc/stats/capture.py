@@ -1,11 +1,12 @@
 """What the collector's hooks capture, and the backward pass that turns it into directions:
-Conv2d's unfold, the check of a transposed Linear (``Conv1D``), the error for a batch-free
-output that cannot be expanded, and the output gradients for every direction at once."""
+Conv2d's unfold, the check of a transposed Linear (``Conv1D``), the check that a batch-free
+output handed on expanded leaves the logits unchanged, and the output gradients for every
+direction at once."""
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -48,18 +49,6 @@ def check_transposed_linear(name: str, module: nn.Module, x: Tensor, out: Tensor
             "Remove its class from bayes_kfoc.stats.targets.TRANSPOSED_LINEAR, or exclude it "
             "with exclude=[...]."
         )
-
-
-def expansion_error(modules: Iterable[str]) -> ValueError:
-    """The modules whose batch-free outputs, handed on expanded, changed the model's forward."""
-    mods = sorted(modules)
-    return ValueError(
-        f"fit_curvature: module(s) {mods} return outputs without a batch dimension (shared "
-        "by every point), and handing them on expanded along the batch changed (or broke) "
-        "the model's forward, so the model uses them other than by broadcasting. Fixes: "
-        "pass the positions in the batch (e.g. position_ids [N, T] in the input mapping) so "
-        f"the output is batched; or exclude the module(s) with exclude={mods}."
-    )
 
 
 def output_grads(
@@ -172,16 +161,14 @@ def with_live(st: KronStats, live: list[Tensor | None], a_parts: list[Tensor]) -
         )
 
 
-def check_expansion(
-    model: nn.Module, x: Inputs, logits: Tensor, expanded: set[str]
-) -> ValueError | None:
-    """The logits with the batch-free outputs of ``expanded`` handed on expanded must equal the
-    model's own (an expansion is only a broadcast the model would have made itself): ``None``,
-    or the error to act on."""
+def expansion_changes_logits(model: nn.Module, x: Inputs, logits: Tensor) -> bool:
+    """Whether ``logits``, computed with batch-free outputs handed on expanded along the batch,
+    differ from the model's own (an expansion must be only a broadcast the model would have made
+    itself)."""
     with torch.no_grad():
         plain = call_model(model, x, "fit_curvature")
     if plain.shape == logits.shape and torch.allclose(
         plain, logits.detach(), rtol=1e-4, atol=1e-5 * float(plain.abs().max().clamp(min=1))
     ):
-        return None
-    return expansion_error(expanded)
+        return False
+    return True

@@ -18,9 +18,9 @@ from .batch import call_model, check_label_range
 from .batch_dim import FOLDED, SHARED, BatchDims, expand_batch
 from .capture import (
     batch_major,
-    check_expansion,
     check_transposed_linear,
     conv_unfold,
+    expansion_changes_logits,
     fold_error,
     live_positions,
     output_grads,
@@ -189,20 +189,20 @@ class Collector:
         self._active = names
         self._n = batch_size(x)
         self._mask = padding_mask(self.model, x)
-        broken: Exception | None = None
+        broken = False
         try:
             with torch.enable_grad():
                 logits = call_model(self.model, x, "bayes_kfoc")
-        except RuntimeError as err:
+        except RuntimeError:
             if not self._expanded - self._whole:
                 raise
-            broken = err
+            broken = True
         finally:
             self._active = set()
-        if broken is None and self._expanded and not self._checked:
+        if not broken and self._expanded and not self._checked:
             self._checked = True
-            broken = check_expansion(self.model, x, logits, self._expanded)
-        if broken is not None:
+            broken = expansion_changes_logits(self.model, x, logits)
+        if broken:
             # an expanded output the model uses other than by broadcasting (e.g. added to a
             # folded batch): those modules take whole-model per-point gradients instead
             self._whole |= self._expanded
