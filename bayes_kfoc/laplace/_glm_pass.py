@@ -167,7 +167,7 @@ def glm_chunks(
                         for start in range(0, n, plan.group):  # `group` tangents at a time
                             k = min(plan.group, n - start)
                             tangents = draw_tangents(sub, tau, k, generator)
-                            logits, dev = linearised_deviations(view.model, xb, tangents, k)
+                            logits, dev = linearised_deviations(view.model, xb, tangents)
                             parts.append(dev)
                             del tangents
                     except NotImplementedError as err:  # an op without forward-mode AD

@@ -50,10 +50,10 @@ def draw_tangents(
 
 
 def linearised_deviations(
-    model: nn.Module, x: Inputs, tangents: dict[str, Tensor], group: int
+    model: nn.Module, x: Inputs, tangents: dict[str, Tensor]
 ) -> tuple[Tensor, Tensor]:
-    """``f(θ*)`` ``[B, C]`` and ``J δ_s`` ``[S, B, C]`` for the ``S`` tangents (``vmap`` over
-    groups of ``group`` draws)."""
+    """``f(θ*)`` ``[B, C]`` and ``J δ_s`` ``[S, B, C]`` for the ``S`` tangents, in one ``vmap``
+    over the draws (the caller draws them in groups that fit the memory budget)."""
     params = {k: p.detach() for k, p in model.named_parameters()}
     buffers = dict(model.named_buffers())
     keys = list(tangents)
@@ -72,14 +72,8 @@ def linearised_deviations(
         out = jvp(f, primals, tangent)
         return out[0], out[1]
 
-    s = next(iter(tangents.values())).shape[0]
-    outs, mean = [], None
     with torch.no_grad(), warnings.catch_warnings(), unfused_attention():
         warnings.filterwarnings("ignore", "There is a performance drop")
-        for start in range(0, s, group):
-            chunk = tuple(tangents[k][start : start + group] for k in keys)
-            primal, dev = vmap(one, out_dims=(None, 0))(*chunk)  # type: ignore[arg-type]
-            mean = primal if mean is None else mean
-            outs.append(dev)
-    assert mean is not None
-    return mean, torch.cat(outs)
+        draws = tuple(tangents[k] for k in keys)
+        primal, dev = vmap(one, out_dims=(None, 0))(*draws)  # type: ignore[arg-type]
+    return primal, dev
