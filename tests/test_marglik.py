@@ -374,3 +374,13 @@ def test_the_written_out_adam_matches_torch_adam() -> None:
         ref.grad = -grad  # torch descends
         torch_adam.step()
     torch.testing.assert_close(ours, ref.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_an_unknown_fisher_is_refused_before_any_training() -> None:
+    model = nn.Linear(3, 2)
+    before = model.weight.detach().clone()
+    x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    with pytest.raises(ValueError, match="marglik_training: fisher: unknown value 'exct'"):
+        marglik_training(model, loader, "kfac", epochs=3, burn_in=2, fisher="exct", progress=False)
+    assert torch.equal(model.weight, before)

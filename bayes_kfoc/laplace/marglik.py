@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from ..curvature import full_param_name
 from ..curvature.passes import dataset_size
-from ..options import Structure
+from ..options import FisherType, Structure
 from ..stats import call_model
 from ..stats.inputs import inputs_to
 from . import _hyper
@@ -225,6 +225,7 @@ def marglik_training(
             "marglik_training: pass warm_start=True/False; the factors are the previous fit's."
         )
     kind = Structure.parse(structure, "marglik_training: structure")
+    FisherType.parse(fisher, "marglik_training: fisher")  # before any training, not at a refit
     n = _num_data(train_loader, num_data)
     devices = [p.device for p in model.parameters() if p.device.type == "cuda"][:1]
     with torch.random.fork_rng(devices=devices, enabled=seed is not None):
