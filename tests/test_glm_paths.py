@@ -14,7 +14,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from bayes_kfoc import Laplace
-from bayes_kfoc.laplace import _scales, predictive
+from bayes_kfoc.laplace import predictive
+from bayes_kfoc.laplace.tuning import scale_variances
 from bayes_kfoc.options import GlmPath
 from bayes_kfoc.stats import Collector
 
@@ -175,13 +176,13 @@ def test_auto_falls_back_to_the_exact_path_without_forward_mode_ad(
 
 def _tuned(la: Laplace, x: Tensor, y: Tensor, monkeypatch: pytest.MonkeyPatch) -> list[int]:
     passes: list[int] = []
-    real = _scales.ScaleVariances.take
+    real = scale_variances.ScaleVariances.take
 
-    def spy(self: _scales.ScaleVariances, u: float) -> Tensor:
+    def spy(self: scale_variances.ScaleVariances, u: float) -> Tensor:
         passes.append(self.passes)
         return real(self, u)
 
-    monkeypatch.setattr(_scales.ScaleVariances, "take", spy)
+    monkeypatch.setattr(scale_variances.ScaleVariances, "take", spy)
     la.optimize_prior_precision(val_loader=DataLoader(TensorDataset(x, y), batch_size=8))
     monkeypatch.undo()
     return passes

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._prior import LOG_TAU_BOUNDS
 from .laplace import Laplace
+from .tuning import LOG_TAU_BOUNDS
 
 
 def expand(log_tau: Tensor, blocks: int) -> Tensor:

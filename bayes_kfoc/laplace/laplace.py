@@ -33,10 +33,9 @@ from ._layout import Layout
 from ._plan import GlmPlan
 from ._posterior import log_evidence
 from ._recorder import TRAIN_SAMPLE, Recorder
-from .optimize import optimize_prior
 from .predictive import PosteriorView
 from .prior import PriorPrecision, check_prior_precision, prior_precision_vector
-from .tuning import Metric, TuningResult
+from .tuning import Metric, TuningResult, optimize_prior
 
 
 class Laplace:
@@ -245,17 +244,18 @@ class Laplace:
         (``prior="global"``).
 
         - ``"gridsearch"`` (the default when ``val_loader`` is given): for the GLM probit
-          predictive, ``s`` on a log grid (``grid``, default ``logspace(-2, 5, 29)``, expanded
-          while the best scale is at an end, then refined) jointly with the predictive
-          temperature ``T ≥ 1`` (``temperature=True``; logits divided by ``T``) minimising the
-          validation NLL (or ``metric(probs, labels)``); the one-standard-error rule
-          (``one_se``) then takes the smallest scale within one paired standard error of the
-          best. Contains the MAP and temperature scaling (``s → ∞``) as special cases. Other
-          predictives search ``s`` alone on ``grid`` with ``T = 1``.
+          predictive, ``s`` on a log grid (``grid``, default
+          :data:`~bayes_kfoc.laplace.tuning.DEFAULT_GRID`, expanded while the best scale is at an
+          end, then refined) jointly with the predictive temperature ``T ≥ 1``
+          (``temperature=True``; logits divided by ``T``) minimising the validation NLL (or
+          ``metric(probs, labels)``); the one-standard-error rule (``one_se``) then takes the
+          smallest scale within one paired standard error of the best. Contains the MAP and
+          temperature scaling (``s → ∞``) as special cases. Other predictives search ``s`` alone on
+          ``grid`` with ``T = 1``.
         - ``"consistency"`` (the default without ``val_loader``): the largest posterior whose
           drop of the training log-likelihood stays as the Laplace approximation predicts, on
           up to 1,000 training points recorded by :meth:`fit` (or from ``train_loader``);
-          ``T = 1``. See :mod:`bayes_kfoc.laplace.consistency`.
+          ``T = 1``. See :mod:`bayes_kfoc.laplace.tuning.consistency`.
         - ``"marglik"``: maximise :meth:`log_marginal_likelihood` exactly, per module
           (``per_module=True``) or one shared τ; ``T = 1``.
           Post-hoc marglik on *all* weights is underconfident (README, "Defaults and why").

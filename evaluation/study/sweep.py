@@ -26,10 +26,10 @@ import torch
 from torch import Tensor
 
 from bayes_kfoc import Laplace
-from bayes_kfoc.laplace.optimize import glm_terms
 from bayes_kfoc.laplace.predictive import probit
 from bayes_kfoc.laplace.prior import scaled_prior_base
-from bayes_kfoc.laplace.validation import ValidationTerms
+from bayes_kfoc.laplace.tuning.dispatch import glm_terms
+from bayes_kfoc.laplace.tuning.joint_search import ValidationTerms
 from evaluation import metrics as M
 from evaluation.structures import STRUCTURES
 

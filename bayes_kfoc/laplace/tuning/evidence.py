@@ -1,4 +1,4 @@
-"""Prior-precision tuning: the Laplace evidence maximised exactly, and a validation grid search.
+"""The prior precision that maximises the post-hoc Laplace evidence, per block or shared.
 
 With eigenvalues ``λ_i`` of the summed Fisher block and ``t = log τ``, the evidence
 ``log p(D|θ*) − ½τ||θ*||² + ½P log τ − ½Σ log(λ_i + τ)`` has derivative
@@ -10,9 +10,13 @@ number of parameters). It is found by bisection in ``log τ``, per block or join
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+
+from ...blocks import CurvatureBlock
+from .result import TuningResult
 
 LOG_TAU_BOUNDS = (-25.0, 25.0)
 
@@ -46,3 +50,24 @@ def marglik_root(evals: list[Tensor], sq_norms: Tensor, iters: int = 200) -> Ten
             stacklevel=3,
         )
     return tau
+
+
+def tune_marglik(
+    blocks: Sequence[CurvatureBlock], sq_norms: Tensor, per_module: bool
+) -> TuningResult:
+    """The evidence-maximising ``τ``: per block (``per_module``) or one shared value.
+
+    ``sq_norms`` holds ``||θ*_b||²`` per block (float64). See ``docs/math.md``, "Laplace
+    evidence".
+    """
+    evals = [b.eigenvalues().double() for b in blocks]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if per_module:
+            tau = marglik_root(evals, sq_norms)
+        else:
+            tau = marglik_root([torch.cat(evals)], sq_norms.sum().reshape(1)).expand(len(evals))
+    for w in caught:  # re-issue at the user's call site
+        warnings.warn(w.message, w.category, stacklevel=3)
+    prior = "per-module" if per_module else "shared"
+    return TuningResult("marglik", tau.clone(), at_edge=bool(caught), prior=prior)

@@ -25,10 +25,10 @@ import warnings
 import torch
 from torch import Tensor
 
-from ..blocks import CurvatureBlock
-from ._scales import ScaleVariances
-from .tuning import TuningResult
-from .validation import STEP
+from ...blocks import CurvatureBlock
+from .grid import STEP
+from .result import TuningResult
+from .scale_variances import ScaleVariances
 
 TOP = 7.0  # log10 s of the tight-posterior reference
 BOTTOM = -4.0  # log10 s the scan never passes

@@ -23,13 +23,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..options import GlmPath
-from ..stats import check_label_range
-from ..stats.inputs import Batches
-from ._glm import total_variance
-from ._glm_pass import GlmChunk, glm_chunks, glm_plan
-from ._plan import GlmPlan, budget_bytes
-from .predictive import PosteriorView, check_inputs
+from ...options import GlmPath
+from ...stats import check_label_range
+from ...stats.inputs import Batches
+from .._glm import total_variance
+from .._glm_pass import GlmChunk, glm_chunks, glm_plan
+from .._plan import GlmPlan, budget_bytes
+from ..predictive import PosteriorView, check_inputs
 
 AHEAD_SHARE = 4  # the look-ahead scales may use 1 / AHEAD_SHARE of the memory budget
 

@@ -2,7 +2,7 @@
 
 - with validation data (``"gridsearch"``, the default when ``val_loader`` is given): the joint
   search of the prior scale and the predictive temperature (:mod:`.validation`) for the GLM probit
-  predictive; other predictives search the scale alone (:func:`.tuning.tune_gridsearch`, ``T = 1``);
+  predictive; other predictives search the scale alone (:func:`.grid.tune_gridsearch`, ``T = 1``);
 - without (``"consistency"``, the default otherwise): the training-consistency rule
   (:mod:`.consistency`) on the training points recorded by ``fit`` (or ``train_loader``);
 - ``"marglik"``: the evidence maximiser, per module or shared.
@@ -16,17 +16,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..options import GlmPath, Link, PredMethod, TuneMethod
-from ..stats import as_labels, check_label_range
-from ..stats.inputs import Batches, batch_size, check_mapping, merge_batches, split_inputs
-from . import predictive
-from ._glm_pass import glm_chunks, glm_plan
-from ._scales import ScaleVariances
+from ...options import GlmPath, Link, PredMethod, TuneMethod
+from ...stats import as_labels, check_label_range
+from ...stats.inputs import Batches, batch_size, check_mapping, merge_batches, split_inputs
+from .. import predictive
+from .._glm_pass import glm_chunks, glm_plan
+from ..predictive import PosteriorView
+from ..prior import scaled_prior_base
 from .consistency import consistency
-from .predictive import PosteriorView
-from .prior import scaled_prior_base
-from .tuning import Metric, TuningResult, nll, tune_gridsearch, tune_marglik
-from .validation import ValidationTerms, search
+from .evidence import tune_marglik
+from .grid import tune_gridsearch
+from .joint_search import ValidationTerms, search
+from .result import Metric, TuningResult, nll
+from .scale_variances import ScaleVariances
 
 PRIORS = ("scaled", "global")
 
@@ -73,7 +75,7 @@ def glm_terms(view: PosteriorView, points: Batches, what: str) -> ValidationTerm
     """Every block's τ-independent variance terms at the points, kept in memory (one exact
     Jacobian pass; last layers in closed form), the MAP logits and the labels: for callers that
     score many priors on points they know fit in memory (e.g. the study's prior sweep). Tuning
-    itself uses :class:`._scales.ScaleVariances`, bounded by ``memory_budget``."""
+    itself uses :class:`.scale_variances.ScaleVariances`, bounded by ``memory_budget``."""
     terms, logits, labels = [], [], []
     for x, y in points:
         x = predictive.check_inputs(view, x)

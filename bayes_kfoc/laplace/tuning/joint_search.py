@@ -15,7 +15,7 @@ over-sharpens). The Jacobian-side work is done once when it fits the memory budg
 ``(s, T)`` costs one contraction per block in its eigenbasis and a softmax), else in bounded
 memory: the first pass evaluates the initial grid and the scales of the first expansion on
 either side (each expansion that runs evaluates the next one's too), and
-the refinement costs one more pass (:class:`._scales.ScaleVariances`).
+the refinement costs one more pass (:class:`.scale_variances.ScaleVariances`).
 """
 
 from __future__ import annotations
@@ -29,12 +29,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._glm import total_variance
-from ._scales import ScaleVariances, key
-from .tuning import REFINE_POINTS, Metric, TuningResult, check_grid
+from .._glm import total_variance
+from .grid import REFINE_POINTS, STEP, check_grid, default_log10_grid
+from .result import Metric, TuningResult
+from .scale_variances import ScaleVariances, key
 
-STEP = 0.25  # decades between grid points
-DEFAULT_RANGE = (-2.0, 5.0)  # log10 s of the initial grid
 LIMITS = (-8.0, 14.0)  # log10 s the expansion never passes
 EXPAND = 2.0  # decades added per expansion
 PLATEAU = 1e-5  # a metric change below this over the last expansion ends it
@@ -116,10 +115,10 @@ def search(
     prior: str = "scaled",
 ) -> TuningResult:
     """The joint search of the module docstring; ``grid`` holds scales ``s`` (default
-    ``logspace(-2, 5, 29)``), ``metric(probs, labels)`` replaces the NLL (then no
+    :data:`.grid.DEFAULT_GRID`), ``metric(probs, labels)`` replaces the NLL (then no
     one-standard-error rule)."""
     if grid is None:
-        start = torch.arange(DEFAULT_RANGE[0], DEFAULT_RANGE[1] + 1e-9, STEP, dtype=torch.float64)
+        start = default_log10_grid()
     else:
         start = check_grid(grid).log10()
     starts = start.tolist()
