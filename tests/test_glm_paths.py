@@ -257,3 +257,61 @@ def test_a_head_scaled_in_place_takes_the_jacobian_path() -> None:
     _, c = la.glm_distribution(x[:5])
     assert la.last_glm is not None and la.last_glm.closed_form == ()
     torch.testing.assert_close(c, cov, rtol=1e-9, atol=1e-12)
+
+
+def _few_positions_conv_net(classes: int) -> nn.Module:
+    """Convolutions with few output positions (``T = 4``, then ``T = 1``), as in a ResNet's late
+    stages at CIFAR size, where the exact GLM rotates the position factors before multiplying
+    them (:meth:`bayes_kfoc.stats.kron.SharedStats.rotated_grads`)."""
+    torch.manual_seed(0)
+    return (
+        nn.Sequential(
+            nn.Conv2d(1, 4, 3, stride=2),  # 1×6×6 -> 4×2×2: T = 4, o = 4, n = 10
+            nn.Tanh(),
+            nn.Conv2d(4, 6, 2),  # -> 6×1×1: T = 1 (rank one)
+            nn.Flatten(),
+            nn.Tanh(),
+            nn.Linear(6, classes),
+        )
+        .double()
+        .eval()
+    )
+
+
+def test_factored_rotation_equals_the_formed_gradients() -> None:
+    """``Q_Gᵀ M Q_A`` from rotated position factors equals rotating each formed ``M``, for a
+    shape where the factored order is the cheaper one."""
+    from bayes_kfoc.stats.kron import KronStats, SharedStats
+
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(5, 2, 30, generator=gen, dtype=torch.float64)  # N, T, n
+    d = torch.randn(4, 5, 2, 20, generator=gen, dtype=torch.float64)  # V, N, T, o
+    qg = torch.linalg.qr(torch.randn(20, 20, generator=gen, dtype=torch.float64))[0]
+    qa = torch.linalg.qr(torch.randn(30, 30, generator=gen, dtype=torch.float64))[0]
+    st = SharedStats(a, d, bias=True)
+    formed = KronStats.rotated_grads(st, qg, qa)
+    m = torch.einsum("vnto,nti->vnoi", d, a)
+    torch.testing.assert_close(formed, qg.T @ m @ qa)  # the reference itself
+    torch.testing.assert_close(st.rotated_grads(qg, qa), formed, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("structure", ["kfac", "kfoc"])
+@pytest.mark.parametrize("classes", [3, 7])  # 7: T = 4 < C, the position-kernel contraction
+def test_exact_glm_on_few_position_convolutions_equals_the_dense_glm(
+    structure: str, classes: int
+) -> None:
+    model = _few_positions_conv_net(classes)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(24, 1, 6, 6, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, classes, (24,), generator=gen)
+    la = Laplace(model, structure=structure, progress=False, tol=1e-12).fit(
+        DataLoader(TensorDataset(x, y), batch_size=8)
+    )
+    la.prior_precision = 0.7
+    mean, cov = _dense_moments(la, x[:9])
+    m, c = la.glm_distribution(x[:9])
+    assert la.last_glm is not None and la.last_glm.path is GlmPath.EXACT
+    torch.testing.assert_close(m, mean)
+    torch.testing.assert_close(c, cov, rtol=1e-9, atol=1e-12)
+    want = predictive.probit(mean, torch.diagonal(cov, dim1=1, dim2=2))
+    torch.testing.assert_close(la.predict(x[:9], glm="exact"), want, rtol=1e-9, atol=1e-12)

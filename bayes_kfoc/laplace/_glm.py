@@ -18,6 +18,7 @@ from torch import Tensor
 from ..blocks import CurvatureBlock, DenseBlock, DiagBlock, KronBlock, robust_eigh
 from ..blocks.kron import vec_to_mat
 from ..stats import KronStats, LinearStats, Stats
+from ..stats.kron import SharedStats
 
 Chunk = tuple[dict[str, Stats], Tensor]
 """One chunk of points: per-module Jacobian statistics (directions ``e_c``) and MAP logits."""
@@ -65,14 +66,12 @@ class BlockVariance:
         if isinstance(block, KronBlock):
             _, qa, _, qg = block.eigh()
             if isinstance(st, LinearStats):
-                self.left = (st.d.to(dtype) @ qg).square()  # [C, B, o]
+                self.left = (st.d.to(dtype) @ qg).square_()  # [C, B, o]
                 self.right = (st.a.to(dtype) @ qa).square()  # [B, n]
             else:
                 if not isinstance(st, KronStats):
                     raise TypeError(f"GLM: block {block.name!r} is Kronecker, its statistics not.")
-                m = st.per_direction_grads().to(dtype)
-                m = m.reshape(st.V, st.num_points, *m.shape[1:])
-                self.left = (qg.T @ m @ qa).square()  # [C, B, o, n]
+                self.left = st.rotated_grads(qg, qa).square_()  # [C, B, o, n]
         elif isinstance(block, DiagBlock) and isinstance(st, LinearStats):
             self.left = st.d.to(dtype).square()  # [C, B, o]
             self.right = st.a.to(dtype).square()  # [B, n]
@@ -120,6 +119,35 @@ class BlockVariance:
         c, b = self.left.shape[:2]
         out = self.left.reshape(c * b, -1) @ inv.reshape(inv.shape[0], -1).T  # [C·B, S]
         return out.reshape(c, b, -1).permute(2, 1, 0)
+
+
+def _position_kernel_is_cheaper(st: SharedStats) -> bool:
+    """For one ``τ``: the position-kernel contraction (``N·T²·o·n + V·N·T²·o``) costs fewer
+    multiply-adds than forming the rotated gradients (``V·N·T·o·n``) and contracting their
+    squares (``2·V·N·o·n``), i.e. roughly ``T < V``: few output positions, many classes."""
+    N, V, T, o, n = st.num_points, st.V, st.T, st.o, st.n
+    return N * T * T * o * n + V * N * T * T * o < V * N * T * o * n + 2 * V * N * o * n
+
+
+def block_variance(st: Stats, block: CurvatureBlock, tau: Tensor) -> Tensor:
+    """``[B, C]``: :class:`BlockVariance` at one ``τ``, without keeping squared coordinates.
+
+    A Kronecker block on ``T`` shared positions with ``T`` below the number of directions
+    contracts a kernel of the inputs instead: with ``d'_t = Q_Gᵀ δ_t``, ``a'_t = Q_Aᵀ ā_t`` and
+    ``W = 1/S(τ)``, ``Σ_ij (Σ_t d'_ti a'_tj)² W_ij = Σ_{t,s,i} d'_ti d'_si K_tsi`` with
+    ``K_tsi = Σ_j a'_tj a'_sj W_ij`` (``[T, T, o]`` per point, shared by all directions).
+    """
+    if isinstance(block, KronBlock) and isinstance(st, SharedStats):
+        if _position_kernel_is_cheaper(st):
+            dtype = block.dtype
+            _, qa, _, qg = block.eigh()
+            inv = block.damped_eigenvalues(tau.to(dtype)).reciprocal()  # [o, n]
+            a = st.a.to(dtype) @ qa  # [B, T, n]
+            d = st.d.to(dtype) @ qg  # [C, B, T, o]
+            kernel = (a.unsqueeze(2) * a.unsqueeze(1)) @ inv.T  # [B, T, T, o]
+            dk = torch.einsum("cbsi,btsi->cbti", d, kernel)
+            return (dk * d).sum(dim=(2, 3)).T
+    return BlockVariance(st, block)(tau)
 
 
 def total_variance(terms: Sequence[Callable[[Tensor], Tensor]], tau: Tensor) -> Tensor:

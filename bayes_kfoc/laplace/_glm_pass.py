@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from ..options import GlmPath
 from ..stats import Collector, Stats, call_model
 from ..stats.inputs import Inputs, batch_size, split_inputs
-from ._glm import BlockVariance
+from ._glm import BlockVariance, block_variance
 from ._head import HeadVariance
 from ._plan import GlmPlan, budget_bytes, plan_glm, probe_modules
 from ._sampled import draw_tangents, linearised_deviations
@@ -60,7 +60,11 @@ class GlmChunk:
         terms alive at a time."""
         var: Tensor | None = None
         for k in self.names():
-            v = self.term(k)(tau[k])
+            if k in self.heads:
+                v = self.heads[k](tau[k])
+            else:
+                assert self.stats is not None and self.blocks is not None
+                v = block_variance(self.stats[k], self.blocks[k], tau[k])
             var = v if var is None else var + v
         if self.deviations is not None:
             v = self.deviations.square().mean(0)

@@ -163,8 +163,14 @@ def plan_glm(
             if positions == 1:  # rank-one: (d Q_G)² per class, (a Q_A)² once
                 rotate += o * o + n * n / c
                 kept = (c * o + n) * item
-            else:  # shared weights: M_c, then Q_Gᵀ M_c Q_A per class
-                rotate += positions * o * n + o * o * n + o * n * n
+            else:  # shared weights, per class: the cheapest of Q_Gᵀ M_c Q_A with M_c formed,
+                # the rotated position factors multiplied (SharedStats.rotated_grads), and the
+                # inputs' position kernel (_glm.block_variance)
+                t = positions
+                formed = t * o * n + o * o * n + o * n * n
+                factored = t * o * o + t * n * n / c + t * o * n
+                kernel = t * t * o * n / c + t * t * o
+                rotate += min(formed, factored, kernel)
                 kept = c * o * n * item
             draw += o * n + o * o * n + o * n * n  # E, then Q_G E Q_Aᵀ
         else:  # explicit per-point gradients: Σ_t δ_t ā_tᵀ over a shared weight, then (Qᵀg)²
