@@ -129,6 +129,26 @@ def _position_kernel_is_cheaper(st: SharedStats) -> bool:
     return N * T * T * o * n + V * N * T * T * o < V * N * T * o * n + 2 * V * N * o * n
 
 
+SLICE_BYTES = 8 << 20
+"""Rotated gradients of a shared-weight block are made and contracted this many bytes at a time:
+cache-sized temporaries instead of one ``[C, B, o, n]`` tensor (whose first touch, page by page,
+cost more than its multiply-adds)."""
+
+
+def _sliced_rotated_variance(st: SharedStats, qg: Tensor, qa: Tensor, inv: Tensor) -> Tensor:
+    """``[B, C]``: ``Σ_ij (Q_Gᵀ M_c Q_A)²_ij W_ij`` from the rotated position factors, a few
+    points at a time (:data:`SLICE_BYTES`)."""
+    d = (st.d.to(qg.dtype) @ qg).transpose(-1, -2)  # [C, B, o, T]
+    a = st.a.to(qa.dtype) @ qa  # [B, T, n]
+    c, b = d.shape[:2]
+    step = max(1, SLICE_BYTES // max(c * st.o * st.n * d.element_size(), 1))
+    out = d.new_empty(b, c)
+    for s in range(0, b, step):
+        r = torch.matmul(d[:, s : s + step], a[s : s + step]).square_()  # [C, b, o, n]
+        out[s : s + step] = torch.einsum("cbij,ij->bc", r, inv)
+    return out
+
+
 def block_variance(st: Stats, block: CurvatureBlock, tau: Tensor) -> Tensor:
     """``[B, C]``: :class:`BlockVariance` at one ``τ``, without keeping squared coordinates.
 
@@ -136,18 +156,24 @@ def block_variance(st: Stats, block: CurvatureBlock, tau: Tensor) -> Tensor:
     contracts a kernel of the inputs instead: with ``d'_t = Q_Gᵀ δ_t``, ``a'_t = Q_Aᵀ ā_t`` and
     ``W = 1/S(τ)``, ``Σ_ij (Σ_t d'_ti a'_tj)² W_ij = Σ_{t,s,i} d'_ti d'_si K_tsi`` with
     ``K_tsi = Σ_j a'_tj a'_sj W_ij`` (``[T, T, o]`` per point, shared by all directions).
+    Otherwise, where the rotated position factors are cheaper than the formed gradients, their
+    products are made and contracted a few points at a time (:data:`SLICE_BYTES`).
     """
-    if isinstance(block, KronBlock) and isinstance(st, SharedStats):
-        if _position_kernel_is_cheaper(st):
-            dtype = block.dtype
-            _, qa, _, qg = block.eigh()
-            inv = block.damped_eigenvalues(tau.to(dtype)).reciprocal()  # [o, n]
-            a = st.a.to(dtype) @ qa  # [B, T, n]
-            d = st.d.to(dtype) @ qg  # [C, B, T, o]
-            kernel = (a.unsqueeze(2) * a.unsqueeze(1)) @ inv.T  # [B, T, T, o]
-            dk = torch.einsum("cbsi,btsi->cbti", d, kernel)
-            return (dk * d).sum(dim=(2, 3)).T
-    return BlockVariance(st, block)(tau)
+    if not isinstance(block, KronBlock) or not isinstance(st, SharedStats):
+        return BlockVariance(st, block)(tau)
+    kernel = _position_kernel_is_cheaper(st)
+    if not kernel and not st.factored_rotation_is_cheaper():
+        return BlockVariance(st, block)(tau)
+    dtype = block.dtype
+    _, qa, _, qg = block.eigh()
+    inv = block.damped_eigenvalues(tau.to(dtype)).reciprocal()  # [o, n]
+    if not kernel:
+        return _sliced_rotated_variance(st, qg, qa, inv)
+    a = st.a.to(dtype) @ qa  # [B, T, n]
+    d = st.d.to(dtype) @ qg  # [C, B, T, o]
+    k = (a.unsqueeze(2) * a.unsqueeze(1)) @ inv.T  # [B, T, T, o]
+    dk = torch.einsum("cbsi,btsi->cbti", d, k)
+    return (dk * d).sum(dim=(2, 3)).T
 
 
 def total_variance(terms: Sequence[Callable[[Tensor], Tensor]], tau: Tensor) -> Tensor:

@@ -322,16 +322,21 @@ class SharedStats(KronStats):
     def per_direction_grads(self) -> Tensor:
         return torch.einsum("vnto,nti->vnoi", self.d, self.a).reshape(-1, self.o, self.n)
 
+    def factored_rotation_is_cheaper(self) -> bool:
+        """:meth:`rotated_grads`' choice: rotating the position factors first costs fewer
+        multiply-adds than rotating each formed ``M``."""
+        N, V, T, o, n = self.num_points, self.V, self.T, self.o, self.n
+        factored = V * N * T * o * o + N * T * n * n + V * N * T * o * n
+        formed = V * N * T * o * n + V * N * o * n * (o + n)
+        return factored < formed
+
     def rotated_grads(self, qg: Tensor, qa: Tensor) -> Tensor:
         """``Q_Gᵀ M Q_A = Σ_t (Q_Gᵀ δ_t)(Q_Aᵀ ā_t)ᵀ``: the ``T`` position factors are rotated
         first (``V·N·T·o² + N·T·n²`` multiply-adds, the inputs' rotation shared by all
         directions) and multiplied after (``V·N·T·o·n``), instead of rotating each formed
         ``M`` (``V·N·o·n·(o + n)``) — ``(o + n) / T`` times fewer for a convolution with few
         output positions (a ResNet's late stages), the same product when ``T`` is large."""
-        N, V, T, o, n = self.num_points, self.V, self.T, self.o, self.n
-        factored = V * N * T * o * o + N * T * n * n + V * N * T * o * n
-        formed = V * N * T * o * n + V * N * o * n * (o + n)
-        if factored >= formed:
+        if not self.factored_rotation_is_cheaper():
             return super().rotated_grads(qg, qa)
         d = self.d.to(qg.dtype) @ qg  # [V, N, T, o]
         a = self.a.to(qa.dtype) @ qa  # [N, T, n]
