@@ -25,7 +25,7 @@ def _fit(case: Case, structure: str, subset: str = "all", tau: float = 0.7) -> L
     la = Laplace(
         model,
         structure=structure,
-        subset=subset,
+        modules=subset,
         prior_precision=tau,
         progress=False,
         tol=1e-12,
@@ -263,7 +263,7 @@ def test_bad_input_gets_clear_errors() -> None:
     with pytest.raises(ValueError, match="classification"):
         Laplace(model, likelihood="regression")
     with pytest.raises(ValueError, match="does not exist"):
-        Laplace(model, subset=["nope"], progress=False).fit(loader)
+        Laplace(model, modules=["nope"], progress=False).fit(loader)
     with pytest.raises(TypeError, match=r"\(inputs, targets\)"):
         Laplace(model, progress=False).fit([(x, y, y)])
     with pytest.raises(TypeError, match="regression"):

@@ -44,7 +44,7 @@ def _fit(
     model, x, y = case.make()
     loader = DataLoader(TensorDataset(x, y), batch_size=4)
     la = Laplace(
-        model, structure=structure, subset=subset, prior_precision=tau, progress=False, **kw
+        model, structure=structure, modules=subset, prior_precision=tau, progress=False, **kw
     )
     return la.fit(loader)
 

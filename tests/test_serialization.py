@@ -66,9 +66,15 @@ def test_round_trip_keeps_curvature_prior_and_coverage(tmp_path: Path) -> None:
     torch.testing.assert_close(la2.predict(x), la.predict(x))
 
 
-def test_modules_and_its_subset_alias() -> None:
+def test_subset_is_a_deprecated_spelling_of_modules() -> None:
     model, _, _ = CASES[0].make()
-    assert Laplace(model, subset="last_layer").modules == "last_layer"
-    assert Laplace(model, modules=["0"]).subset == ["0"]
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.warns(DeprecationWarning, match="subset= is deprecated.*modules="):
+        assert Laplace(model, subset="last_layer").modules == "last_layer"
+    with pytest.warns(DeprecationWarning, match="subset= is deprecated"):  # positional too
+        assert Laplace(model, "classification", "kfac", "exact", "last_layer").modules == (
+            "last_layer"
+        )
+    with pytest.warns(DeprecationWarning, match="Laplace.modules"):
+        assert Laplace(model, modules=["0"]).subset == ["0"]
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="modules= only"):
         Laplace(model, subset="all", modules="all")

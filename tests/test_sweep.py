@@ -111,7 +111,7 @@ def test_prior_sweep_refits_a_last_layer_only_request(
     def refit(structure: str) -> Any:
         refitted.append(structure)
         la = fit_method(structure, small_model, digits).posterior
-        assert la is not None and la.subset == "all"
+        assert la is not None and la.modules == "all"
         return la
 
     section = sweep.finish(refit)

@@ -8,12 +8,13 @@ zero. Parameters outside ``modules`` stay at the MAP. Every power of ``P_b`` (sa
 log-determinants) goes through the eigendecomposition of its factors, with exact damping.
 
 A ``Laplace`` holds a :class:`~bayes_kfoc.Curvature` (on the model's device, in ``eig_dtype``), the
-prior and the predictive temperature; tuning is in :mod:`.optimize`, prediction in
+prior and the predictive temperature; tuning is in :mod:`.tuning`, prediction in
 :mod:`.predictive`, persistence in :mod:`.serialization`. Samples follow ``parameters_to_vector``.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -46,13 +47,15 @@ class Laplace:
         likelihood: ``"classification"`` (softmax / categorical); the only one supported.
         structure: ``"kfoc"`` (default), ``"kfac"``, ``"diag"`` or ``"full"``.
         fisher: ``"exact"``, ``"mc"`` or ``"empirical"`` (see :func:`fit_curvature`).
-        modules: ``"all"``, ``"last_layer"`` or module names: only these are random (as in
-            :func:`fit_curvature`); ``subset`` is its laplace-torch-style alias.
+        subset: deprecated spelling of ``modules`` (a ``DeprecationWarning``; it will be
+            removed). Pass ``modules=`` by keyword.
         prior_precision: ``τ``; a scalar, one value per module (dict by module name, or a tensor
             in block order).
         eig_dtype: dtype of the posterior's eigendecompositions (e.g. ``torch.float64`` for
             float32 models); default: the model's dtype, float32 for float16 / bfloat16 models.
             A factor that fails to converge in it is redone in float64 (``curvature.report()``).
+        modules: ``"all"`` (default), ``"last_layer"`` or module names: only these are random
+            (as in :func:`fit_curvature`; laplace-torch's ``subset_of_weights``).
         chunk_size: at most this many points per chunk in predictions and tuning.
         memory_budget: bytes for the fit's cached statistics and each predictive / tuning chunk
             (default: the fit's; 2 GiB for chunks); too small for one point: ``MemoryError``.
@@ -83,8 +86,15 @@ class Laplace:
                 f"Laplace: likelihood={likelihood!r} is not supported; only 'classification' "
                 "(softmax logits with integer labels) is."
             )
-        if subset is not None and modules is not None:
-            raise ValueError("Laplace: pass modules= or its alias subset=, not both.")
+        if subset is not None:
+            warnings.warn(
+                "Laplace: subset= is deprecated and will be removed; pass modules= (the same "
+                "values: 'all', 'last_layer' or module names).",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            if modules is not None:
+                raise ValueError("Laplace: pass modules= only (subset= is its deprecated alias).")
         chosen = modules if modules is not None else subset if subset is not None else "all"
         self.model = model
         self.likelihood = likelihood
@@ -93,7 +103,9 @@ class Laplace:
         self.modules: str | list[str] = chosen if isinstance(chosen, str) else list(chosen)
         self.eig_dtype = eig_dtype
         self.chunk_size = chunk_size
-        self.memory_budget, self.progress, self.fit_kwargs = memory_budget, progress, fit_kwargs
+        self.memory_budget = memory_budget
+        self.progress = progress
+        self.fit_kwargs = fit_kwargs
         fit_kwargs.setdefault("memory_budget", memory_budget)  # None: the fit's own default
         self.last_glm: GlmPlan | None = None  # how the latest GLM pass ran (which path)
         self._prior_init = prior_precision
@@ -106,7 +118,15 @@ class Laplace:
         self._train_sample: Batches | None = None
         self._mc_checked: tuple[tuple[float, ...], float] | None = None
 
-    subset = property(lambda self: self.modules, doc="Alias of :attr:`modules` (laplace-torch).")
+    @property
+    def subset(self) -> str | list[str]:
+        """Deprecated alias of :attr:`modules` (a ``DeprecationWarning``)."""
+        warnings.warn(
+            "Laplace.subset is deprecated and will be removed; read Laplace.modules.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.modules
 
     # -- fitting --------------------------------------------------------------------------------
     @property
@@ -126,8 +146,15 @@ class Laplace:
         without validation data (``optimize_prior_precision(method="consistency")``).
         """
         recorder = Recorder(train_loader, TRAIN_SAMPLE)
-        args = (self.model, recorder, self.structure, self.fisher, self.modules)
-        curv = fit_curvature(*args, progress=self.progress, **self.fit_kwargs)
+        curv = fit_curvature(
+            self.model,
+            recorder,
+            self.structure,
+            self.fisher,
+            self.modules,
+            progress=self.progress,
+            **self.fit_kwargs,
+        )
         self._install(curv)
         self._train_sample = recorder.sample()
         self.prior_precision = self._prior_init
@@ -294,10 +321,20 @@ class Laplace:
         self._require_fit("view")
         check_model(self.model, self._weights, "Laplace")
         tau = self.prior_precision if prior_precision is None else prior_precision
-        parts = (self.model, self.blocks, tau.to(self.device), self.map_vector, self.layout)
-        path = GlmPath.parse(glm, "Laplace: glm")
-        rest = (self._targets, self.input_shape, self.chunk_size, self.temperature)
-        return PosteriorView(*parts, *rest, self.memory_budget, path, self._record_glm)
+        return PosteriorView(
+            model=self.model,
+            blocks=self.blocks,
+            tau=tau.to(self.device),
+            map_vector=self.map_vector,
+            layout=self.layout,
+            targets=self._targets,
+            input_shape=self.input_shape,
+            chunk_size=self.chunk_size,
+            temperature=self.temperature,
+            memory_budget=self.memory_budget,
+            glm=GlmPath.parse(glm, "Laplace: glm"),
+            report=self._record_glm,
+        )
 
     def _record_glm(self, plan: GlmPlan) -> None:  # which GLM path ran, for the user
         self.last_glm = plan
@@ -363,9 +400,16 @@ class Laplace:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to rebuild the posterior, as tensors and plain Python values."""
         curv = self._require_fit("state_dict")
-        args = (self.likelihood, self.structure, self.fisher, self.modules, self.model, curv)
         return serialization.posterior_state(
-            *args, self.prior_precision, self.map_vector, self.temperature
+            self.likelihood,
+            self.structure,
+            self.fisher,
+            self.modules,
+            self.model,
+            curv,
+            self.prior_precision,
+            self.map_vector,
+            self.temperature,
         )
 
     @torch.inference_mode(False)
@@ -391,8 +435,15 @@ class Laplace:
         """Read a saved posterior (``torch.load(weights_only=True)``, checksum verified) onto
         ``model``."""
         state = serialization.read_state(path)
-        args = (state["likelihood"], state["structure"], state["fisher"], state["subset"])
-        return cls(model, *args, progress=False).load_state_dict(state, check_weights=check_weights)
+        la = cls(
+            model,
+            likelihood=state["likelihood"],
+            structure=state["structure"],
+            fisher=state["fisher"],
+            modules=state["subset"],  # the file format's key (kept: saved files stay readable)
+            progress=False,
+        )
+        return la.load_state_dict(state, check_weights=check_weights)
 
     def __repr__(self) -> str:
         status = f"{len(self.blocks)} blocks, {self.num_params} params" if self.fitted else "unfit"

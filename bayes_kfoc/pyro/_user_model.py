@@ -166,7 +166,7 @@ def fit_user_model(
     la = Laplace(
         plain,
         structure=structure,
-        subset=modules if subset == "all" else subset,
+        modules=modules if subset == "all" else subset,
         progress=progress,
         **laplace_kwargs,
     )

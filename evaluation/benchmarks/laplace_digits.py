@@ -102,7 +102,7 @@ def main() -> None:
     ours: dict[str, Laplace] = {}
     for subset in ["all", "last_layer"]:
         for structure in ["diag", "kfac", "kfoc"]:
-            la = Laplace(model, structure=structure, subset=subset, progress=False)
+            la = Laplace(model, structure=structure, modules=subset, progress=False)
             t_fit, _ = median_time(lambda la=la: la.fit(train), 3, warmup=True)
             t0 = time.perf_counter()
             la.optimize_prior_precision(val_loader=val)

@@ -230,7 +230,7 @@ def _laplace_fit(structure: str, subset: str) -> FitFn:
 
     def fit(model: nn.Module, splits: Splits, options: FitOptions) -> FittedMethod:
         start = time.perf_counter()
-        la = Laplace(model, structure=structure, subset=subset, progress=False)
+        la = Laplace(model, structure=structure, modules=subset, progress=False)
         la.fit(_loader(splits.train))
         fitted = time.perf_counter()
         la.optimize_prior_precision(val_loader=_loader(splits.val), grid=options.tau_grid)
