@@ -1,5 +1,5 @@
-"""The library's seams: packages meet through public modules, modules stay small, and every
-document the library cites is in the project."""
+"""The library's seams: packages meet through public modules, modules follow the length
+guideline, and every document the library cites is in the project."""
 
 from __future__ import annotations
 
@@ -12,7 +12,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 LIB = ROOT / "bayes_kfoc"
 SOURCES = sorted(LIB.rglob("*.py"))
-MAX_LINES = 400
+GUIDELINE_LINES = 400
+"""About this many lines per module (``STYLE.md``: one concept per module). A guideline, not a
+limit: a module may be longer where one concept needs it; it is never met by squeezing
+(shortened docstrings, packed tuples)."""
+
+CEILING_LINES = 800
+"""Past this, a module holds more than one concept whatever its reason."""
+
+LONGER_MODULES = {
+    "bayes_kfoc/laplace/laplace.py": "the user-facing Laplace class: one API with full docstrings",
+}
+"""Modules over :data:`GUIDELINE_LINES`, each with the one concept that needs the length."""
 
 
 def _package(path: Path) -> str:
@@ -54,9 +65,21 @@ def test_packages_use_each_others_public_modules_only(path: Path) -> None:
 
 
 @pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(ROOT)))
-def test_modules_stay_small(path: Path) -> None:
+def test_modules_follow_the_length_guideline(path: Path) -> None:
     n = len(path.read_text().splitlines())
-    assert n <= MAX_LINES, f"{path.relative_to(ROOT)} has {n} lines (> {MAX_LINES})"
+    rel = str(path.relative_to(ROOT))
+    assert n <= CEILING_LINES, f"{rel} has {n} lines (> {CEILING_LINES}): split it by concept"
+    assert n <= GUIDELINE_LINES or rel in LONGER_MODULES, (
+        f"{rel} has {n} lines, over the guideline of about {GUIDELINE_LINES}: split it by "
+        "concept, or, where one concept needs the length, add it to LONGER_MODULES with that "
+        "concept (never shorten docstrings or pack statements to fit)"
+    )
+
+
+def test_longer_modules_exist_and_are_longer() -> None:
+    for rel in LONGER_MODULES:
+        n = len((ROOT / rel).read_text().splitlines())
+        assert n > GUIDELINE_LINES, f"{rel} is back under the guideline: drop it from the list"
 
 
 def test_cited_documents_exist_and_have_the_cited_sections() -> None:
