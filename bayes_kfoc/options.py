@@ -138,6 +138,22 @@ class TuneMethod(StrEnum):
     CONSISTENCY = "consistency"
 
 
+class PriorKind(StrEnum):
+    """How a tuned prior precision is shared over blocks (:attr:`TuningResult.prior`).
+
+    - ``scaled``: ``τ_b = s · P_b / ||θ*_b||²``, one scale ``s`` over per-block base precisions;
+    - ``global``: ``τ_b = s``, one value for every block;
+    - ``per-module`` / ``shared``: the evidence maximiser, one ``τ`` per block or one for all.
+
+    ``optimize_prior_precision(prior=...)`` takes ``scaled`` or ``global``.
+    """
+
+    SCALED = "scaled"
+    GLOBAL = "global"
+    PER_MODULE = "per-module"
+    SHARED = "shared"
+
+
 class GlmPath(StrEnum):
     """How the GLM predictive computes the linearised logits' spread (``docs/math.md``, "Sampled
     linearised predictive").

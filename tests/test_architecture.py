@@ -22,6 +22,7 @@ CEILING_LINES = 800
 
 LONGER_MODULES = {
     "bayes_kfoc/laplace/laplace.py": "the user-facing Laplace class: one API with full docstrings",
+    "bayes_kfoc/stats/collect.py": "the Jacobian collector: its forward hooks and one backward",
 }
 """Modules over :data:`GUIDELINE_LINES`, each with the one concept that needs the length."""
 

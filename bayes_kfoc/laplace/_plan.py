@@ -26,7 +26,7 @@ from torch import Tensor
 from ..blocks import CurvatureBlock, DenseBlock, KronBlock
 from ..curvature import default_memory_budget, human_bytes
 from ..options import GlmPath
-from ..stats import LINEAR, call_model
+from ..stats import LINEAR, StatsKind, call_model
 from ..stats.inputs import Inputs, split_inputs
 from ._head import has_closed_form
 
@@ -125,7 +125,7 @@ def probe_modules(
 
 def plan_glm(
     blocks: dict[str, CurvatureBlock],
-    kinds: dict[str, str],
+    kinds: dict[str, StatsKind],
     probes: dict[str, ModuleProbe],
     num_classes: int,
     *,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -16,6 +17,38 @@ from torch import Tensor, nn
 from .batch import call_model
 from .inputs import Inputs
 from .kron import KronStats, SharedStats
+
+
+@dataclass
+class Capture:
+    """One call of a module, recorded by the collector's forward hook.
+
+    Attributes:
+        z: the module's output (its gradients are the call's directions), expanded along a new
+            batch dimension when every point shares it (``shape``).
+        version: ``z._version`` when recorded (an output changed in place afterwards is refused).
+        bd: the batch dimension of the input (Linear) or output (generic modules): ``0`` or
+            ``1``; ``None`` until an ambiguous shape is resolved (``batch_dim``).
+        x: a Linear's input, detached.
+        a: a Conv2d's unfolded input, or an attention projection's input (batch first).
+        args, kwargs: a generic module's inputs (for its per-point vector-Jacobian products).
+        what, cols: an attention projection's role (``"in"``, a projection's name, ``"bias_k"``
+            / ``"bias_v"``) and its rows in a packed weight.
+        shape: the output's own shape when it had no batch dimension (handed on expanded).
+        fold: the module folds ``k`` rows per point into its batch dimension (``[k·N, ...]``).
+    """
+
+    z: Tensor
+    version: int
+    bd: int | None = 0
+    x: Tensor | None = None
+    a: Tensor | None = None
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    what: str = ""
+    cols: slice | None = None
+    shape: torch.Size | None = None
+    fold: bool = False
 
 
 def conv_unfold(module: nn.Conv2d, x: Tensor) -> Tensor:
@@ -140,10 +173,10 @@ def padding_mask(model: nn.Module, x: Inputs) -> Tensor | None:
     return m.detach() if isinstance(m, Tensor) and m.ndim == 2 else None
 
 
-def live_positions(mask: Tensor | None, a: Tensor, cap: dict[str, Any]) -> Tensor | None:
+def live_positions(mask: Tensor | None, a: Tensor, cap: Capture) -> Tensor | None:
     """The mask's ``[N, T]`` rows for a call whose positions ``a`` ``[N, T, n]`` are the
     sequence's (same ``N`` and ``T``, batch not folded), in ``a``'s dtype; else ``None``."""
-    if mask is None or cap.get("fold") or a.ndim != 3 or tuple(a.shape[:2]) != tuple(mask.shape):
+    if mask is None or cap.fold or a.ndim != 3 or tuple(a.shape[:2]) != tuple(mask.shape):
         return None
     return mask.to(device=a.device, dtype=a.dtype).ne(0).to(a.dtype)
 

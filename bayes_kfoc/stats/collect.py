@@ -17,6 +17,7 @@ from .attention import attention_modules, exposed_attention
 from .batch import call_model, check_label_range
 from .batch_dim import FOLDED, SHARED, BatchDims, expand_batch
 from .capture import (
+    Capture,
     batch_major,
     check_transposed_linear,
     conv_unfold,
@@ -87,7 +88,7 @@ class Collector:
         self._n = 0
         self._mask: Tensor | None = None
         self._active: set[str] = set()
-        self._cap: dict[str, list[dict[str, Any]]] = {}
+        self._cap: dict[str, list[Capture]] = {}
         self._handles: list[Any] = []
 
     def __enter__(self) -> Collector:
@@ -122,8 +123,7 @@ class Collector:
         t = self._attention.get(id(module))
         if t is None or t.name not in self._active:
             return
-        cap = {"z": z, "version": z._version, "what": what, "cols": cols, "bd": 0}
-        cap["a"] = None if a is None else a.detach()
+        cap = Capture(z, z._version, what=what, cols=cols, a=None if a is None else a.detach())
         self._cap.setdefault(t.name, []).append(cap)
 
     def _make_hook(self, t: Target) -> Any:
@@ -138,7 +138,7 @@ class Collector:
                     f"fit_curvature: module {t.name!r} returns {type(out).__name__}; a module with "
                     "a curvature block must return one tensor. Exclude it with exclude=[...]."
                 )
-            cap: dict[str, Any] = {"z": out, "version": out._version}
+            cap = Capture(out, out._version)
             x = args[0] if args else kwargs.get("input")
             if t.kind == LINEAR:
                 if not isinstance(x, Tensor) or x.ndim < 1:
@@ -147,38 +147,39 @@ class Collector:
                         f"fit_curvature: Linear module {t.name!r} got an input of shape {shape}; "
                         "it needs batched inputs [N, ..., d_in]. Exclude it with exclude=[...]."
                     )
-                cap["x"] = x.detach()
-                cap["bd"] = self._dims.decide(t.name, x.shape, self._n, "input", True, True)
+                cap.x = x.detach()
+                cap.bd = self._dims.decide(t.name, x.shape, self._n, "input", True, True)
                 if t.transposed and t.name not in self._verified:
-                    check_transposed_linear(t.name, module, cap["x"], out)
+                    check_transposed_linear(t.name, module, cap.x, out)
                     self._verified.add(t.name)
             elif t.kind == CONV2D:
                 assert isinstance(module, nn.Conv2d) and isinstance(x, Tensor)
-                cap["a"] = conv_unfold(module, x.detach())
+                cap.a = conv_unfold(module, x.detach())
             else:
-                cap["args"] = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
-                cap["kwargs"] = kwargs
-                cap["bd"] = self._dims.decide(t.name, out.shape, self._n, "output", True, True)
-                if cap["bd"] == FOLDED:  # a folded output: whole-model per-point gradients
+                cap.args = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
+                cap.kwargs = kwargs
+                cap.bd = self._dims.decide(t.name, out.shape, self._n, "output", True, True)
+                if cap.bd == FOLDED:  # a folded output: whole-model per-point gradients
                     self._whole.add(t.name)
                     return None
-            if cap.get("bd") == FOLDED:  # [k·N, ..., d_in]: point n's rows as its positions
-                cap.update(bd=0, fold=True)
-            if cap.get("bd") == SHARED:
+            if cap.bd == FOLDED:  # [k·N, ..., d_in]: point n's rows as its positions
+                cap.bd, cap.fold = 0, True
+            if cap.bd == SHARED:
                 # an output every point shares (a position embedding of arange(T), a Linear on a
                 # parameter): handed on expanded along a new batch dimension, so the ordinary
                 # backward gives each point its own output gradient (docs/math.md, "Outputs
                 # without a batch dimension")
-                cap["shape"] = out.shape
+                cap.shape = out.shape
                 out = expand_batch(out, self._n)
-                cap.update(z=out, version=out._version, bd=0)
+                cap.z, cap.version, cap.bd = out, out._version, 0
                 if t.kind == LINEAR:
-                    cap["x"] = expand_batch(cap["x"], self._n)
+                    assert cap.x is not None
+                    cap.x = expand_batch(cap.x, self._n)
                 self._expanded.add(t.name)
             # a module called k times per forward (weight sharing): every call is kept, and its
             # statistics sum over the calls (docs/math.md, "Weight sharing")
             self._cap.setdefault(t.name, []).append(cap)
-            if "shape" in cap:
+            if cap.shape is not None:
                 return out
             return out.clone() if self.clone_outputs and not root else None
 
@@ -209,7 +210,7 @@ class Collector:
             self._expanded = set()
             self._checked = False
             return self._forward(x, names)
-        unsure = {k for k, caps in self._cap.items() for c in caps if c.get("bd", 0) is None}
+        unsure = {k for k, caps in self._cap.items() for c in caps if c.bd is None}
         if unsure:  # a module whose input is [N, N, ...]: one pass on N - 1 points decides
             by_name = {t.name: t for t in self.targets}
             self._dims.resolve(
@@ -221,7 +222,7 @@ class Collector:
             )
             for k in unsure:
                 for c in self._cap[k]:
-                    c["bd"] = self._dims.known[k]
+                    c.bd = self._dims.known[k]
         return logits
 
     def batch(
@@ -260,7 +261,7 @@ class Collector:
         names = {t.name for t in self.targets} if names is None else names
         logits = self._forward(x, names)
         if not self.clone_outputs and any(
-            c["z"]._version != c["version"] for caps in self._cap.values() for c in caps
+            c.z._version != c.version for caps in self._cap.values() for c in caps
         ):
             self.clone_outputs = True  # an in-place op modified a captured output: redo cloned
             logits = self._forward(x, names)
@@ -284,7 +285,7 @@ class Collector:
             )
         calls = [(t, c) for t in active for c in self._cap[t.name]]
         grads, self.batched_grads = (
-            output_grads(logits, [c["z"] for _, c in calls], cot, self.batched_grads)
+            output_grads(logits, [c.z for _, c in calls], cot, self.batched_grads)
             if calls
             else ([], self.batched_grads)
         )
@@ -301,20 +302,20 @@ class Collector:
         folded = [
             (t, c, g)
             for (t, c), g in zip(calls, grads, strict=True)
-            if c.get("fold") and g is not None and t.name not in self._folds_checked
+            if c.fold and g is not None and t.name not in self._folds_checked
         ]
         misfolded = [  # once per module: point n owns rows n·k … n·k + k − 1
             tf.name
             for tf, cf, gf in folded
-            if gf is not None and not batch_major(logits, cf["z"], cot[0], gf[0], self._n)
+            if gf is not None and not batch_major(logits, cf.z, cot[0], gf[0], self._n)
         ]
         if misfolded:
             raise fold_error(misfolded, self._n)
         self._folds_checked.update(tf.name for tf, _, _ in folded)
-        per_module: dict[str, list[tuple[dict[str, Any], Tensor]]] = {}
+        per_module: dict[str, list[tuple[Capture, Tensor]]] = {}
         for (t, cap), g in zip(calls, grads, strict=True):
             if g is None:
-                g = torch.zeros((cot.shape[0], *cap["z"].shape), dtype=cot.dtype, device=cot.device)
+                g = torch.zeros((cot.shape[0], *cap.z.shape), dtype=cot.dtype, device=cot.device)
             per_module.setdefault(t.name, []).append((cap, g.detach()))
         out: dict[str, Stats] = {t.name: self._stats(t, per_module[t.name]) for t in active}
         for t in self.targets:  # a tied tensor, a folded or unexpandable output: whole model
@@ -326,26 +327,26 @@ class Collector:
     def _tied_stats(self, t: Target, x: Inputs, cot: Tensor) -> Stats:
         return whole_model_stats(self.model, t, x, cot, self.stats_dtype)
 
-    def _stats(self, t: Target, calls: list[tuple[dict[str, Any], Tensor]]) -> Stats:
+    def _stats(self, t: Target, calls: list[tuple[Capture, Tensor]]) -> Stats:
         """One module's statistics, summed over its calls in the forward pass: explicit gradients
         add up, and a Kronecker module's calls are stacked as extra positions ``T``, which makes
         ``M = Σ_calls Σ_t δ ā^T`` (``docs/math.md``, "Weight sharing")."""
         if t.kind == GENERIC:
             total: Tensor | None = None
             for cap, g in calls:
-                if "shape" in cap:  # an expanded shared output: one vjp, every point's cotangent
+                if cap.shape is not None:  # an expanded shared output: one vjp for every point
                     grads = shared_output_grads(
-                        t.module, t.local_names, cap["args"], cap["kwargs"], g, cap["shape"], t.name
+                        t.module, t.local_names, cap.args, cap.kwargs, g, cap.shape, t.name
                     )
                 else:
                     grads = per_sample_param_grads(
                         t.module,
                         t.local_names,
-                        cap["args"],
-                        cap["kwargs"],
+                        cap.args,
+                        cap.kwargs,
                         g,
                         t.name,
-                        cap["bd"],
+                        cap.bd or 0,  # resolved by now (None only before the extra pass)
                         model_output=t.module is self.model,
                     )
                 total = grads if total is None else total + grads
@@ -374,7 +375,7 @@ class Collector:
         """``x`` in the statistics' dtype (a wider one than the model's, when asked for)."""
         return x if self.stats_dtype is None else x.to(self.stats_dtype)
 
-    def _positions(self, t: Target, cap: dict[str, Any], g: Tensor) -> tuple[Tensor, Tensor]:
+    def _positions(self, t: Target, cap: Capture, g: Tensor) -> tuple[Tensor, Tensor]:
         """A Kronecker call's inputs ``[N, T, d_in]`` and directions ``[V, N, T, d_out]``, batch
         first (a sequence-first Linear is transposed; an attention projection's rows ``cols``
         of the packed weight are padded with zeros to the whole weight)."""
@@ -382,14 +383,16 @@ class Collector:
         if t.kind == CONV2D:
             n = g.shape[1]
             d = g.reshape(v, n, g.shape[2], -1).transpose(2, 3)  # [V, N, T, C_out]
-            return self._wide(cap["a"]), self._wide(d)
-        x = cap["a"] if t.kind == ATTENTION else cap["x"]
-        if cap["bd"] == 1:  # [L, N, ...] -> [N, L, ...]
+            assert cap.a is not None
+            return self._wide(cap.a), self._wide(d)
+        x = cap.a if t.kind == ATTENTION else cap.x
+        assert x is not None
+        if cap.bd == 1:  # [L, N, ...] -> [N, L, ...]
             x, g = x.transpose(0, 1), g.transpose(1, 2)
-        n = self._n if cap.get("fold") else x.shape[0]  # a folded batch: k·N rows, N points
+        n = self._n if cap.fold else x.shape[0]  # a folded batch: k·N rows, N points
         a = x.reshape(n, -1, x.shape[-1])
         d = g.reshape(v, n, -1, g.shape[-1])
-        cols = cap.get("cols")
+        cols = cap.cols
         rows = t.param_shapes[t.local_names[0]][0]
         if cols is not None and d.shape[-1] != rows:
             full = d.new_zeros((*d.shape[:-1], rows))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +21,9 @@ from .attention import unfused_attention
 from .kron import grads_quad
 from .output import logits_of
 from .targets import keeps_forward
+
+if TYPE_CHECKING:
+    from .capture import Capture
 
 
 def _norm_grads(module: nn.Module, x: Tensor, cot: Tensor, names: list[str]) -> Tensor | None:
@@ -250,7 +253,7 @@ def shared_output_grads(
     return torch.cat([grads[k].reshape(v, n, -1) for k in names], dim=-1).detach()
 
 
-def attention_grads(t: Any, calls: list[tuple[dict[str, Any], Tensor]]) -> Tensor:
+def attention_grads(t: Any, calls: list[tuple[Capture, Tensor]]) -> Tensor:
     """``[V, N, P]`` per-point gradients of an attention module's own parameters (``t``'s
     ``local_names`` order) from its recorded projections (``attention.Record``): a projection
     weight's gradient is ``Σ_t δ_t a_tᵀ`` (its rows ``cols`` of a packed weight), a bias's
@@ -260,14 +263,15 @@ def attention_grads(t: Any, calls: list[tuple[dict[str, Any], Tensor]]) -> Tenso
         k: calls[0][1].new_zeros((v, n, *shape)) for k, shape in t.param_shapes.items()
     }
     for cap, g in calls:
-        what, cols = cap["what"], cap["cols"]
+        what, cols = cap.what, cap.cols
         if what in ("bias_k", "bias_v"):
             if what in parts:
                 parts[what] += g.sum(dim=2).reshape(parts[what].shape)
             continue
         weight = "in_proj_weight" if what == "in" else what
         if weight in parts:
-            m = torch.einsum("vnto,nti->vnoi", g, cap["a"].to(g.dtype))
+            assert cap.a is not None
+            m = torch.einsum("vnto,nti->vnoi", g, cap.a.to(g.dtype))
             if weight == "in_proj_weight":
                 parts[weight][:, :, cols] += m
             else:

@@ -9,12 +9,35 @@ from enum import Enum
 import torch
 from torch import nn
 
-LINEAR = "linear"  # nn.Linear: Kronecker-capable (rank-one per point, or shared dims)
-CONV2D = "conv2d"  # nn.Conv2d with groups=1: Kronecker-capable via the unfold
-GENERIC = "generic"  # anything else with trainable parameters: diagonal or dense only
-TIED = "tied"  # owns a tensor that other modules share: whole-model per-point gradients
-ATTENTION = "attention"  # nn.MultiheadAttention's packed in-projection: Kronecker over positions
-ATTENTION_GRADS = "attention_grads"  # other attention parameters: explicit per-point gradients
+from ..options import StrEnum
+
+
+class StatsKind(StrEnum):
+    """Which per-point statistics a module's block is computed from (:attr:`Target.kind`).
+
+    - ``linear``: ``nn.Linear`` (and registered transposed linears): Kronecker-capable, rank one
+      per point or shared over positions;
+    - ``conv2d``: ``nn.Conv2d`` with ``groups=1``: Kronecker-capable through the unfold;
+    - ``attention``: ``nn.MultiheadAttention``'s packed in-projection: Kronecker over positions;
+    - ``attention_grads``: its other parameters: explicit per-point gradients;
+    - ``tied``: owns a tensor other modules share: whole-model per-point gradients;
+    - ``generic``: anything else with trainable parameters: diagonal or dense only.
+    """
+
+    LINEAR = "linear"
+    CONV2D = "conv2d"
+    GENERIC = "generic"
+    TIED = "tied"
+    ATTENTION = "attention"
+    ATTENTION_GRADS = "attention_grads"
+
+
+LINEAR = StatsKind.LINEAR
+CONV2D = StatsKind.CONV2D
+GENERIC = StatsKind.GENERIC
+TIED = StatsKind.TIED
+ATTENTION = StatsKind.ATTENTION
+ATTENTION_GRADS = StatsKind.ATTENTION_GRADS
 KRONECKER = (LINEAR, CONV2D, ATTENTION)
 
 
@@ -39,7 +62,7 @@ class Target:
 
     name: str
     module: nn.Module
-    kind: str
+    kind: StatsKind
     param_shapes: dict[str, torch.Size]
     note: str = ""
     local_names: list[str] = field(default_factory=list)
@@ -118,7 +141,7 @@ def own_trainable(module: nn.Module) -> dict[str, nn.Parameter]:
     return {k: p for k, p in module.named_parameters(recurse=False) if p.requires_grad}
 
 
-def classify(module: nn.Module) -> tuple[str, str]:
+def classify(module: nn.Module) -> tuple[StatsKind, str]:
     """The statistics kind of a module, and a note when a Kronecker-like layer falls back."""
     params = own_trainable(module)
     frozen_any = any(not p.requires_grad for p in module.parameters(recurse=False))
@@ -183,12 +206,14 @@ def tied(model: nn.Module) -> dict[int, list[str]]:
 
 def _kind(
     name: str, module: nn.Module, ties: dict[int, list[str]], only: str | None = None
-) -> tuple[str, str, dict[str, nn.Parameter]]:
+) -> tuple[StatsKind, str, dict[str, nn.Parameter]]:
     """The statistics kind, note and own parameters of one module (of its parameter ``only``),
     tied weights resolved: a shared tensor belongs to its home module only (a whole-model
     ``TIED`` block there)."""
     prefix = f"{name}." if name else ""
-    params, kind, notes = {}, "", []
+    params: dict[str, nn.Parameter] = {}
+    kind: StatsKind | None = None
+    notes: list[str] = []
     for k, p in own_trainable(module).items():
         if only is not None and k != only:
             continue
@@ -205,7 +230,7 @@ def _kind(
         else:
             kind = kind or GENERIC
             notes.append(f"{k!r} is tied to {ties[id(p)][0]!r} and covered by that block")
-    if not kind:
+    if kind is None:
         kind, note = classify(module)
         notes = [note] if note else []
     return kind, "; ".join(notes), params
@@ -226,7 +251,7 @@ def owners(model: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
-def _kind_of(model: nn.Module, name: str, ties: dict[int, list[str]]) -> str:
+def _kind_of(model: nn.Module, name: str, ties: dict[int, list[str]]) -> StatsKind:
     mname, module, only = _resolve(model, name)
     return _kind(mname, module, ties, only)[0]
 

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from ...blocks import CurvatureBlock
+from ...options import PriorKind, TuneMethod
 from .grid import STEP
 from .result import TuningResult
 from .scale_variances import ScaleVariances
@@ -51,7 +52,7 @@ def consistency(
     num_data: int,
     *,
     slack: float = SLACK,
-    prior: str = "scaled",
+    prior: PriorKind = PriorKind.SCALED,
 ) -> TuningResult:
     """The rule of the module docstring on the training sample ``train``."""
     if not slack > 0:
@@ -92,7 +93,7 @@ def consistency(
             stacklevel=4,
         )
     return TuningResult(
-        "consistency",
+        TuneMethod.CONSISTENCY,
         (10.0**chosen * base).double(),
         {10.0**k: v for k, v in sorted(scores.items())},
         at_edge,

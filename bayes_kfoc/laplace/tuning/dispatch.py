@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ...options import GlmPath, Link, PredMethod, TuneMethod
+from ...options import GlmPath, Link, PredMethod, PriorKind, TuneMethod
 from ...stats import as_labels, check_label_range
 from ...stats.inputs import Batches, batch_size, check_mapping, merge_batches, split_inputs
 from .. import predictive
@@ -30,7 +30,7 @@ from .joint_search import ValidationTerms, search
 from .result import Metric, TuningResult, nll
 from .scale_variances import ScaleVariances
 
-PRIORS = ("scaled", "global")
+PRIORS = (PriorKind.SCALED.value, PriorKind.GLOBAL.value)  # what prior= accepts
 
 
 def collect_points(loader: Iterable[Any], what: str, limit: int | None = None) -> Batches:
@@ -117,13 +117,14 @@ def optimize_prior(
     m = TuneMethod.parse(method, f"{what}: method")
     if prior not in PRIORS:
         raise ValueError(f"{what}: prior must be one of {PRIORS}, got {prior!r}.")
+    kind = PriorKind(prior)
     blocks = list(view.blocks.values())
     if m is TuneMethod.MARGLIK:
         return tune_marglik(blocks, sq_norms, per_module)
     sizes = torch.tensor([b.num_params for b in blocks], dtype=torch.float64)
     base = (
         scaled_prior_base(sq_norms.cpu(), sizes)
-        if prior == "scaled"
+        if kind is PriorKind.SCALED
         else torch.ones(len(blocks), dtype=torch.float64)
     )
     base = base.to(view.device)
@@ -136,7 +137,7 @@ def optimize_prior(
                 "val_loader= to tune on validation data). A loaded posterior keeps none."
             )
         terms = ScaleVariances(view, train_sample, base, f"{what}: train_loader")
-        return consistency(terms, base, blocks, num_data, prior=prior)
+        return consistency(terms, base, blocks, num_data, prior=kind)
     if val_loader is None:
         raise ValueError(f"{what}: gridsearch needs val_loader.")
     points = collect_points(val_loader, "val_loader")
@@ -151,7 +152,7 @@ def optimize_prior(
             temperature=temperature,
             metric=metric,
             one_se=one_se,
-            prior=prior,
+            prior=kind,
         )
     y = torch.cat([yb for _, yb in points]).to(view.device)
 
@@ -164,10 +165,10 @@ def optimize_prior(
     result = tune_gridsearch(score, grid, len(blocks))
     scale = float(result.prior_precision[0])
     return TuningResult(
-        "gridsearch",
+        TuneMethod.GRIDSEARCH,
         (scale * base).double(),
         result.scores,
         result.at_edge,
-        prior=prior,
+        prior=kind,
         scale=scale,
     )

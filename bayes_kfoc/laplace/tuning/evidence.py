@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ...blocks import CurvatureBlock
+from ...options import PriorKind, TuneMethod
 from .result import TuningResult
 
 LOG_TAU_BOUNDS = (-25.0, 25.0)
@@ -69,5 +70,5 @@ def tune_marglik(
             tau = marglik_root([torch.cat(evals)], sq_norms.sum().reshape(1)).expand(len(evals))
     for w in caught:  # re-issue at the user's call site
         warnings.warn(w.message, w.category, stacklevel=3)
-    prior = "per-module" if per_module else "shared"
-    return TuningResult("marglik", tau.clone(), at_edge=bool(caught), prior=prior)
+    prior = PriorKind.PER_MODULE if per_module else PriorKind.SHARED
+    return TuningResult(TuneMethod.MARGLIK, tau.clone(), at_edge=bool(caught), prior=prior)

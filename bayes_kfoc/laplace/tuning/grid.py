@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from ...options import TuneMethod
 from .result import TuningResult
 
 STEP = 0.25
@@ -95,4 +96,4 @@ def tune_gridsearch(
             stacklevel=3,
         )
     tau = torch.full((num_blocks,), best_tau, dtype=torch.float64)
-    return TuningResult("gridsearch", tau, dict(sorted(scores.items())), at_edge)
+    return TuningResult(TuneMethod.GRIDSEARCH, tau, dict(sorted(scores.items())), at_edge)

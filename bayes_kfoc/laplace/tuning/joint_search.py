@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ...options import PriorKind, TuneMethod
 from .._glm import total_variance
 from .grid import REFINE_POINTS, STEP, check_grid, default_log10_grid
 from .result import Metric, TuningResult
@@ -112,7 +113,7 @@ def search(
     metric: Metric | None = None,
     one_se: bool = True,
     expand: bool = True,
-    prior: str = "scaled",
+    prior: PriorKind = PriorKind.SCALED,
 ) -> TuningResult:
     """The joint search of the module docstring; ``grid`` holds scales ``s`` (default
     :data:`.grid.DEFAULT_GRID`), ``metric(probs, labels)`` replaces the NLL (then no
@@ -223,7 +224,7 @@ def search(
     at_edge = at_edge or t_edge
     tau = (10.0**chosen * base).double()
     return TuningResult(
-        "gridsearch",
+        TuneMethod.GRIDSEARCH,
         tau,
         {10.0**u: scores[u] for u in us},
         at_edge,

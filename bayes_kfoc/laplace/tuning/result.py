@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
+from ...options import PriorKind, TuneMethod
+
 Metric = Callable[[Tensor, Tensor], float]
 """``metric(probs [N, C], labels [N]) -> float``, lower is better (e.g. NLL)."""
 
@@ -30,12 +32,12 @@ class TuningResult:
             had no interior maximum (each is warned about).
     """
 
-    method: str
+    method: TuneMethod
     prior_precision: Tensor
     scores: dict[float, float] = field(default_factory=dict)
     at_edge: bool = False
     temperature: float = 1.0
-    prior: str = "global"
+    prior: PriorKind = PriorKind.GLOBAL
     scale: float | None = None
     temperatures: dict[float, float] = field(default_factory=dict)
 
