@@ -7,7 +7,7 @@ module, in ``parameters_to_vector`` order. K-FOC blocks are the Frobenius-optima
 from ._version import __version__
 from .blocks import CurvatureBlock, DenseBlock, DiagBlock, KronBlock
 from .curvature import ConvergenceWarning, Curvature, fit_curvature
-from .laplace import Laplace
+from .laplace import GlmTerms, Laplace
 from .laplace.marglik import MarglikEpoch, MarglikResult, marglik_training
 from .stats.capture import set_padding_mask
 from .stats.output import set_logits
@@ -18,6 +18,7 @@ __all__ = [
     "CurvatureBlock",
     "DenseBlock",
     "DiagBlock",
+    "GlmTerms",
     "KronBlock",
     "Laplace",
     "MarglikEpoch",

@@ -315,3 +315,27 @@ def test_exact_glm_on_few_position_convolutions_equals_the_dense_glm(
     torch.testing.assert_close(c, cov, rtol=1e-9, atol=1e-12)
     want = predictive.probit(mean, torch.diagonal(cov, dim1=1, dim2=2))
     torch.testing.assert_close(la.predict(x[:9], glm="exact"), want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("structure", ["kfoc", "diag"])
+def test_glm_terms_give_the_dense_glm_at_any_prior_and_temperature(structure: str) -> None:
+    """``Laplace.glm_terms``: one Jacobian pass, then the dense GLM probit at other priors (a
+    scalar, a scale of the scaled prior) and temperatures, without refitting or re-linearising."""
+    la, x, _ = _fit(5, True, structure)
+    terms = la.glm_terms(x[:9])
+    assert terms.blocks == tuple(la.blocks)
+    for tau in (0.3, 40.0):
+        la.prior_precision = tau
+        mean, cov = _dense_moments(la, x[:9])
+        var = torch.diagonal(cov, dim1=1, dim2=2)
+        torch.testing.assert_close(terms.variances(tau), var, rtol=1e-9, atol=1e-12)
+        want = predictive.probit(mean, var, 1.7)
+        torch.testing.assert_close(terms.probs(tau, temperature=1.7), want, rtol=1e-9, atol=1e-12)
+    scale = 2.5
+    la.prior_precision = scale * la.scaled_prior_base()
+    _, cov = _dense_moments(la, x[:9])
+    torch.testing.assert_close(
+        terms.variances(scale=scale), torch.diagonal(cov, dim1=1, dim2=2), rtol=1e-9, atol=1e-12
+    )
+    with pytest.raises(ValueError, match="not both"):
+        terms.probs(1.0, scale=1.0)

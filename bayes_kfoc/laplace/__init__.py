@@ -5,11 +5,14 @@
 - :mod:`.tuning`: evidence and validation tuning, returning a :class:`TuningResult`;
 - :mod:`.predictive`: the GLM and weight-sampling predictives of a :class:`PosteriorView` (the
   GLM's closed-form last layer, exact and sampled paths; :class:`GlmPlan` says which ran);
+- :mod:`.glm_terms`: the GLM probit predictive at fixed inputs for many priors
+  (:class:`GlmTerms`, from :meth:`Laplace.glm_terms`);
 - :mod:`.serialization`: atomic, checksummed saving and loading.
 """
 
 from ._layout import Architecture, Layout, architecture, check_architecture
 from ._plan import GlmPlan
+from .glm_terms import GlmTerms
 from .laplace import Laplace
 from .predictive import PosteriorView
 from .prior import PriorPrecision, check_prior_precision, prior_precision_vector
@@ -18,6 +21,7 @@ from .tuning import TuningResult
 __all__ = [
     "Architecture",
     "GlmPlan",
+    "GlmTerms",
     "Laplace",
     "Layout",
     "PosteriorView",

@@ -34,8 +34,14 @@ from ._layout import Layout
 from ._plan import GlmPlan
 from ._posterior import log_evidence
 from ._recorder import TRAIN_SAMPLE, Recorder
+from .glm_terms import GlmTerms, glm_terms
 from .predictive import PosteriorView
-from .prior import PriorPrecision, check_prior_precision, prior_precision_vector
+from .prior import (
+    PriorPrecision,
+    check_prior_precision,
+    prior_precision_vector,
+    scaled_prior_base,
+)
 from .tuning import Metric, TuningResult, optimize_prior
 
 
@@ -232,6 +238,13 @@ class Laplace:
             [self.map_vector[i].double().square().sum() for i in self.layout.block_index.values()]
         )
 
+    def scaled_prior_base(self) -> Tensor:
+        """``P_b / ||θ*_b||²`` per block (block order, float64): the scaled prior of scale ``s``
+        is ``τ_b = s · base_b`` (``optimize_prior_precision(prior="scaled")``)."""
+        self._require_fit("scaled_prior_base")
+        sizes = torch.tensor([b.num_params for b in self.blocks.values()], dtype=torch.float64)
+        return scaled_prior_base(self._block_sq_norms().cpu(), sizes)
+
     def log_marginal_likelihood(self, prior_precision: Tensor | float | None = None) -> Tensor:
         """The Laplace evidence ``log p(D|θ*) − ½Σ τ_b||θ_b||² + ½Σ P_b log τ_b − ½ log det P``.
 
@@ -343,6 +356,13 @@ class Laplace:
         """``[n, P]`` full parameter vectors (``parameters_to_vector`` order) from the posterior:
         random parameters are ``θ* + P_b^{-1/2} ε``, all others stay at the MAP."""
         return predictive.sample(self.view(), n_samples, generator)
+
+    def glm_terms(self, x: Tensor | Mapping[str, Any]) -> GlmTerms:
+        """The GLM probit predictive at ``x`` for any prior and temperature: one exact Jacobian
+        pass now, then one contraction per block for each prior (:class:`GlmTerms`:
+        ``.probs(prior_precision=... | scale=..., temperature=...)``, ``.variances(...)``).
+        Memory: every point's terms are kept; call it on chunks of points that fit."""
+        return glm_terms(self.view(glm=GlmPath.EXACT), x, self.scaled_prior_base())
 
     def glm_distribution(self, x: Tensor | Mapping[str, Any]) -> tuple[Tensor, Tensor]:
         """Mean ``[B, C]`` and covariance ``[B, C, C]`` of the linearised logits at ``x``."""

@@ -157,7 +157,8 @@ def predictive(
                 mean, cov = fitted.glm(xb)
             probs.append(_probit(mean, cov).detach())
             if want:
-                chunk = getattr(getattr(fitted.glm, "__self__", None), "chunk_size", len(xb))
+                la = fitted.posterior
+                chunk = la.chunk_size if la is not None else len(xb)
                 draws.append(_gaussian_samples(mean, cov, n_samples, seed, chunk).detach())
             if want_logits:
                 means.append(mean.detach())

@@ -26,10 +26,6 @@ import torch
 from torch import Tensor
 
 from bayes_kfoc import Laplace
-from bayes_kfoc.laplace.predictive import probit
-from bayes_kfoc.laplace.prior import scaled_prior_base
-from bayes_kfoc.laplace.tuning.dispatch import glm_terms
-from bayes_kfoc.laplace.tuning.joint_search import ValidationTerms
 from evaluation import metrics as M
 from evaluation.structures import STRUCTURES
 
@@ -76,11 +72,7 @@ def sweep_ood_set(ood_sets: Sequence[str]) -> str | None:
 
 def prior_base(la: Laplace) -> Tensor:
     """``P_b / ||θ*_b||²`` per block of ``la`` (block order): ``τ = s · prior_base(la)``."""
-    sq = torch.stack(
-        [la.map_vector[la.layout.block_index[name]].double().square().sum() for name in la.blocks]
-    )
-    sizes = torch.tensor([b.num_params for b in la.blocks.values()], dtype=torch.float64)
-    return scaled_prior_base(sq, sizes)
+    return la.scaled_prior_base()
 
 
 def _point(probs: Tensor, labels: Tensor, n_test: int) -> SweepPoint:
@@ -102,13 +94,11 @@ def _probit_probs(
     """The GLM probit predictive (``Laplace.predict``'s default) at every ``(τ, T)`` of
     ``settings``, from one Jacobian pass: per chunk of points the τ-independent terms, then a
     contraction with each damped spectrum."""
-    view = la.view()
     parts: list[list[Tensor]] = [[] for _ in settings]
     for xb in torch.split(x_all, TERMS_CHUNK):
-        dummy = torch.zeros(len(xb), dtype=torch.long)  # the terms do not use labels
-        terms: ValidationTerms = glm_terms(view, [(xb, dummy)], "sweep")
+        terms = la.glm_terms(xb)
         for out, (tau, temperature) in zip(parts, settings, strict=True):
-            out.append(probit(terms.logits, terms.variance(tau), temperature))
+            out.append(terms.probs(tau, temperature=temperature))
     return [torch.cat(p) for p in parts]
 
 

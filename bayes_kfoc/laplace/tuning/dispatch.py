@@ -16,17 +16,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ...options import GlmPath, Link, PredMethod, PriorKind, TuneMethod
-from ...stats import as_labels, check_label_range
+from ...options import Link, PredMethod, PriorKind, TuneMethod
+from ...stats import as_labels
 from ...stats.inputs import Batches, batch_size, check_mapping, merge_batches, split_inputs
 from .. import predictive
-from .._glm_pass import glm_chunks, glm_plan
 from ..predictive import PosteriorView
 from ..prior import scaled_prior_base
 from .consistency import consistency
 from .evidence import tune_marglik
 from .grid import tune_gridsearch
-from .joint_search import ValidationTerms, search
+from .joint_search import search
 from .result import Metric, TuningResult, nll
 from .scale_variances import ScaleVariances
 
@@ -69,26 +68,6 @@ def collect_points(loader: Iterable[Any], what: str, limit: int | None = None) -
     if count == 0:
         raise ValueError(f"Laplace.optimize_prior_precision: {what} yielded no points.")
     return merge_batches(out)
-
-
-def glm_terms(view: PosteriorView, points: Batches, what: str) -> ValidationTerms:
-    """Every block's τ-independent variance terms at the points, kept in memory (one exact
-    Jacobian pass; last layers in closed form), the MAP logits and the labels: for callers that
-    score many priors on points they know fit in memory (e.g. the study's prior sweep). Tuning
-    itself uses :class:`.scale_variances.ScaleVariances`, bounded by ``memory_budget``."""
-    terms, logits, labels = [], [], []
-    for x, y in points:
-        x = predictive.check_inputs(view, x)
-        plan = glm_plan(view, x, 1, GlmPath.EXACT, f"Laplace.optimize_prior_precision: {what}")
-        for chunk in glm_chunks(view, x, plan, None):
-            by_name = chunk.terms()
-            terms.append([by_name[k] for k in view.blocks])
-            logits.append(chunk.logits)
-        labels.append(y)
-    out = torch.cat(logits).double()
-    y_all = torch.cat(labels).to(out.device)
-    check_label_range(y_all, out.shape[1], f"Laplace.optimize_prior_precision: {what}")
-    return ValidationTerms(terms, out, y_all)
 
 
 def optimize_prior(

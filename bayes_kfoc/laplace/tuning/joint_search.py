@@ -23,14 +23,11 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from ...options import PriorKind, TuneMethod
-from .._glm import total_variance
 from .grid import REFINE_POINTS, STEP, check_grid, default_log10_grid
 from .result import Metric, TuningResult
 from .scale_variances import ScaleVariances, key
@@ -42,20 +39,6 @@ T_MAX = 100.0
 T_EDGE = 0.99  # a tuned T above T_EDGE · T_MAX is at the range's end
 GOLDEN_ITERS = 40
 LOOK_AHEAD = 1  # expansions per side whose scales a streamed first pass evaluates up front
-
-
-@dataclass(frozen=True)
-class ValidationTerms:
-    """τ-independent variance terms kept for every chunk (block order), MAP logits, labels
-    (``optimize.glm_terms``; memory grows with the points)."""
-
-    terms: list[list[Any]]
-    logits: Tensor
-    labels: Tensor
-
-    def variance(self, tau: Tensor) -> Tensor:
-        """``[N, C]`` logit variances at ``τ`` (one value per block)."""
-        return torch.cat([total_variance(t, tau) for t in self.terms])
 
 
 def _log_probs(logits: Tensor, var: Tensor, temperature: float) -> Tensor:
