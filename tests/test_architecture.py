@@ -95,3 +95,19 @@ def test_cited_documents_exist_and_have_the_cited_sections() -> None:
         if section:
             headings = re.findall(r"^#+\s+(.+?)\s*$", target.read_text(), flags=re.M)
             assert section in headings, f"docs/{doc} has no section {section!r}"
+
+
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "evaluation" / "study").glob("*.py")), ids=lambda p: p.name
+)
+def test_the_study_uses_the_librarys_public_interface_only(path: Path) -> None:
+    """The study lives on the public API: no private module, no private name, no ``__self__``."""
+    text = path.read_text()
+    tree = ast.parse(text)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("bayes_kfoc"):
+            parts = (node.module or "").split(".")
+            assert not any(p.startswith("_") for p in parts), f"{path.name}: {node.module}"
+            names = [a.name for a in node.names if a.name.startswith("_")]
+            assert not names, f"{path.name} imports private names {names} from {node.module}"
+    assert "__self__" not in text, f"{path.name} reaches into a bound method's __self__"
