@@ -179,7 +179,7 @@ def test_probit_is_close_to_glm_mc_and_predictions_are_distributions() -> None:
     mc = la.predict(x, link="mc", n_samples=20_000, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(pr.sum(-1), torch.ones(len(x), dtype=pr.dtype))
     assert (pr - mc).abs().max() < 0.05
-    samples = la.predictive_samples(x, 8, generator=torch.Generator().manual_seed(0))
+    samples = la.predictive_samples(x, n_samples=8, generator=torch.Generator().manual_seed(0))
     assert samples.shape == (8, len(x), 3)
 
 
@@ -305,7 +305,9 @@ def test_last_layer_mc_runs_the_trunk_once_and_equals_the_full_network() -> None
     from bayes_kfoc.laplace.predictive import head_features, logits_at
 
     assert head_features(la.model, la._targets[0].module, x) is not None
-    fast = la.predictive_samples(x, 6, method="mc", generator=torch.Generator().manual_seed(2))
+    fast = la.predictive_samples(
+        x, method="mc", n_samples=6, generator=torch.Generator().manual_seed(2)
+    )
     thetas = la.sample(6, generator=torch.Generator().manual_seed(2))
     slow = torch.softmax(logits_at(la.model, thetas, x), dim=-1)
     torch.testing.assert_close(fast, slow)

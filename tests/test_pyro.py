@@ -383,11 +383,13 @@ def test_predictive_mean_matches_laplace_mc_predictive(structure: str, parallel:
         model, guide=guide, num_samples=num, parallel=parallel, return_sites=["obs", "probs"]
     )(x)
     assert pred["probs"].shape == (num, len(x), 3) and pred["obs"].shape == (num, len(x))
-    ref = la.predictive_samples(x, num, method="mc", generator=torch.Generator().manual_seed(1))
+    ref = la.predictive_samples(
+        x, method="mc", n_samples=num, generator=torch.Generator().manual_seed(1)
+    )
     se = ((pred["probs"].var(0) + ref.var(0)) / num).sqrt()
     z = (
         pred["probs"].mean(0)
-        - la.predict(x, "mc", n_samples=num, generator=torch.Generator().manual_seed(1))
+        - la.predict(x, method="mc", n_samples=num, generator=torch.Generator().manual_seed(1))
     ) / se
     assert z.abs().max() < MC_Z, z.abs().max()
 
@@ -407,7 +409,9 @@ def test_linearized_predictive_matches_the_glm_predictive(case: Case) -> None:
     emp = torch.einsum("sbi,sbj->bij", d, d) / num
     assert torch.linalg.norm(emp - cov) / torch.linalg.norm(cov) < MC_COV_TOL
     assert (d.mean(0).abs() < MC_Z * cov.diagonal(dim1=1, dim2=2).sqrt() / math.sqrt(num)).all()
-    ref = la.predictive_samples(x, num, method="glm", generator=torch.Generator().manual_seed(1))
+    ref = la.predictive_samples(
+        x, method="glm", n_samples=num, generator=torch.Generator().manual_seed(1)
+    )
     se = ((pred["probs"].var(0) + ref.var(0)) / num).sqrt()
     assert ((pred["probs"].mean(0) - ref.mean(0)) / se).abs().max() < MC_Z
 
@@ -616,7 +620,9 @@ def test_from_model_end_to_end_on_digits() -> None:
     probs = samples.mean(0)
     accuracy = (probs.argmax(-1) == y).double().mean()
     assert accuracy > 0.9, accuracy
-    ref = guide.laplace.predictive_samples(x, num, "mc", torch.Generator().manual_seed(0))
+    ref = guide.laplace.predictive_samples(
+        x, method="mc", n_samples=num, generator=torch.Generator().manual_seed(0)
+    )
     se = ((samples.var(0) + ref.var(0)) / num).sqrt().clamp_min(1e-6)
     assert ((probs - ref.mean(0)) / se).abs().max() < MC_Z
 
@@ -793,7 +799,9 @@ def test_linearized_network_model_matches_the_glm_predictive(layout: str) -> Non
     emp = torch.einsum("sbi,sbj->bij", d, d) / num
     assert torch.linalg.norm(emp - cov) / torch.linalg.norm(cov) < MC_COV_TOL
     ref = la.predict(x, link="mc", n_samples=num, generator=torch.Generator().manual_seed(1))
-    samples = la.predictive_samples(x, num, "glm", torch.Generator().manual_seed(1))
+    samples = la.predictive_samples(
+        x, method="glm", n_samples=num, generator=torch.Generator().manual_seed(1)
+    )
     se = ((pred["probs"].var(0) + samples.var(0)) / num).sqrt()
     assert ((pred["probs"].mean(0) - ref) / se).abs().max() < MC_Z
 

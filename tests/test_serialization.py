@@ -78,3 +78,20 @@ def test_subset_is_a_deprecated_spelling_of_modules() -> None:
         assert Laplace(model, modules=["0"]).subset == ["0"]
     with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="modules= only"):
         Laplace(model, subset="all", modules="all")
+
+
+def test_the_predictives_take_keywords_and_the_old_positional_order_is_deprecated() -> None:
+    model, x, y = CASES[0].make()
+    la = Laplace(model, structure="kfac", progress=False).fit(
+        DataLoader(TensorDataset(x, y), batch_size=4)
+    )
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    new = la.predictive_samples(x[:3], method="mc", n_samples=4, generator=gen())
+    with pytest.warns(DeprecationWarning, match="pass n_samples=, method=, generator= by keyword"):
+        old = la.predictive_samples(x[:3], 4, "mc", gen())
+    torch.testing.assert_close(old, new)
+    with pytest.warns(DeprecationWarning, match="pass method=, link= by keyword"):
+        old_p = la.predict(x[:3], "glm", "probit")
+    torch.testing.assert_close(old_p, la.predict(x[:3], method="glm", link="probit"))
+    with pytest.raises(TypeError, match="at most 5 arguments after x"):
+        la.predict(x[:3], "glm", "probit", 10, None, "auto", "extra")

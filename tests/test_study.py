@@ -182,7 +182,7 @@ def test_shared_glm_pass_equals_the_librarys_predict_and_samples() -> None:
     assert torch.allclose(probs, la.predict(x), atol=1e-6)
     gen = torch.Generator().manual_seed(3)
     assert samples is not None
-    assert torch.allclose(samples, la.predictive_samples(x, 5, generator=gen), atol=1e-6)
+    assert torch.allclose(samples, la.predictive_samples(x, n_samples=5, generator=gen), atol=1e-6)
     # the logit scores' logits: the GLM mean, i.e. the MAP logits divided by the temperature
     assert logits is not None
     assert torch.allclose(logits, la.glm_distribution(x)[0], atol=1e-6)

@@ -61,7 +61,7 @@ def test_tempered_predictives_equal_brute_force(structure: str) -> None:
     torch.testing.assert_close(la.predict(x), want, rtol=1e-6, atol=1e-10)
     # weight sampling: the network at each sampled vector, divided by T
     gen = torch.Generator().manual_seed(0)
-    got = la.predictive_samples(x, 3, method="mc", generator=gen)
+    got = la.predictive_samples(x, method="mc", n_samples=3, generator=gen)
     thetas = la.sample(3, generator=torch.Generator().manual_seed(0))
     names = [k for k, _ in la.model.named_parameters()]
     for s in range(3):

@@ -45,6 +45,23 @@ from .prior import (
 from .tuning import Metric, TuningResult, optimize_prior
 
 
+def _old_positional(what: str, args: tuple[Any, ...], order: tuple[str, ...]) -> dict[str, Any]:
+    """Arguments passed by position in a predictive's old order, by name (deprecated: the
+    predictives take everything after ``x`` by keyword, in one order)."""
+    if len(args) > len(order):
+        raise TypeError(
+            f"{what}: takes at most {len(order)} arguments after x ({', '.join(order)}), got "
+            f"{len(args)}; pass them by keyword."
+        )
+    names = ", ".join(f"{k}=" for k in order[: len(args)])
+    warnings.warn(
+        f"{what}: positional arguments after x are deprecated; pass {names} by keyword.",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return dict(zip(order, args, strict=False))
+
+
 class Laplace:
     """A Laplace approximation of a trained classifier (laplace-torch's user-facing flow).
 
@@ -371,13 +388,27 @@ class Laplace:
     def predictive_samples(
         self,
         x: Tensor | Mapping[str, Any],  # a mapping is passed as model(**x)
-        n_samples: int = 100,
+        *old: Any,
         method: str = "glm",
+        n_samples: int = 100,
         generator: torch.Generator | None = None,
         glm: str = "auto",
     ) -> Tensor:
         """``[n, B, C]`` probability samples: GLM logit draws (``glm`` as in :meth:`predict`),
-        or the network at sampled weights."""
+        or the network at sampled weights.
+
+        Everything after ``x`` is keyword-only, as in :meth:`predict`. The old positional form
+        ``predictive_samples(x, n_samples, method, generator, glm)`` still works, with a
+        ``DeprecationWarning``.
+        """
+        if old:
+            given = _old_positional(
+                "Laplace.predictive_samples", old, ("n_samples", "method", "generator", "glm")
+            )
+            method = given.get("method", method)
+            n_samples = given.get("n_samples", n_samples)
+            generator = given.get("generator", generator)
+            glm = given.get("glm", glm)
         view = self.view(glm=glm)
         m = PredMethod.parse(method, "Laplace.predictive_samples: method")
         self._check_sampling(m, view)
@@ -395,6 +426,7 @@ class Laplace:
     def predict(
         self,
         x: Tensor | Mapping[str, Any],  # a mapping is passed as model(**x)
+        *old: Any,
         method: str = "glm",
         link: str = "probit",
         n_samples: int = 100,
@@ -407,7 +439,18 @@ class Laplace:
         (default, closed form) or ``link="mc"`` (``n_samples`` logit draws). ``method="mc"``
         averages the softmax of the network at ``n_samples`` sampled weight vectors.
         ``glm``: ``"auto"``, ``"exact"`` or ``"sampled"`` (:class:`~bayes_kfoc.options.GlmPath`).
+        Everything after ``x`` is keyword-only (the old positional form works, with a
+        ``DeprecationWarning``).
         """
+        if old:
+            given = _old_positional(
+                "Laplace.predict", old, ("method", "link", "n_samples", "generator", "glm")
+            )
+            method = given.get("method", method)
+            link = given.get("link", link)
+            n_samples = given.get("n_samples", n_samples)
+            generator = given.get("generator", generator)
+            glm = given.get("glm", glm)
         view = self.view(glm=glm)
         m = PredMethod.parse(method, "Laplace.predict: method")
         lk = Link.parse(link, "Laplace.predict: link")

@@ -253,7 +253,7 @@ def _laplace_fit(structure: str, subset: str) -> FitFn:
 
         def samples(x: Tensor, n: int, seed: int) -> Tensor:
             gen = torch.Generator(la.device).manual_seed(seed)
-            return la.predictive_samples(x, n, generator=gen)
+            return la.predictive_samples(x, n_samples=n, generator=gen)
 
         hyperparameters: dict[str, float | list[float]] = {
             "prior_precision": math.exp(sum(math.log(t) for t in tau) / len(tau)),
@@ -318,7 +318,7 @@ def _marglik_fit(structure: str) -> FitFn:
 
         def samples(x: Tensor, n: int, seed: int) -> Tensor:
             gen = torch.Generator(la.device).manual_seed(seed)
-            return la.predictive_samples(x, n, generator=gen)
+            return la.predictive_samples(x, n_samples=n, generator=gen)
 
         tau = [float(t) for t in la.prior_precision.flatten()]
         fit_s = sum(run.trace["fit_seconds"])
