@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from cases import CASES
 from torch.utils.data import DataLoader, TensorDataset
 
-from bayes_kfoc import fit_curvature
+from bayes_kfoc import fit_curvature, marglik_training
 
 RTOL = 1e-6
 WORLD = 2
@@ -80,3 +80,66 @@ def test_distributed_without_a_process_group_is_a_clear_error() -> None:
     model, x, y = CASES[0].make()
     with pytest.raises(RuntimeError, match="init_process_group"):
         fit_curvature(model, [(x, y)], distributed=True, progress=False)
+
+
+class _AllReduceAdam(torch.optim.Adam):
+    """Adam whose step first averages the gradients over ranks (what ``DistributedDataParallel``
+    does for the weights' steps)."""
+
+    def step(self, closure=None):  # type: ignore[no-untyped-def, override]
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= dist.get_world_size()
+        return super().step(closure)
+
+
+EVEN = 10  # points: equal shards, so the ranks' mean gradients average to the full batch's
+MARGLIK = {"epochs": 3, "hyper_steps": 20, "lr_hyp": 0.1, "progress": False}
+
+
+def _marglik_worker(rank: int, port: int, structure: str, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        model, x, y = CASES[0].make()
+        x, y = x[:EVEN], y[:EVEN]
+        shard = torch.arange(rank, len(x), WORLD)  # equal interleaved shards, one batch each
+        loader = DataLoader(TensorDataset(x[shard], y[shard]), batch_size=len(shard))
+        opt = _AllReduceAdam(model.parameters(), lr=1e-2)
+        result = marglik_training(
+            model, loader, structure, optimizer=opt, num_data=len(x), **MARGLIK
+        )
+        torch.save(
+            {
+                "tau": result.laplace.prior_precision,
+                "evidence": torch.tensor([h.log_evidence for h in result.history]),
+                "params": [p.detach() for p in model.parameters()],
+            },
+            Path(out_dir) / f"marglik{rank}.pt",
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("structure", ["kfoc", "kfac"])
+def test_marglik_on_two_gloo_ranks_equals_one_process(structure: str, tmp_path: Path) -> None:
+    """Sharded marglik training (gradients averaged over ranks, the fits all-reduced) takes the
+    same weight and prior steps as one process on all the data."""
+    mp.spawn(_marglik_worker, args=(_free_port(), structure, str(tmp_path)), nprocs=WORLD)
+    model, x, y = CASES[0].make()
+    x, y = x[:EVEN], y[:EVEN]
+    loader = DataLoader(TensorDataset(x, y), batch_size=len(x))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    single = marglik_training(model, loader, structure, optimizer=opt, **MARGLIK)
+    evidence = torch.tensor([h.log_evidence for h in single.history])
+    for r in range(WORLD):
+        got = torch.load(tmp_path / f"marglik{r}.pt", weights_only=True)
+        torch.testing.assert_close(got["tau"], single.laplace.prior_precision, rtol=1e-6, atol=0)
+        torch.testing.assert_close(got["evidence"], evidence, rtol=1e-8, atol=0)
+        for p, q in zip(got["params"], model.parameters(), strict=True):
+            torch.testing.assert_close(p, q.detach(), rtol=1e-8, atol=1e-10)
